@@ -1,0 +1,415 @@
+"""Batched SIFT keypoint detection (Lowe 2004, as OpenCV implements it) on any device.
+
+Every step runs on whole batches of tensors: no per-image Python loop and no host synchronisation,
+so it can run inside ``on_after_batch_transfer`` on an accelerator. The detector follows
+``cv2.SIFT_create()`` step by step:
+
+1. grey image, 2x bilinear up-sampling and a blur to ``sigma`` (the input is assumed blurred by 0.5);
+2. per octave ``n_octave_layers + 3`` Gaussian images built incrementally (separable kernels from
+   ``kornia.filters.get_gaussian_kernel1d``, reflect-101 borders like OpenCV); the next octave starts
+   from the image of layer ``n_octave_layers`` taken at every second pixel;
+3. difference of Gaussians, 3x3x3 extrema (``>=`` all 26 neighbours) above OpenCV's integer pre-threshold
+   ``floor(0.5 * contrast_threshold / n_octave_layers * 255)`` grey levels, away from a 5-pixel border;
+4. up to 5 Newton steps of quadratic sub-pixel/sub-scale refinement, moving to the neighbour sample when an
+   offset exceeds 0.5; rejection of low contrast ``|D(x)| * n_octave_layers < contrast_threshold`` and of
+   edges ``tr(H)^2 / det(H) >= (r + 1)^2 / r``.
+
+OpenCV then assigns orientations, duplicating a keypoint for each strong orientation peak; a detector has
+no use for those copies, so compare against OpenCV keypoints de-duplicated by location.
+
+Output is fixed-size and padded (``Keypoints.valid`` marks real keypoints), sorted by response.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from kornia.filters import get_gaussian_kernel1d
+from torch import Tensor
+
+__all__ = ["Keypoints", "SIFTDetector", "detect_keypoints", "keypoint_patch_counts", "counts_from_keypoints"]
+
+_BORDER = 5  # OpenCV's SIFT_IMG_BORDER
+_MAX_INTERP_STEPS = 5  # OpenCV's SIFT_MAX_INTERP_STEPS
+_INIT_SIGMA = 0.5  # assumed blur of the input image
+
+
+@dataclass
+class Keypoints:
+    """Fixed-size padded batch of keypoints.
+
+    Attributes:
+        xy: ``(B, N, 2)`` pixel coordinates ``(x, y)`` in the input image, pixel centres at integers (OpenCV).
+        scale: ``(B, N)`` keypoint scale sigma in input pixels (OpenCV's ``KeyPoint.size == 2 * scale``).
+        response: ``(B, N)`` absolute interpolated DoG contrast in ``[0, 1]`` intensity units.
+        valid: ``(B, N)`` bool, False for padding.
+        octave: ``(B, N)`` long, octave index (0 is the up-sampled octave when ``upsample=True``).
+    """
+
+    xy: Tensor
+    scale: Tensor
+    response: Tensor
+    valid: Tensor
+    octave: Tensor
+
+    def count(self) -> Tensor:
+        """``(B,)`` number of valid keypoints per image."""
+        return self.valid.sum(dim=1)
+
+
+def _check_images(images: Tensor, name: str = "images") -> None:
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"{name} must have shape (B, C, H, W) with C = 1 or 3 and values in [0, 1], got {tuple(images.shape)}"
+        )
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor with values in [0, 1], got dtype {images.dtype}")
+
+
+def rgb_to_gray(images: Tensor) -> Tensor:
+    """``(B, 3|1, H, W)`` -> ``(B, 1, H, W)`` with OpenCV's weights 0.299 R + 0.587 G + 0.114 B."""
+    if images.shape[1] == 1:
+        return images
+    w = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images * w).sum(dim=1, keepdim=True)
+
+
+def _reflect101_index(n: int, pad: int, device: torch.device) -> Tensor:
+    """Indices that pad a length-``n`` axis by ``pad`` with OpenCV's BORDER_REFLECT_101 (any ``pad``, ``n >= 1``)."""
+    idx = torch.arange(-pad, n + pad, device=device)
+    if n == 1:
+        return torch.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = torch.remainder(idx, period)
+    return torch.where(idx >= n, period - idx, idx)
+
+
+@functools.lru_cache(maxsize=128)
+def _blur_matrix(n: int, sigma: float, device: str, dtype: torch.dtype) -> Tensor:
+    """``(n, n)`` matrix ``M`` such that ``M @ v`` blurs a length-``n`` signal with OpenCV's Gaussian kernel
+    (size ``round(8 sigma + 1) | 1`` for float images) and BORDER_REFLECT_101, for any ``n``."""
+    ksize = int(round(sigma * 8 + 1)) | 1
+    pad = ksize // 2
+    kernel = get_gaussian_kernel1d(ksize, sigma, dtype=torch.float64).reshape(-1)
+    src = _reflect101_index(n, pad, torch.device("cpu")).unfold(0, ksize, 1)  # (n, ksize) source index per tap
+    rows = torch.arange(n).unsqueeze(1).expand_as(src)
+    m = torch.zeros(n, n, dtype=torch.float64)
+    m.index_put_((rows.reshape(-1), src.reshape(-1)), kernel.repeat(n), accumulate=True)
+    return m.to(device=device, dtype=dtype)
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur of ``(..., H, W)`` as OpenCV's ``GaussianBlur`` does it for float images.
+
+    Separable, computed as ``M_h @ x @ M_w^T`` with banded matrices that fold in the reflect-101 border: on
+    small images (all a SIFT pyramid has) two matmuls beat a convolution on CPU and GPU alike, and images
+    smaller than the kernel need no special case.
+    """
+    h, w = x.shape[-2:]
+    mh = _blur_matrix(h, float(sigma), str(x.device), x.dtype)
+    mw = mh if w == h else _blur_matrix(w, float(sigma), str(x.device), x.dtype)
+    return mh @ x @ mw.T
+
+
+def _layer_sigmas(sigma: float, n_layers: int) -> list[float]:
+    """Incremental blur from Gaussian layer i-1 to i inside an octave (OpenCV ``buildGaussianPyramid``)."""
+    k = 2.0 ** (1.0 / n_layers)
+    sig = [sigma]
+    for i in range(1, n_layers + 3):
+        prev = k ** (i - 1) * sigma
+        sig.append(math.sqrt((prev * k) ** 2 - prev**2))
+    return sig
+
+
+def _solve3(h: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Solve ``h x = b`` for batches of 3x3 systems by the adjugate; singular systems give ``x = 0``.
+
+    h: (..., 3, 3) symmetric, b: (..., 3). Returns x (..., 3) and the determinant (...).
+    """
+    a, bb, c = h[..., 0, 0], h[..., 0, 1], h[..., 0, 2]
+    d, e, f = h[..., 1, 1], h[..., 1, 2], h[..., 2, 2]
+    # cofactors of a symmetric matrix [[a, bb, c], [bb, d, e], [c, e, f]]
+    c00 = d * f - e * e
+    c01 = c * e - bb * f
+    c02 = bb * e - c * d
+    c11 = a * f - c * c
+    c12 = bb * c - a * e
+    c22 = a * d - bb * bb
+    det = a * c00 + bb * c01 + c * c02
+    adj = torch.stack(
+        [torch.stack([c00, c01, c02], -1), torch.stack([c01, c11, c12], -1), torch.stack([c02, c12, c22], -1)], -2
+    )
+    safe = det.abs() > 1e-20
+    x = (adj @ b.unsqueeze(-1)).squeeze(-1) / torch.where(safe, det, torch.ones_like(det)).unsqueeze(-1)
+    return torch.where(safe.unsqueeze(-1), x, torch.zeros_like(x)), det
+
+
+# (dl, dr, dc) offsets of the 3x3x3 neighbourhood, in a fixed order used by _gather_cube
+_OFFSETS = [(dl, dr, dc) for dl in (-1, 0, 1) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
+
+
+def _gather_cube(dog_flat: Tensor, layer: Tensor, r: Tensor, c: Tensor, h: int, w: int) -> Tensor:
+    """Values of the 3x3x3 neighbourhoods around (layer, r, c): ``(B, K)`` indices -> ``(B, K, 3, 3, 3)``."""
+    off = torch.tensor(_OFFSETS, device=dog_flat.device)  # (27, 3)
+    ll = layer.unsqueeze(-1) + off[:, 0]
+    rr = r.unsqueeze(-1) + off[:, 1]
+    cc = c.unsqueeze(-1) + off[:, 2]
+    n_layers = dog_flat.shape[1] // (h * w)
+    # clamp so that rejected candidates still index in range; their values are masked out later
+    idx = (ll.clamp(0, n_layers - 1) * h + rr.clamp(0, h - 1)) * w + cc.clamp(0, w - 1)  # (B, K, 27)
+    vals = dog_flat.gather(1, idx.flatten(1)).view(*idx.shape)
+    return vals.view(*idx.shape[:2], 3, 3, 3)
+
+
+def _derivatives(cube: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient ``(B, K, 3)`` as (dx, dy, ds) and Hessian ``(B, K, 3, 3)`` by central differences on the cube
+    (in 0..255 grey-level units, scaled to [0, 1] units like OpenCV's ``img_scale``)."""
+    s = 1.0 / 255.0
+    v = cube[..., 1, 1, 1]
+    dx = (cube[..., 1, 1, 2] - cube[..., 1, 1, 0]) * 0.5 * s
+    dy = (cube[..., 1, 2, 1] - cube[..., 1, 0, 1]) * 0.5 * s
+    ds = (cube[..., 2, 1, 1] - cube[..., 0, 1, 1]) * 0.5 * s
+    dxx = (cube[..., 1, 1, 2] + cube[..., 1, 1, 0] - 2 * v) * s
+    dyy = (cube[..., 1, 2, 1] + cube[..., 1, 0, 1] - 2 * v) * s
+    dss = (cube[..., 2, 1, 1] + cube[..., 0, 1, 1] - 2 * v) * s
+    dxy = (cube[..., 1, 2, 2] - cube[..., 1, 2, 0] - cube[..., 1, 0, 2] + cube[..., 1, 0, 0]) * 0.25 * s
+    dxs = (cube[..., 2, 1, 2] - cube[..., 2, 1, 0] - cube[..., 0, 1, 2] + cube[..., 0, 1, 0]) * 0.25 * s
+    dys = (cube[..., 2, 2, 1] - cube[..., 2, 0, 1] - cube[..., 0, 2, 1] + cube[..., 0, 0, 1]) * 0.25 * s
+    grad = torch.stack([dx, dy, ds], -1)
+    hess = torch.stack(
+        [torch.stack([dxx, dxy, dxs], -1), torch.stack([dxy, dyy, dys], -1), torch.stack([dxs, dys, dss], -1)], -2
+    )
+    return grad, hess
+
+
+def _max3x3(x: Tensor) -> Tensor:
+    """3x3 max filter over the last two dims (-inf outside); separable shifted maxima, much cheaper than
+    ``max_pool2d`` on CPU."""
+    p = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
+    m = torch.maximum(torch.maximum(p[..., :, :-2], p[..., :, 1:-1]), p[..., :, 2:])
+    return torch.maximum(torch.maximum(m[..., :-2, :], m[..., 1:-1, :]), m[..., 2:, :])
+
+
+def _octave_keypoints(
+    dog: Tensor, octave: int, n_layers: int, threshold: float, contrast_threshold: float, edge_threshold: float,
+    sigma: float, coord_scale: float, max_candidates: int, refine: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Keypoints of one octave. dog: ``(B, n_layers + 2, h, w)`` in grey levels (0..255).
+
+    Returns xy (B, K, 2), scale (B, K), response (B, K), valid (B, K), K = min(max_candidates, candidates).
+    """
+    b, n_dog, h, w = dog.shape
+    # 3x3x3 extrema: a sample is an extremum iff it equals the max (min) of its 27-neighbourhood
+    # (3x3 spatial max per DoG layer, then max over the layer below, itself and above)
+    mx2 = _max3x3(dog)
+    mn2 = -_max3x3(-dog)
+    mx = torch.maximum(torch.maximum(mx2[:, :-2], mx2[:, 1:-1]), mx2[:, 2:])  # (B, L, h, w), layers 1..L
+    mn = torch.minimum(torch.minimum(mn2[:, :-2], mn2[:, 1:-1]), mn2[:, 2:])
+    mid = dog[:, 1 : n_layers + 1]
+    ext = ((mid > threshold) & (mid >= mx)) | ((mid < -threshold) & (mid <= mn))
+    inner = (slice(None), slice(None), slice(_BORDER, h - _BORDER), slice(_BORDER, w - _BORDER))
+    score = torch.where(ext[inner], mid[inner].abs(), -1.0)
+    ih, iw = h - 2 * _BORDER, w - 2 * _BORDER
+    k = min(max_candidates, score[0].numel())
+    top, idx = score.flatten(1).topk(k, dim=1)  # strongest candidates when there are more than k
+    valid = top > 0
+    layer = idx // (ih * iw) + 1
+    r = (idx // iw) % ih + _BORDER
+    c = idx % iw + _BORDER
+
+    dog_flat = dog.flatten(1)
+    off = torch.zeros(b, k, 3, device=dog.device, dtype=dog.dtype)  # (xc, xr, xi)
+    grad = torch.zeros_like(off)
+    center = torch.zeros(b, k, device=dog.device, dtype=dog.dtype)
+    hess2 = torch.zeros(b, k, 3, device=dog.device, dtype=dog.dtype)  # dxx, dyy, dxy at the final sample
+    if refine:
+        active = valid.clone()
+        converged = torch.zeros_like(valid)
+        for _ in range(_MAX_INTERP_STEPS):
+            cube = _gather_cube(dog_flat, layer, r, c, h, w)
+            g, hs = _derivatives(cube)
+            x, _ = _solve3(hs, g)
+            x = -x
+            small = (x.abs() < 0.5).all(-1)
+            now = active & small
+            sel = now.unsqueeze(-1)
+            off = torch.where(sel, x, off)
+            grad = torch.where(sel, g, grad)
+            center = torch.where(now, cube[..., 1, 1, 1], center)
+            hess2 = torch.where(sel, torch.stack([hs[..., 0, 0], hs[..., 1, 1], hs[..., 0, 1]], -1), hess2)
+            converged |= now
+            active &= ~small
+            # OpenCV rejects numerically exploding offsets before moving
+            active &= (x.abs() < 1e9).all(-1)
+            step = torch.where(active.unsqueeze(-1), torch.round(x), torch.zeros_like(x)).long()
+            c = c + step[..., 0]
+            r = r + step[..., 1]
+            layer = layer + step[..., 2]
+            inside = (layer >= 1) & (layer <= n_layers) & (c >= _BORDER) & (c < w - _BORDER)
+            inside &= (r >= _BORDER) & (r < h - _BORDER)
+            active &= inside
+        valid = converged  # never-converged candidates are rejected, as in OpenCV
+        contr = center / 255.0 + 0.5 * (grad * off).sum(-1)
+        dxx, dyy, dxy = hess2.unbind(-1)
+        tr = dxx + dyy
+        det = dxx * dyy - dxy * dxy
+        valid &= contr.abs() * n_layers >= contrast_threshold
+        valid &= (det > 0) & (tr * tr * edge_threshold < (edge_threshold + 1) ** 2 * det)
+    else:
+        contr = dog_flat.gather(1, (layer * h + r) * w + c) / 255.0
+        valid &= contr.abs() * n_layers >= contrast_threshold
+
+    # refinement may bring two candidates to the same sample: keep one (OpenCV's removeDuplicated)
+    key = torch.where(valid, (layer * h + r) * w + c, -1 - torch.arange(k, device=dog.device))
+    sorted_key, order = key.sort(dim=1)
+    dup_sorted = torch.zeros_like(valid)
+    dup_sorted[:, 1:] = sorted_key[:, 1:] == sorted_key[:, :-1]
+    dup = torch.zeros_like(valid).scatter(1, order, dup_sorted)
+    valid &= ~dup
+
+    octave_size = coord_scale * 2.0**octave
+    xy = torch.stack([c + off[..., 0], r + off[..., 1]], -1) * octave_size
+    scale = sigma * torch.pow(2.0, (layer + off[..., 2]) / n_layers) * octave_size
+    return xy, scale, contr.abs(), valid
+
+
+@torch.no_grad()
+def detect_keypoints(
+    images: Tensor,
+    *,
+    max_keypoints: int = 512,
+    max_candidates: int | None = None,
+    n_octave_layers: int = 3,
+    sigma: float = 1.6,
+    contrast_threshold: float = 0.04,
+    edge_threshold: float = 10.0,
+    upsample: bool = True,
+    refine: bool = True,
+) -> Keypoints:
+    """Detect SIFT keypoints in a batch of images.
+
+    Args:
+        images: ``(B, C, H, W)`` float images, ``C`` 1 or 3 (RGB), values in ``[0, 1]``, any device and dtype
+            (computed in float32).
+        max_keypoints: ``N``, size of the padded output; the strongest responses are kept.
+        max_candidates: DoG extrema refined per octave, strongest ``|DoG|`` first (default ``max_keypoints``);
+            the cost of refinement is proportional to it.
+        n_octave_layers, sigma, contrast_threshold, edge_threshold: as in ``cv2.SIFT_create``.
+        upsample: double the image first (OpenCV's ``firstOctave = -1``).
+        refine: quadratic sub-pixel/sub-scale refinement with contrast and edge tests (OpenCV always refines).
+
+    Returns:
+        :class:`Keypoints` with ``xy (B, N, 2)``, ``scale``, ``response``, ``valid``, ``octave`` ``(B, N)``.
+
+    Example:
+        >>> img = torch.zeros(2, 1, 64, 64); img[:, :, 28:36, 28:36] = 1.0
+        >>> kp = detect_keypoints(img)
+        >>> bool(kp.valid.any())
+        True
+    """
+    _check_images(images)
+    if max_keypoints < 1:
+        raise ValueError(f"max_keypoints must be >= 1, got {max_keypoints}")
+    device_type = images.device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        # work in grey levels 0..255 so OpenCV's integer pre-threshold applies unchanged
+        gray = rgb_to_gray(images.float()) * 255.0
+        b, _, h, w = gray.shape
+        if upsample:
+            gray = F.interpolate(gray, scale_factor=2.0, mode="bilinear", align_corners=False)
+            init = _INIT_SIGMA * 2
+        else:
+            init = _INIT_SIGMA
+        base = gaussian_blur(gray, math.sqrt(max(sigma**2 - init**2, 0.01)))
+        n_octaves = int(round(math.log2(min(base.shape[-2:])) - 2)) + (1 if upsample else 0)
+        coord_scale = 0.5 if upsample else 1.0
+        threshold = math.floor(0.5 * contrast_threshold / n_octave_layers * 255)
+        sig = _layer_sigmas(sigma, n_octave_layers)
+        max_candidates = max_candidates or max_keypoints
+
+        outs = []
+        g = base
+        for o in range(max(n_octaves, 1)):
+            if o > 0:
+                g = gauss[n_octave_layers][..., ::2, ::2]
+            if min(g.shape[-2:]) <= 2 * _BORDER:
+                break  # no sample left away from the border, nor in any smaller octave
+            gauss = [g]
+            for i in range(1, n_octave_layers + 3):
+                gauss.append(gaussian_blur(gauss[-1], sig[i]))
+            stack = torch.cat(gauss, dim=1)  # (B, L + 3, h, w)
+            dog = stack[:, 1:] - stack[:, :-1]  # (B, L + 2, h, w)
+            xy, scl, resp, val = _octave_keypoints(
+                dog, o, n_octave_layers, threshold, contrast_threshold, edge_threshold, sigma, coord_scale,
+                max_candidates, refine,
+            )
+            outs.append((xy, scl, resp, val, torch.full_like(val, o, dtype=torch.long)))
+        if not outs:
+            raise ValueError(
+                f"images of size {h}x{w} are too small for SIFT: need more than {2 * _BORDER} pixels per side "
+                f"(after the optional 2x up-sampling)"
+            )
+        xy, scl, resp, val, octv = (torch.cat(t, dim=1) for t in zip(*outs))
+        n = min(max_keypoints, val.shape[1])
+        key = torch.where(val, resp, -1.0)
+        _, idx = key.topk(n, dim=1)
+        xy = xy.gather(1, idx.unsqueeze(-1).expand(-1, -1, 2))
+        out = Keypoints(xy, scl.gather(1, idx), resp.gather(1, idx), val.gather(1, idx), octv.gather(1, idx))
+        if n < max_keypoints:  # pad to the fixed size
+            p = max_keypoints - n
+            out = Keypoints(
+                F.pad(out.xy, (0, 0, 0, p)), F.pad(out.scale, (0, p)), F.pad(out.response, (0, p)),
+                F.pad(out.valid, (0, p)), F.pad(out.octave, (0, p)),
+            )
+        return out
+
+
+def counts_from_keypoints(kp: Keypoints, grid: tuple[int, int], patch_size: int | tuple[int, int]) -> Tensor:
+    """``(B, Gh, Gw)`` number of valid keypoints whose location falls in each patch.
+
+    A keypoint at ``(x, y)`` (pixel centres at integers) belongs to patch ``floor((y + 0.5) / ph),
+    floor((x + 0.5) / pw)``, clamped to the grid.
+    """
+    gh, gw = grid
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    px = ((kp.xy[..., 0] + 0.5) / pw).floor().long().clamp(0, gw - 1)
+    py = ((kp.xy[..., 1] + 0.5) / ph).floor().long().clamp(0, gh - 1)
+    flat = py * gw + px
+    counts = torch.zeros(kp.valid.shape[0], gh * gw, device=kp.valid.device, dtype=torch.float32)
+    counts.scatter_add_(1, flat, kp.valid.float())
+    return counts.view(-1, gh, gw)
+
+
+def keypoint_patch_counts(images: Tensor, patch_size: int = 16, **detector_kwargs) -> Tensor:
+    """``(B, H // patch_size, W // patch_size)`` valid SIFT keypoints per patch of each image."""
+    _check_images(images)
+    h, w = images.shape[-2:]
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch_size={patch_size}")
+    kp = detect_keypoints(images, **detector_kwargs)
+    return counts_from_keypoints(kp, (h // patch_size, w // patch_size), patch_size)
+
+
+class SIFTDetector(torch.nn.Module):
+    """Thin module around :func:`detect_keypoints` storing its settings (for configs)."""
+
+    def __init__(
+        self, max_keypoints: int = 512, n_octave_layers: int = 3, sigma: float = 1.6,
+        contrast_threshold: float = 0.04, edge_threshold: float = 10.0, upsample: bool = True, refine: bool = True,
+    ) -> None:
+        super().__init__()
+        self.kwargs = dict(
+            max_keypoints=max_keypoints, n_octave_layers=n_octave_layers, sigma=sigma,
+            contrast_threshold=contrast_threshold, edge_threshold=edge_threshold, upsample=upsample, refine=refine,
+        )
+
+    def forward(self, images: Tensor) -> Keypoints:
+        return detect_keypoints(images, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
