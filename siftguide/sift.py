@@ -369,8 +369,10 @@ def detect_keypoints(
         return out
 
 
-def counts_from_keypoints(kp: Keypoints, grid: tuple[int, int], patch_size: int | tuple[int, int]) -> Tensor:
-    """``(B, Gh, Gw)`` number of valid keypoints whose location falls in each patch.
+def counts_from_keypoints(kp: Keypoints, grid: tuple[int, int], patch_size: int | tuple[int, int],
+                          weights: Tensor | None = None) -> Tensor:
+    """``(B, Gh, Gw)`` number of valid keypoints whose location falls in each patch (or the sum of their
+    ``weights`` ``(B, N)``).
 
     A keypoint at ``(x, y)`` (pixel centres at integers) belongs to patch ``floor((y + 0.5) / ph),
     floor((x + 0.5) / pw)``, clamped to the grid.
@@ -381,7 +383,8 @@ def counts_from_keypoints(kp: Keypoints, grid: tuple[int, int], patch_size: int 
     py = ((kp.xy[..., 1] + 0.5) / ph).floor().long().clamp(0, gh - 1)
     flat = py * gw + px
     counts = torch.zeros(kp.valid.shape[0], gh * gw, device=kp.valid.device, dtype=torch.float32)
-    counts.scatter_add_(1, flat, kp.valid.float())
+    w = kp.valid.float() if weights is None else kp.valid.float() * weights.float()
+    counts.scatter_add_(1, flat, w)
     return counts.view(-1, gh, gw)
 
 

@@ -1,0 +1,148 @@
+"""SIFT keypoints -> per-patch relevance distributions over a ViT's patch grid.
+
+Each relevance map is ``(B, Gh, Gw)``, non-negative, and sums to 1 per image. Three ways to turn keypoints
+into mass (``mode``):
+
+* ``count``: number of keypoints whose location falls in the patch;
+* ``response``: sum of the keypoints' DoG contrast (strong, well-localised keypoints count more);
+* ``gaussian``: each keypoint spreads a unit of mass as an isotropic Gaussian of std ``splat * scale``
+  (its SIFT scale, in pixels) integrated over the patches (a keypoint describes a region, not a point).
+
+Then ``m -> m ** (1 / temperature)`` (T > 1 flattens, T < 1 sharpens), an optional Gaussian smoothing over the
+patch grid (``smoothing`` in patches), normalisation, and mixing with the uniform distribution
+``(1 - uniform_mix) * r + uniform_mix / P``. Images without any keypoint get the uniform distribution.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .sift import Keypoints, _check_images, counts_from_keypoints, detect_keypoints
+
+__all__ = ["MODES", "patch_relevance", "relevance_from_keypoints", "normalize_relevance", "shuffle_relevance",
+           "uniform_relevance", "gradient_relevance"]
+
+MODES = ("count", "response", "gaussian")
+
+
+def _pair(p: int | tuple[int, int]) -> tuple[int, int]:
+    return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
+
+
+def _splat(kp: Keypoints, grid: tuple[int, int], patch: tuple[int, int], width: float) -> Tensor:
+    """Mass of each keypoint's Gaussian (std ``width * scale``) falling in each patch: ``(B, Gh, Gw)``.
+
+    Separable: the integral over a rectangle is the product of 1-D integrals, computed with ``erf``.
+    """
+    gh, gw = grid
+    ph, pw = patch
+    std = (kp.scale * width).clamp_min(0.5).unsqueeze(-1) * math.sqrt(2.0)  # (B, N, 1)
+
+    def axis_mass(coord: Tensor, n: int, p: int) -> Tensor:
+        edges = torch.arange(n + 1, device=coord.device, dtype=coord.dtype) * p - 0.5  # pixel-edge coordinates
+        cdf = torch.erf((edges - coord.unsqueeze(-1)) / std)  # (B, N, n + 1)
+        return 0.5 * (cdf[..., 1:] - cdf[..., :-1])  # (B, N, n)
+
+    mx = axis_mass(kp.xy[..., 0], gw, pw)
+    my = axis_mass(kp.xy[..., 1], gh, ph)
+    w = kp.valid.to(mx.dtype)
+    return torch.einsum("bn,bnh,bnw->bhw", w, my, mx)
+
+
+def normalize_relevance(mass: Tensor, temperature: float = 1.0, smoothing: float = 0.0,
+                        uniform_mix: float = 0.0) -> Tensor:
+    """``(B, Gh, Gw)`` non-negative mass -> distribution (see module docstring); uniform where mass is all 0."""
+    if mass.ndim != 3:
+        raise ValueError(f"mass must have shape (B, Gh, Gw), got {tuple(mass.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= uniform_mix <= 1.0:
+        raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix}")
+    m = mass.float().clamp_min(0)
+    if temperature != 1.0:
+        m = m.pow(1.0 / temperature)
+    if smoothing > 0:
+        from .sift import gaussian_blur
+
+        m = gaussian_blur(m.unsqueeze(1), smoothing).squeeze(1).clamp_min(0)
+    b, gh, gw = m.shape
+    total = m.flatten(1).sum(1).view(b, 1, 1)
+    uniform = torch.full_like(m, 1.0 / (gh * gw))
+    rel = torch.where(total > 0, m / total.clamp_min(1e-12), uniform)
+    if uniform_mix > 0:
+        rel = (1 - uniform_mix) * rel + uniform_mix * uniform
+    return rel
+
+
+def relevance_from_keypoints(
+    kp: Keypoints, grid: tuple[int, int], patch_size: int | tuple[int, int], mode: str = "count",
+    temperature: float = 1.0, smoothing: float = 0.0, uniform_mix: float = 0.0, splat: float = 1.0,
+) -> Tensor:
+    """``(B, Gh, Gw)`` relevance from keypoints on a ``grid`` of ``patch_size`` patches."""
+    patch = _pair(patch_size)
+    if mode == "count":
+        mass = counts_from_keypoints(kp, grid, patch)
+    elif mode == "response":
+        mass = counts_from_keypoints(kp, grid, patch, weights=kp.response)
+    elif mode == "gaussian":
+        mass = _splat(kp, grid, patch, splat)
+    else:
+        raise ValueError(f"unknown relevance mode {mode!r}; expected one of {MODES}")
+    return normalize_relevance(mass, temperature, smoothing, uniform_mix)
+
+
+def patch_relevance(
+    images: Tensor, patch_size: int | tuple[int, int] = 16, mode: str = "count", temperature: float = 1.0,
+    smoothing: float = 0.0, uniform_mix: float = 0.0, splat: float = 1.0, **detector_kwargs,
+) -> Tensor:
+    """SIFT patch relevance of a batch: ``(B, C, H, W)`` in ``[0, 1]`` -> ``(B, H // ph, W // pw)``, each map
+    summing to 1 (uniform for images without keypoints).
+
+    Example:
+        >>> img = torch.zeros(1, 1, 64, 64); img[:, :, 8:16, 40:48] = 1.0
+        >>> rel = patch_relevance(img, patch_size=16)
+        >>> rel.shape, round(float(rel.sum()), 4), int(rel.flatten().argmax())
+        (torch.Size([1, 4, 4]), 1.0, 2)
+    """
+    _check_images(images)
+    ph, pw = _pair(patch_size)
+    h, w = images.shape[-2:]
+    if h % ph or w % pw:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch_size {(ph, pw)}")
+    kp = detect_keypoints(images, **detector_kwargs)
+    return relevance_from_keypoints(kp, (h // ph, w // pw), (ph, pw), mode, temperature, smoothing, uniform_mix,
+                                    splat)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Control targets: same shape and normalisation, no SIFT information (or SIFT information from another image).
+# ----------------------------------------------------------------------------------------------------------------
+def uniform_relevance(rel: Tensor) -> Tensor:
+    """Uniform distribution with the shape of ``rel`` ``(B, Gh, Gw)``."""
+    return torch.full_like(rel, 1.0 / (rel.shape[-1] * rel.shape[-2]))
+
+
+def shuffle_relevance(rel: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Relevance maps permuted across the images of the batch (a derangement when B > 1): keeps the marginal
+    statistics of SIFT relevance but breaks its link with the image it is paired with."""
+    b = rel.shape[0]
+    if b < 2:
+        return rel
+    shift = int(torch.randint(1, b, (1,), generator=generator))  # a cyclic shift: no image keeps its own map
+    return rel.roll(shift, dims=0)
+
+
+def gradient_relevance(images: Tensor, patch_size: int | tuple[int, int], temperature: float = 1.0,
+                       smoothing: float = 0.0, uniform_mix: float = 0.0) -> Tensor:
+    """Non-SIFT saliency control: per-patch mean Sobel gradient magnitude of the grey image."""
+    import kornia
+
+    _check_images(images)
+    ph, pw = _pair(patch_size)
+    from .sift import rgb_to_gray
+
+    mag = kornia.filters.sobel(rgb_to_gray(images.float()))  # (B, 1, H, W)
+    mass = torch.nn.functional.avg_pool2d(mag, (ph, pw)).squeeze(1)
+    return normalize_relevance(mass, temperature, smoothing, uniform_mix)
