@@ -199,7 +199,11 @@ class SiftGuidance:
         try:
             return w * self.divergence_value(relevance, ids_keep)
         finally:
-            self._capture.clear()
+            self.clear()
+
+    def clear(self) -> None:
+        """Drop the captured attention (after computing a loss or a metric from it)."""
+        self._capture.clear()
 
     def detach(self) -> None:
         """Release the model; it is left exactly as it was before the plugin was attached."""

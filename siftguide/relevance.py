@@ -146,3 +146,52 @@ def gradient_relevance(images: Tensor, patch_size: int | tuple[int, int], temper
     mag = kornia.filters.sobel(rgb_to_gray(images.float()))  # (B, 1, H, W)
     mass = torch.nn.functional.avg_pool2d(mag, (ph, pw)).squeeze(1)
     return normalize_relevance(mass, temperature, smoothing, uniform_mix)
+
+
+TARGETS = ("sift", "uniform", "shuffled", "gradient")
+
+
+class RelevanceTarget(torch.nn.Module):
+    """Images -> guidance target ``(B, Gh, Gw)``; a thin module holding the relevance settings (for configs).
+
+    kind ``sift``: :func:`patch_relevance`; controls (same shape and normalisation): ``uniform``; ``shuffled``
+    (SIFT relevance of another image of the batch); ``gradient`` (Sobel magnitude, a non-SIFT saliency).
+    """
+
+    def __init__(self, kind: str = "sift", mode: str = "count", temperature: float = 1.0, smoothing: float = 0.0,
+                 uniform_mix: float = 0.0, splat: float = 1.0, sift: dict | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if kind not in TARGETS:
+            raise ValueError(f"unknown guidance target {kind!r}; expected one of {TARGETS}")
+        if mode not in MODES:
+            raise ValueError(f"unknown relevance mode {mode!r}; expected one of {MODES}")
+        self.kind, self.mode = kind, mode
+        self.norm = dict(temperature=temperature, smoothing=smoothing, uniform_mix=uniform_mix)
+        self.splat = splat
+        self.sift = dict(sift or {})
+        self.generator = torch.Generator().manual_seed(seed)  # CPU generator: shuffling draws no device sync
+
+    def from_keypoints(self, kp: Keypoints, grid: tuple[int, int], patch_size: int | tuple[int, int]) -> Tensor:
+        return relevance_from_keypoints(kp, grid, patch_size, self.mode, splat=self.splat, **self.norm)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, patch_size: int | tuple[int, int]) -> Tensor:
+        _check_images(images)
+        ph, pw = _pair(patch_size)
+        grid = (images.shape[-2] // ph, images.shape[-1] // pw)
+        if self.kind == "gradient":
+            return gradient_relevance(images, (ph, pw), **self.norm)
+        if self.kind == "uniform":
+            return torch.full((images.shape[0], *grid), 1.0 / (grid[0] * grid[1]), device=images.device)
+        rel = self.sift_relevance(images, (ph, pw))
+        return shuffle_relevance(rel, self.generator) if self.kind == "shuffled" else rel
+
+    @torch.no_grad()
+    def sift_relevance(self, images: Tensor, patch_size: int | tuple[int, int]) -> Tensor:
+        """SIFT relevance with this target's settings, whatever its ``kind`` (used to measure alignment)."""
+        ph, pw = _pair(patch_size)
+        grid = (images.shape[-2] // ph, images.shape[-1] // pw)
+        return self.from_keypoints(detect_keypoints(images, **self.sift), grid, (ph, pw))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, mode={self.mode}, {self.norm}, sift={self.sift}"

@@ -187,12 +187,14 @@ def _derivatives(cube: Tensor) -> tuple[Tensor, Tensor]:
     return grad, hess
 
 
-def _max3x3(x: Tensor) -> Tensor:
-    """3x3 max filter over the last two dims (-inf outside); separable shifted maxima, much cheaper than
-    ``max_pool2d`` on CPU."""
-    p = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
-    m = torch.maximum(torch.maximum(p[..., :, :-2], p[..., :, 1:-1]), p[..., :, 2:])
-    return torch.maximum(torch.maximum(m[..., :-2, :], m[..., 1:-1, :]), m[..., 2:, :])
+def _max3x3_interior(x: Tensor, op) -> Tensor:
+    """``op``-reduce (max or min) over 3x3 neighbourhoods of ``(..., h, w)`` for the samples at least ``_BORDER``
+    pixels from the edge: ``(..., h - 2 B, w - 2 B)``. Separable shifted reductions on slices, no padding."""
+    h, w = x.shape[-2:]
+    b = _BORDER
+    rows = x[..., b - 1 : h - b + 1, :]
+    m = op(op(rows[..., b - 1 : w - b - 1], rows[..., b : w - b]), rows[..., b + 1 : w - b + 1])
+    return op(op(m[..., :-2, :], m[..., 1:-1, :]), m[..., 2:, :])
 
 
 def _octave_keypoints(
@@ -204,16 +206,13 @@ def _octave_keypoints(
     Returns xy (B, K, 2), scale (B, K), response (B, K), valid (B, K), K = min(max_candidates, candidates).
     """
     b, n_dog, h, w = dog.shape
-    # 3x3x3 extrema: a sample is an extremum iff it equals the max (min) of its 27-neighbourhood
-    # (3x3 spatial max per DoG layer, then max over the layer below, itself and above)
-    mx2 = _max3x3(dog)
-    mn2 = -_max3x3(-dog)
-    mx = torch.maximum(torch.maximum(mx2[:, :-2], mx2[:, 1:-1]), mx2[:, 2:])  # (B, L, h, w), layers 1..L
-    mn = torch.minimum(torch.minimum(mn2[:, :-2], mn2[:, 1:-1]), mn2[:, 2:])
-    mid = dog[:, 1 : n_layers + 1]
+    # 3x3x3 extrema: a sample is an extremum iff it equals the max (min) of its 27-neighbourhood. Max over the
+    # layer below/itself/above first, then 3x3 spatial shifts computed only for the interior (no padding needed)
+    mid = dog[:, 1 : n_layers + 1, _BORDER : h - _BORDER, _BORDER : w - _BORDER]  # (B, L, ih, iw)
+    mx = _max3x3_interior(torch.maximum(torch.maximum(dog[:, :-2], dog[:, 1:-1]), dog[:, 2:]), torch.maximum)
+    mn = _max3x3_interior(torch.minimum(torch.minimum(dog[:, :-2], dog[:, 1:-1]), dog[:, 2:]), torch.minimum)
     ext = ((mid > threshold) & (mid >= mx)) | ((mid < -threshold) & (mid <= mn))
-    inner = (slice(None), slice(None), slice(_BORDER, h - _BORDER), slice(_BORDER, w - _BORDER))
-    score = torch.where(ext[inner], mid[inner].abs(), -1.0)
+    score = torch.where(ext, mid.abs(), -1.0)
     ih, iw = h - 2 * _BORDER, w - 2 * _BORDER
     k = min(max_candidates, score[0].numel())
     top, idx = score.flatten(1).topk(k, dim=1)  # strongest candidates when there are more than k

@@ -1,0 +1,263 @@
+"""DataModules and the device-side image pipeline.
+
+CPU side does only decoding and cheap work; everything per-pixel happens on the training device in
+:class:`DeviceTransform` (called from ``PretrainModule.on_after_batch_transfer``): uint8 -> float in [0, 1],
+resize to the model's size, kornia augmentation. Batches are ``{"image": (B, C, H, W), "label": (B,)}``.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import kornia.augmentation as K
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FashionMNISTDataModule", "ImageFolderDataModule", "DeviceTransform", "load_fashion_mnist",
+           "DEBIAN_FASHION_MNIST"]
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+
+
+def _read_idx(path: Path, magic: int, n: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    got_magic, got_n = int.from_bytes(data[0:4], "big"), int.from_bytes(data[4:8], "big")
+    if got_magic != magic or got_n != n:
+        raise RuntimeError(f"{path} is not a Fashion-MNIST IDX file (magic {got_magic}, {got_n} items; expected "
+                           f"magic {magic}, {n} items). Delete it and let siftguide fetch the data again.")
+    if magic == 2051:
+        return np.frombuffer(data, np.uint8, offset=16).reshape(n, 28, 28)
+    return np.frombuffer(data, np.uint8, offset=8).astype(np.int64)
+
+
+def _has_files(d: Path) -> bool:
+    return all((d / f).is_file() for pair in _FILES.values() for f in pair[:2])
+
+
+def find_fashion_mnist(root: str | None, cache_dir: str, download: bool = True) -> Path:
+    """Directory holding the four official Fashion-MNIST ``*.gz`` files.
+
+    Looks in ``root`` (if given), the Debian package's ``/usr/share/datasets/fashion-mnist``, and torchvision's
+    cache ``cache_dir/FashionMNIST/raw``; otherwise downloads with torchvision (needs internet).
+    """
+    candidates = ([Path(root)] if root else []) + [Path(DEBIAN_FASHION_MNIST), Path(cache_dir) / "FashionMNIST" / "raw"]
+    for d in candidates:
+        if _has_files(d):
+            return d
+    if root and not _has_files(Path(root)):
+        log.warning("data.root=%s does not hold the Fashion-MNIST *.gz files; trying other sources", root)
+    err = None
+    if download:
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            for train in (True, False):
+                FashionMNIST(cache_dir, train=train, download=True)
+            if _has_files(candidates[-1]):
+                return candidates[-1]
+        except Exception as e:  # noqa: BLE001 - network errors come in many types; reported below
+            err = e
+    raise RuntimeError(
+        "Fashion-MNIST not found. Looked in: " + ", ".join(str(c) for c in candidates)
+        + (f"; torchvision download failed ({type(err).__name__}: {err})" if err else "; download disabled")
+        + ". Fix: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or run once with internet access, or "
+        "put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
+        "t10k-labels-idx1-ubyte.gz in a folder and pass data.root=/that/folder."
+    )
+
+
+def load_fashion_mnist(root: str | None = None, cache_dir: str = "data", split: str = "train",
+                       download: bool = True) -> tuple[Tensor, Tensor]:
+    """``(N, 1, 28, 28)`` uint8 images and ``(N,)`` int64 labels of the official ``train`` or ``test`` split."""
+    d = find_fashion_mnist(root, cache_dir, download)
+    img_file, lbl_file, n = _FILES[split]
+    x = torch.from_numpy(_read_idx(d / img_file, 2051, n).copy()).unsqueeze(1)
+    y = torch.from_numpy(_read_idx(d / lbl_file, 2049, n).copy())
+    return x, y
+
+
+class _TensorImages(Dataset):
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"image": self.images[i], "label": self.labels[i], "index": i}
+
+
+class FashionMNISTDataModule(L.LightningDataModule):
+    """Fashion-MNIST (70k 28x28 grey images, 10 classes, MIT licence).
+
+    ``train``/``val`` are a fixed seeded split of the official 60k training images (``val_size`` held out);
+    the official 10k test set is kept apart and only used by ``test``. Batches hold uint8 28x28 images; the
+    resize to the model's size happens on the device (:class:`DeviceTransform`).
+    """
+
+    num_classes = 10
+    in_chans = 1
+
+    def __init__(self, root: str | None = None, cache_dir: str = "data", batch_size: int = 128,
+                 val_size: int = 5000, train_subset: int | None = None, num_workers: int = 0, split_seed: int = 0,
+                 download: bool = True, pin_memory: bool = False) -> None:
+        super().__init__()
+        if val_size <= 0 or val_size >= 60000:
+            raise ValueError(f"val_size must be in 1..59999, got {val_size}")
+        self.root, self.cache_dir, self.download = root, cache_dir, download
+        self.batch_size, self.val_size, self.train_subset = batch_size, val_size, train_subset
+        self.num_workers, self.split_seed, self.pin_memory = num_workers, split_seed, pin_memory
+        self.train_set = self.val_set = self.test_set = None
+
+    def prepare_data(self) -> None:
+        find_fashion_mnist(self.root, self.cache_dir, self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        x, y = load_fashion_mnist(self.root, self.cache_dir, "train", self.download)
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
+        if self.train_subset:
+            train_idx = train_idx[: self.train_subset]
+        self.train_set = _TensorImages(x[train_idx], y[train_idx])
+        self.val_set = _TensorImages(x[val_idx], y[val_idx])
+        xt, yt = load_fashion_mnist(self.root, self.cache_dir, "test", self.download)
+        self.test_set = _TensorImages(xt, yt)
+        log.info("Fashion-MNIST: %d train / %d val / %d test images", len(self.train_set), len(self.val_set),
+                 len(self.test_set))
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, drop_last=shuffle, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False)
+
+
+class _FolderImages(Dataset):
+    """ImageFolder-style dataset returning uint8 ``(C, S, S)`` tensors (decode + resize on CPU workers)."""
+
+    def __init__(self, root: str, size: int, labels: bool, train: bool, channels: int = 3) -> None:
+        from torchvision.datasets import ImageFolder
+        from torchvision.transforms import v2
+
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"image folder {root!r} does not exist (set data.root to a folder of images)")
+        crop = (v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True) if train
+                else v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)]))
+        mode = "RGB" if channels == 3 else "L"
+        self.tf = v2.Compose([v2.Lambda(lambda im: im.convert(mode)), v2.PILToTensor(), crop])
+        if labels:
+            self.ds = ImageFolder(root)
+            self.samples = self.ds.samples
+        else:  # every image file below root, label -1
+            from torchvision.datasets.folder import IMG_EXTENSIONS
+
+            files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+            if not files:
+                raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root!r}")
+            self.samples = [(str(p), -1) for p in files]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        from PIL import Image
+
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            x = self.tf(im)
+        return {"image": x, "label": torch.tensor(label), "index": i}
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Images in ``root/train/<class>/*`` and ``root/val/<class>/*`` (ImageNet layout).
+
+    With ``labels=False`` the training folder may hold unlabelled images in any layout; evaluation then needs a
+    labelled ``val`` folder (``val_root``).
+    """
+
+    def __init__(self, root: str, img_size: int = 224, batch_size: int = 256, num_workers: int = 8,
+                 labels: bool = True, num_classes: int = 1000, in_chans: int = 3, train_dir: str = "train",
+                 val_dir: str = "val", val_root: str | None = None, pin_memory: bool = True) -> None:
+        super().__init__()
+        self.root, self.img_size, self.batch_size, self.num_workers = root, img_size, batch_size, num_workers
+        self.labels, self.num_classes, self.in_chans = labels, num_classes, in_chans
+        self.train_dir, self.val_dir, self.val_root, self.pin_memory = train_dir, val_dir, val_root, pin_memory
+        self.train_set = self.val_set = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.train_set = _FolderImages(os.path.join(self.root, self.train_dir), self.img_size, self.labels, True,
+                                       self.in_chans)
+        val_root = self.val_root or os.path.join(self.root, self.val_dir)
+        self.val_set = _FolderImages(val_root, self.img_size, True, False, self.in_chans)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, drop_last=True, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+
+
+class DeviceTransform(nn.Module):
+    """Device-side pipeline: uint8/float ``(B, C, h, w)`` -> float ``(B, C, S, S)`` in [0, 1].
+
+    Resizes (bilinear, antialiased when shrinking) to ``img_size`` and, in training, applies kornia
+    augmentation (random resized crop, horizontal flip). The model's input normalisation is separate
+    (``normalize``) because SIFT needs the [0, 1] image.
+    """
+
+    def __init__(self, img_size: int | Sequence[int], mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
+                 hflip: bool = True, crop_scale: Sequence[float] | None = (0.8, 1.0),
+                 crop_ratio: Sequence[float] = (0.9, 1.1)) -> None:
+        super().__init__()
+        self.size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        augs = []
+        if crop_scale is not None:
+            augs.append(K.RandomResizedCrop(self.size, scale=tuple(crop_scale), ratio=tuple(crop_ratio)))
+        if hflip:
+            augs.append(K.RandomHorizontalFlip())
+        self.augment = K.AugmentationSequential(*augs) if augs else None
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor, train: bool) -> Tensor:
+        if images.ndim != 4:
+            raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False,
+                              antialias=x.shape[-1] > self.size[-1])
+        if train and self.augment is not None:
+            x = self.augment(x)
+        return x.clamp_(0.0, 1.0)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std

@@ -1,0 +1,100 @@
+"""Hydra entry point: ``python train.py [overrides]``. ``train(cfg)`` is importable for tests and tools."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from siftguide.callbacks import TrainTimer, ValidateAtEnd
+from siftguide.module import PretrainModule
+
+log = logging.getLogger("siftguide.train")
+
+
+def _wandb_group(cfg: DictConfig) -> None:
+    """Multirun jobs share a wandb group named after the sweep directory (unless one was set)."""
+    if "wandb" not in cfg.get("logger", {}) or cfg.logger.wandb.get("group"):
+        return
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # compose API (tests): no Hydra runtime
+        return
+    if hc.mode == hydra.types.RunMode.MULTIRUN:
+        with open_dict(cfg):
+            cfg.logger.wandb.group = Path(hc.sweep.dir).name
+
+
+def build(cfg: DictConfig) -> tuple[PretrainModule, L.LightningDataModule, L.Trainer]:
+    """Instantiate module, data and trainer from a composed config (seeds first: same init for every run)."""
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model)
+    guidance = OmegaConf.to_container(cfg.guidance, resolve=True)
+    guidance.pop("target")
+    module = PretrainModule(
+        net=net, objective=instantiate(cfg.objective), transform=instantiate(cfg.transform), guidance=guidance,
+        target=instantiate(cfg.guidance.target), optimizer=instantiate(cfg.optimizer),
+        warmup_steps=cfg.scheduler.warmup_steps, min_lr_factor=cfg.scheduler.min_lr_factor,
+        align_batches=cfg.align_batches, config=resolved,
+    )
+    _wandb_group(cfg)
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
+    for lg in loggers:
+        if isinstance(lg, L.pytorch.loggers.WandbLogger):
+            lg.log_hyperparams(resolved)
+    callbacks = [
+        ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0,
+                        every_n_train_steps=cfg.trainer.get("val_check_interval") or None),
+        TrainTimer(),
+        ValidateAtEnd(),
+    ]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    return module, datamodule, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (resuming from ``cfg.ckpt_path`` if given), make sure the final step is validated, save
+    ``checkpoints/last.ckpt``, optionally test. Returns the final metrics."""
+    module, datamodule, trainer = build(cfg)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        ValidateAtEnd.run(trainer, module, datamodule)
+        trainer.save_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+        if cfg.get("test"):
+            trainer.test(module, datamodule=datamodule)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    finally:
+        for lg in trainer.loggers:
+            lg.finalize("success")
+        try:
+            import wandb
+
+            wandb.finish()  # close the offline run even when training failed
+        except Exception:  # noqa: BLE001
+            pass
+    log.info("final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
+    log.info("run directory: %s", os.path.abspath(cfg.paths.output_dir))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))  # for hparams_search sweepers
+
+
+if __name__ == "__main__":
+    main()
