@@ -87,7 +87,8 @@ class AttentionCapture:
         self.modules: dict[int, nn.Module] = {}
         for i in self.layers:
             attn = getattr(model.blocks[i], "attn", None)
-            if not isinstance(attn, SUPPORTED_ATTENTION) or not hasattr(attn, "attn_drop"):
+            # exact class match: a subclass may override forward() and bypass attn_drop
+            if type(attn) not in SUPPORTED_ATTENTION or not hasattr(attn, "attn_drop"):
                 name = type(attn).__module__ + "." + type(attn).__qualname__ if attn is not None else "None"
                 raise TypeError(
                     f"block {i} uses attention module {name}, which siftguide cannot capture exactly. Supported: "

@@ -27,27 +27,30 @@ __all__ = ["FashionMNISTDataModule", "ImageFolderDataModule", "DeviceTransform",
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 _FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
 
 
-def _read_idx(path: Path, magic: int, n: int) -> np.ndarray:
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """Read a gzipped IDX file (2051: uint8 images (N, 28, 28); 2049: labels (N,)), checking its header."""
     with gzip.open(path, "rb") as f:
         data = f.read()
-    got_magic, got_n = int.from_bytes(data[0:4], "big"), int.from_bytes(data[4:8], "big")
-    if got_magic != magic or got_n != n:
-        raise RuntimeError(f"{path} is not a Fashion-MNIST IDX file (magic {got_magic}, {got_n} items; expected "
-                           f"magic {magic}, {n} items). Delete it and let siftguide fetch the data again.")
+    got_magic, n = int.from_bytes(data[0:4], "big"), int.from_bytes(data[4:8], "big")
+    header = 16 if magic == 2051 else 8
+    item = 28 * 28 if magic == 2051 else 1
+    if got_magic != magic or len(data) != header + n * item:
+        raise RuntimeError(f"{path} is not a valid Fashion-MNIST IDX file (magic {got_magic}, expected {magic}; "
+                           f"{len(data)} bytes for {n} items). Delete it and let siftguide fetch the data again.")
     if magic == 2051:
         return np.frombuffer(data, np.uint8, offset=16).reshape(n, 28, 28)
     return np.frombuffer(data, np.uint8, offset=8).astype(np.int64)
 
 
 def _has_files(d: Path) -> bool:
-    return all((d / f).is_file() for pair in _FILES.values() for f in pair[:2])
+    return all((d / f).is_file() for pair in _FILES.values() for f in pair)
 
 
 def find_fashion_mnist(root: str | None, cache_dir: str, download: bool = True) -> Path:
@@ -86,9 +89,11 @@ def load_fashion_mnist(root: str | None = None, cache_dir: str = "data", split: 
                        download: bool = True) -> tuple[Tensor, Tensor]:
     """``(N, 1, 28, 28)`` uint8 images and ``(N,)`` int64 labels of the official ``train`` or ``test`` split."""
     d = find_fashion_mnist(root, cache_dir, download)
-    img_file, lbl_file, n = _FILES[split]
-    x = torch.from_numpy(_read_idx(d / img_file, 2051, n).copy()).unsqueeze(1)
-    y = torch.from_numpy(_read_idx(d / lbl_file, 2049, n).copy())
+    img_file, lbl_file = _FILES[split]
+    x = torch.from_numpy(_read_idx(d / img_file, 2051).copy()).unsqueeze(1)
+    y = torch.from_numpy(_read_idx(d / lbl_file, 2049).copy())
+    if len(x) != len(y):
+        raise RuntimeError(f"{d}: {len(x)} images but {len(y)} labels in the {split} split")
     return x, y
 
 
@@ -118,8 +123,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
                  val_size: int = 5000, train_subset: int | None = None, num_workers: int = 0, split_seed: int = 0,
                  download: bool = True, pin_memory: bool = False) -> None:
         super().__init__()
-        if val_size <= 0 or val_size >= 60000:
-            raise ValueError(f"val_size must be in 1..59999, got {val_size}")
+        if val_size <= 0:
+            raise ValueError(f"val_size must be >= 1, got {val_size}")
         self.root, self.cache_dir, self.download = root, cache_dir, download
         self.batch_size, self.val_size, self.train_subset = batch_size, val_size, train_subset
         self.num_workers, self.split_seed, self.pin_memory = num_workers, split_seed, pin_memory
@@ -132,6 +137,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         x, y = load_fashion_mnist(self.root, self.cache_dir, "train", self.download)
+        if self.val_size >= len(y):
+            raise ValueError(f"val_size={self.val_size} leaves no training images out of {len(y)}")
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
         val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
         if self.train_subset:

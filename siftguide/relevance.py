@@ -136,14 +136,15 @@ def shuffle_relevance(rel: Tensor, generator: torch.Generator | None = None) -> 
 
 def gradient_relevance(images: Tensor, patch_size: int | tuple[int, int], temperature: float = 1.0,
                        smoothing: float = 0.0, uniform_mix: float = 0.0) -> Tensor:
-    """Non-SIFT saliency control: per-patch mean Sobel gradient magnitude of the grey image."""
+    """Non-SIFT saliency control: per-patch mean Sobel gradient magnitude of the grey image ``(B, Gh, Gw)``."""
     import kornia
 
     _check_images(images)
     ph, pw = _pair(patch_size)
     from .sift import rgb_to_gray
 
-    mag = kornia.filters.sobel(rgb_to_gray(images.float()))  # (B, 1, H, W)
+    g = kornia.filters.spatial_gradient(rgb_to_gray(images.float()), mode="sobel")  # (B, 1, 2, H, W)
+    mag = g.pow(2).sum(2).sqrt()  # no eps floor: flat regions get exactly no mass
     mass = torch.nn.functional.avg_pool2d(mag, (ph, pw)).squeeze(1)
     return normalize_relevance(mass, temperature, smoothing, uniform_mix)
 
