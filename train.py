@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import hydra
@@ -17,6 +18,8 @@ from siftguide.callbacks import TrainTimer, ValidateAtEnd
 from siftguide.module import PretrainModule
 
 log = logging.getLogger("siftguide.train")
+# the module's on_after_batch_transfer (device pipeline) is meant to take precedence over the datamodule's
+warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*")
 
 
 def _wandb_group(cfg: DictConfig) -> None:

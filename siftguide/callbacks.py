@@ -38,6 +38,8 @@ class TrainTimer(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
+            # explicit x-axes for convergence curves: optimizer steps done and training seconds spent
+            pl_module.log("val/step", float(trainer.global_step))
             pl_module.log("val/elapsed_s", self.elapsed)
 
     def state_dict(self) -> dict:
