@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from siftguide.callbacks import TrainTimer, ValidateAtEnd
+from siftguide.eval import KNNEvaluator
 from siftguide.module import PretrainModule
 
 log = logging.getLogger("siftguide.train")
@@ -45,13 +46,18 @@ def build(cfg: DictConfig) -> tuple[PretrainModule, L.LightningDataModule, L.Tra
 
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)
+    objective = instantiate(cfg.objective)
+    if getattr(objective, "needs_labels", False) and not cfg.data.get("labels", True):
+        raise ValueError("objective=supervised needs labels but data.labels=false: use objective=mae for "
+                         "unlabelled pre-training (evaluated by the online probe and kNN on the labelled val set)")
     guidance = OmegaConf.to_container(cfg.guidance, resolve=True)
     guidance.pop("target")
+    cache, cache_dir = guidance.pop("cache"), guidance.pop("cache_dir")
     module = PretrainModule(
-        net=net, objective=instantiate(cfg.objective), transform=instantiate(cfg.transform), guidance=guidance,
+        net=net, objective=objective, transform=instantiate(cfg.transform), guidance=guidance,
         target=instantiate(cfg.guidance.target), optimizer=instantiate(cfg.optimizer),
         warmup_steps=cfg.scheduler.warmup_steps, min_lr_factor=cfg.scheduler.min_lr_factor,
-        align_batches=cfg.align_batches, config=resolved,
+        align_batches=cfg.align_batches, cache=cache, cache_dir=cache_dir, config=resolved,
     )
     _wandb_group(cfg)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
@@ -64,6 +70,9 @@ def build(cfg: DictConfig) -> tuple[PretrainModule, L.LightningDataModule, L.Tra
         TrainTimer(),
         ValidateAtEnd(),
     ]
+    knn = dict(cfg.get("knn") or {})
+    if knn.pop("enabled", False):
+        callbacks.append(KNNEvaluator(**knn))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     return module, datamodule, trainer
 

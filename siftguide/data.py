@@ -255,16 +255,25 @@ class DeviceTransform(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
-    def forward(self, images: Tensor, train: bool) -> Tensor:
+    def resize(self, images: Tensor) -> Tensor:
+        """The deterministic part: uint8/float -> float [0, 1] at ``img_size``."""
         if images.ndim != 4:
             raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         if tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False,
                               antialias=x.shape[-1] > self.size[-1])
-        if train and self.augment is not None:
-            x = self.augment(x)
         return x.clamp_(0.0, 1.0)
+
+    def forward(self, images: Tensor, train: bool, return_matrix: bool = False):
+        """Returns the images, and with ``return_matrix`` also the ``(B, 3, 3)`` pixel transform the augmentation
+        applied (``None`` when none was), so that cached keypoints can follow it."""
+        x = self.resize(images)
+        matrix = None
+        if train and self.augment is not None:
+            x = self.augment(x).clamp_(0.0, 1.0)
+            matrix = self.augment.transform_matrix
+        return (x, matrix) if return_matrix else x
 
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from .cache import KeypointCache
 from .data import DeviceTransform
 from .guidance import SiftGuidance
 from .relevance import RelevanceTarget
@@ -52,18 +53,23 @@ class PretrainModule(L.LightningModule):
         optimizer: partial ``torch.optim`` constructor taking the parameter groups.
         warmup_steps / min_lr_factor: LR schedule (per optimizer step, over ``trainer.max_steps``).
         align_batches: validation batches on which ``val/attn_div`` is measured (0 disables).
+        cache: detect keypoints once per training image (:class:`~siftguide.cache.KeypointCache`, kept in
+            ``cache_dir`` when given) and map them through each batch's augmentation instead of detecting.
         config: resolved run config, stored in checkpoints.
     """
 
     def __init__(
         self, net: nn.Module, objective: nn.Module, transform: DeviceTransform, guidance: dict[str, Any],
         target: RelevanceTarget, optimizer: Callable[..., torch.optim.Optimizer], warmup_steps: int = 0,
-        min_lr_factor: float = 0.0, align_batches: int = 2, config: dict | None = None,
+        min_lr_factor: float = 0.0, align_batches: int = 2, cache: bool = False, cache_dir: str | None = None,
+        config: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters({"config": config or {}})
         self.net = net
         self.objective = objective
+        if hasattr(objective, "setup"):
+            objective.setup(net)  # objectives with their own parameters (MAE decoder, probe) build them here
         self.transform = transform
         self.target = target
         self.guidance = SiftGuidance(net, **guidance)
@@ -71,14 +77,34 @@ class PretrainModule(L.LightningModule):
         self.optimizer_fn = optimizer
         self.warmup_steps, self.min_lr_factor = warmup_steps, min_lr_factor
         self.align_batches = align_batches
+        self.use_cache, self.cache_dir = cache, cache_dir
+        self.keypoint_cache: KeypointCache | None = None
+
+    def on_fit_start(self) -> None:
+        if not (self.use_cache and self.guidance.active and self.target.uses_keypoints):
+            return
+        dm = self.trainer.datamodule
+        images = getattr(getattr(dm, "train_set", None), "images", None)
+        if images is None:
+            raise ValueError(
+                "guidance.cache=true needs a datamodule whose train_set holds its images in memory "
+                "(Fashion-MNIST); with random crops on CPU workers (image_folder) use guidance.cache=false"
+            )
+        self.keypoint_cache = KeypointCache.load_or_build(
+            images, self.transform.resize, self.target.sift, self.transform.size, self.cache_dir,
+            device=self.device,
+        ).to(self.device)
 
     # ------------------------------------------------------------------ data on the device
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        training = self._trainer is not None and self.trainer.training
+        training = self.trainer.training if self._trainer is not None else self.training
         batch = dict(batch)
-        batch["image"] = self.transform(batch["image"], train=training)
+        batch["image"], matrix = self.transform(batch["image"], train=training, return_matrix=True)
         if training and self.guidance.active:
-            batch["relevance"] = self.target(batch["image"], self.patch_size)
+            kp = None
+            if self.keypoint_cache is not None:
+                kp = self.keypoint_cache.lookup(batch["index"], matrix, self.transform.size)
+            batch["relevance"] = self.target(batch["image"], self.patch_size, keypoints=kp)
         return batch
 
     # ------------------------------------------------------------------ steps
@@ -89,6 +115,8 @@ class PretrainModule(L.LightningModule):
         task = out["loss"]
         bs = images.shape[0]
         self.log("train/task_loss", task, batch_size=bs)
+        for k, v in out.get("extra", {}).items():
+            self.log(f"train/{k}", v, batch_size=bs)
         loss = task
         if self.guidance.active:
             div = self.guidance.divergence_value(batch["relevance"], out.get("ids_keep"))
@@ -115,6 +143,8 @@ class PretrainModule(L.LightningModule):
             self.log("val/attn_div", self.guidance.divergence_value(rel, out.get("ids_keep")), batch_size=bs)
             self.guidance.clear()
         self.log("val/loss", out["loss"], prog_bar=False, batch_size=bs)
+        for k, v in out.get("extra", {}).items():
+            self.log(f"val/{k}", v, batch_size=bs)
         if "logits" in out:
             acc = (out["logits"].argmax(-1) == batch["label"]).float().mean()
             self.log("val/acc", acc, prog_bar=True, batch_size=bs)

@@ -175,8 +175,14 @@ class RelevanceTarget(torch.nn.Module):
     def from_keypoints(self, kp: Keypoints, grid: tuple[int, int], patch_size: int | tuple[int, int]) -> Tensor:
         return relevance_from_keypoints(kp, grid, patch_size, self.mode, splat=self.splat, **self.norm)
 
+    @property
+    def uses_keypoints(self) -> bool:
+        return self.kind in ("sift", "shuffled")
+
     @torch.no_grad()
-    def forward(self, images: Tensor, patch_size: int | tuple[int, int]) -> Tensor:
+    def forward(self, images: Tensor, patch_size: int | tuple[int, int], keypoints: Keypoints | None = None) -> Tensor:
+        """``(B, C, H, W)`` images -> ``(B, H // ph, W // pw)`` target. ``keypoints`` (e.g. from the cache)
+        replace detection for the SIFT-based kinds."""
         _check_images(images)
         ph, pw = _pair(patch_size)
         grid = (images.shape[-2] // ph, images.shape[-1] // pw)
@@ -184,15 +190,17 @@ class RelevanceTarget(torch.nn.Module):
             return gradient_relevance(images, (ph, pw), **self.norm)
         if self.kind == "uniform":
             return torch.full((images.shape[0], *grid), 1.0 / (grid[0] * grid[1]), device=images.device)
-        rel = self.sift_relevance(images, (ph, pw))
+        rel = self.sift_relevance(images, (ph, pw), keypoints)
         return shuffle_relevance(rel, self.generator) if self.kind == "shuffled" else rel
 
     @torch.no_grad()
-    def sift_relevance(self, images: Tensor, patch_size: int | tuple[int, int]) -> Tensor:
+    def sift_relevance(self, images: Tensor, patch_size: int | tuple[int, int],
+                       keypoints: Keypoints | None = None) -> Tensor:
         """SIFT relevance with this target's settings, whatever its ``kind`` (used to measure alignment)."""
         ph, pw = _pair(patch_size)
         grid = (images.shape[-2] // ph, images.shape[-1] // pw)
-        return self.from_keypoints(detect_keypoints(images, **self.sift), grid, (ph, pw))
+        kp = keypoints if keypoints is not None else detect_keypoints(images, **self.sift)
+        return self.from_keypoints(kp, grid, (ph, pw))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, mode={self.mode}, {self.norm}, sift={self.sift}"

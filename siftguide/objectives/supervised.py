@@ -14,12 +14,17 @@ class SupervisedObjective(nn.Module):
         super().__init__()
         self.label_smoothing = label_smoothing
 
+    def setup(self, net: nn.Module) -> None:
+        self.num_prefix = int(getattr(net, "num_prefix_tokens", 1))
+
+    def tokens(self, net: nn.Module, images: Tensor) -> Tensor:
+        """Final tokens ``(B, N, D)`` of full images (for kNN evaluation)."""
+        return net.forward_features(images)
+
     def forward(self, net: nn.Module, images: Tensor, batch: dict) -> dict[str, Tensor]:
         tokens = net.forward_features(images)
         features = net.forward_head(tokens, pre_logits=True)
         logits = net.forward_head(tokens)  # pooling is cheap; the head may be a tuple (DeiT distilled)
         labels = batch["label"]
-        if labels.min() < 0:
-            raise ValueError("objective=supervised needs labelled images (got label -1); use objective=mae")
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         return {"loss": loss, "logits": logits, "features": features}

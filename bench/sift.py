@@ -1,0 +1,125 @@
+"""SIFT keypoint detection: speed and agreement with OpenCV, measured in one run.
+
+    python bench/sift.py [--sizes 64 128 224] [--batch 32] [--device cpu|cuda] [--repeats 3]
+
+Images: the real photos bundled with scikit-image (20 photos x 2 crops, grey, area-resized), plus Fashion-MNIST
+test images bilinearly upsampled when the data is available. For each size it prints images/s of
+
+* siftguide ``detect_keypoints`` (batched, on ``--device``),
+* kornia's ``SIFTFeature`` detector called per image (it accepts batch size 1 only),
+* OpenCV ``SIFT.detect`` per image on CPU,
+
+the speed ratios, and agreement with OpenCV: mean per-image Spearman rho of per-patch keypoint counts (patch
+8 px at 64, 16 px above) and the recall of OpenCV keypoints within 2 px. kornia is scored on its strongest
+``n_opencv`` detections per image (it returns a fixed budget and has no contrast/edge tests).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from siftguide.sift import Keypoints, detect_keypoints
+from siftguide.testing import agreement, opencv_keypoints, photo_batch
+
+
+def timeit(fn, repeats: int, sync) -> float:
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def kornia_keypoints(images: torch.Tensor, budget: list[int]) -> Keypoints:
+    """kornia SIFTFeature detector, one image at a time; keeps the ``budget[i]`` strongest detections."""
+    import kornia.feature as KF
+
+    det = KF.SIFTFeature(num_features=2048, upright=True, device=images.device).detector
+    n = max(max(budget), 1)
+    xy = torch.zeros(len(images), n, 2)
+    valid = torch.zeros(len(images), n, dtype=torch.bool)
+    for i in range(len(images)):
+        lafs, resp = det(images[i : i + 1])
+        order = resp[0].argsort(descending=True)[: budget[i]]
+        c = KF.get_laf_center(lafs)[0, order].cpu()
+        xy[i, : len(c)] = c
+        valid[i, : len(c)] = True
+    z = torch.zeros(len(images), n)
+    return Keypoints(xy, z, z, valid, z.long())
+
+
+def fashion_mnist(size: int, n: int) -> torch.Tensor | None:
+    try:
+        from siftguide.data import load_fashion_mnist
+
+        x, _ = load_fashion_mnist(split="test", download=False)
+    except Exception:  # noqa: BLE001 - optional image set
+        return None
+    x = torch.nn.functional.interpolate(x[:n].float() / 255, size=size, mode="bilinear", align_corners=False)
+    return (x * 255).round().to(torch.uint8)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 224])
+    ap.add_argument("--batch", type=int, default=32, help="images per timed batch")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--kornia-images", type=int, default=8, help="images timed in kornia's per-image loop")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")
+    rows = []
+    for size in args.sizes:
+        patch = 8 if size <= 64 else 16
+        grid = (size // patch, size // patch)
+        sets = {"photos": photo_batch(size, crops_per_photo=2)}
+        fm = fashion_mnist(size, 40)
+        if fm is not None:
+            sets["fashion-mnist"] = fm
+        photos = sets["photos"]
+        xb = photos.float().div(255)[: args.batch].to(dev)
+        if len(xb) < args.batch:
+            xb = xb.repeat((args.batch + len(xb) - 1) // len(xb), 1, 1, 1)[: args.batch]
+        max_kp = 1024 if size > 128 else 512
+        t_ours = timeit(lambda: detect_keypoints(xb, max_keypoints=max_kp), args.repeats, sync) / len(xb)
+        xk = photos[: args.kornia_images].float().div(255).to(dev)
+        t_kornia = timeit(lambda: kornia_keypoints(xk, [64] * len(xk)), 1, sync) / len(xk)
+        u8 = photos.numpy()
+        import cv2
+
+        sift = cv2.SIFT_create()
+        t_cv = timeit(lambda: [sift.detect(im[0], None) for im in u8], args.repeats, lambda: None) / len(u8)
+        print(f"\n== {size} px (patch {patch}) ==")
+        print(f"images/s  siftguide ({dev}, batch {len(xb)}): {1 / t_ours:9.1f}")
+        print(f"images/s  kornia SIFTFeature detector loop:   {1 / t_kornia:9.1f}")
+        print(f"images/s  OpenCV SIFT.detect (CPU):           {1 / t_cv:9.1f}")
+        print(f"speed ratio siftguide / kornia loop: {t_kornia / t_ours:6.1f}x   siftguide / OpenCV: {t_cv / t_ours:5.2f}x")
+        for name, imgs in sets.items():
+            ref = opencv_keypoints(imgs)
+            ours = detect_keypoints(imgs.float().div(255).to(dev), max_keypoints=max_kp)
+            ours = Keypoints(*(t.cpu() for t in (ours.xy, ours.scale, ours.response, ours.valid, ours.octave)))
+            a = agreement(ours, ref, grid, patch)
+            k = agreement(kornia_keypoints(imgs.float().div(255).to(dev), [len(p) for p in ref]), ref, grid, patch)
+            print(f"agreement with OpenCV on {name:13s} ({len(imgs)} images, {a['n_opencv']:.0f} kp/img): "
+                  f"siftguide rho {a['rho']:.3f} recall@2px {a['recall']:.3f} ({a['n_ours']:.0f} kp/img) | "
+                  f"kornia rho {k['rho']:.3f} recall@2px {k['recall']:.3f}")
+            rows.append((size, name, a["rho"], a["recall"], k["rho"], k["recall"], t_kornia / t_ours, 1 / t_ours,
+                         1 / t_cv))
+    print("\nsummary (size, images, siftguide rho, recall, kornia rho, recall, speed vs kornia loop, "
+          "siftguide img/s, OpenCV img/s)")
+    for r in rows:
+        print("  " + ", ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r))
+    if any(r[2] < 0.80 for r in rows):
+        raise SystemExit("agreement target (rho >= 0.80) missed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Training throughput and memory of guided vs baseline steps at the default config, measured in one run.
+
+    python bench/throughput.py [--steps 20] [--device cpu|cuda] [overrides ...]
+
+Builds the real objects from the composed Hydra config (``configs/train.yaml`` + overrides) and runs optimizer
+steps by hand (device pipeline, relevance, forward, backward, AdamW step), interleaving the variants
+baseline / guided on the fly / guided with the keypoint cache so that machine drift hits all alike. Prints the
+median step time, images/s, the guided/baseline throughput ratios, and memory: bytes of tensors saved for
+backward (the activation memory, exact on any device) and, on CUDA, the peak allocated memory.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_module(overrides: list[str], device: torch.device):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from siftguide.module import PretrainModule
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train.yaml", overrides=["paths.output_dir=/tmp/siftguide-bench", "logger=csv", *overrides])
+    torch.manual_seed(0)
+    g = OmegaConf.to_container(cfg.guidance, resolve=True)
+    g.pop("target")
+    cache, cache_dir = g.pop("cache"), g.pop("cache_dir")
+    m = PretrainModule(instantiate(cfg.model), instantiate(cfg.objective), instantiate(cfg.transform), g,
+                       instantiate(cfg.guidance.target), instantiate(cfg.optimizer), cache=cache,
+                       cache_dir=cache_dir).to(device)
+    return cfg, m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every variant")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+
+    from siftguide.cache import KeypointCache
+
+    variants = {
+        "baseline": ["guidance=none"],
+        "guided": ["guidance=sift"],
+        "guided+cache": ["guidance=sift", "guidance.cache=true"],
+    }
+    built = {k: make_module(args.overrides + v, dev) for k, v in variants.items()}
+    cfg = built["baseline"][0]
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data)
+    dm.setup()
+    loader = iter(dm.train_dataloader())
+    batches = [next(loader) for _ in range(args.warmup + args.steps)]
+    # the cache is built once, outside the timed steps (as in training, where it is built or loaded at fit start)
+    cm = built["guided+cache"][1]
+    t0 = time.perf_counter()
+    cm.keypoint_cache = KeypointCache.build(dm.train_set.images, cm.transform.resize, cm.target.sift,
+                                            device=dev).to(dev)
+    build_s = time.perf_counter() - t0
+
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (_, m) in built.items()}
+    times = {k: [] for k in built}
+    saved = {k: 0 for k in built}
+    peak = {k: 0 for k in built}
+
+    def step(name: str, batch: dict, measure: bool) -> None:
+        m = built[name][1]
+        m.train()
+        b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t = time.perf_counter()
+        b = m.on_after_batch_transfer(b, 0)
+        nbytes = [0]
+
+        def pack(x):
+            nbytes[0] += x.numel() * x.element_size()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            loss = m.training_step(b, 0)
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[name].step()
+        sync()
+        if measure:
+            times[name].append(time.perf_counter() - t)
+            saved[name] = max(saved[name], nbytes[0])
+            if dev.type == "cuda":
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
+
+    for i, batch in enumerate(batches):
+        for name in built:  # interleaved
+            step(name, batch, measure=i >= args.warmup)
+
+    bs = batches[0]["image"].shape[0]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"device {dev}, threads {torch.get_num_threads()}, batch {bs}, {args.steps} timed steps per variant, "
+          f"overrides {args.overrides or '(default config)'}")
+    print(f"keypoint cache built for {len(cm.keypoint_cache)} training images in {build_s:.1f} s")
+    for k in built:
+        line = f"{k:13s} median step {med[k] * 1000:8.1f} ms  {bs / med[k]:8.1f} img/s  saved-for-backward " \
+               f"{saved[k] / 2**20:7.1f} MiB"
+        if dev.type == "cuda":
+            line += f"  peak allocated {peak[k] / 2**20:8.1f} MiB"
+        print(line)
+    print(f"throughput ratio guided/baseline (on the fly): {med['baseline'] / med['guided']:.3f}")
+    print(f"throughput ratio guided/baseline (cached):     {med['baseline'] / med['guided+cache']:.3f}")
+    print(f"activation memory ratio guided/baseline:       {saved['guided'] / saved['baseline']:.3f}")
+    if dev.type == "cuda":
+        print(f"peak memory ratio guided/baseline (on the fly):  {peak['guided'] / peak['baseline']:.3f}")
+        print(f"peak memory ratio guided/baseline (cached):      {peak['guided+cache'] / peak['baseline']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Keypoint cache: detect SIFT once per training image, reuse it under every augmentation.
+
+SIFT keypoints are covariant with similarity transforms, so instead of detecting keypoints on every augmented
+batch, the cache stores the keypoints of each (resized, un-augmented) training image and maps them through the
+augmentation that was applied to the image: positions by the chained kornia transform matrix ``M``
+(``(B, 3, 3)``, input pixels -> output pixels), scales by ``sqrt(|det M[:2, :2]|)``; keypoints that leave the
+output image are dropped. Relevance is then computed from these keypoints exactly as on the fly, for every
+mode (count, response, gaussian). The per-step cost is a gather and a 3x3 matrix product.
+
+Stored per image: ``max_keypoints`` x (x, y, scale, response) float32 (1 KiB for 64 keypoints). The cache is
+kept in memory and, when ``directory`` is set, on disk under a key made of the images' content hash, the image
+size and the detector settings, so sweeps reuse one detection pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .sift import Keypoints, detect_keypoints
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KeypointCache", "transform_keypoints"]
+
+
+def transform_keypoints(kp: Keypoints, matrix: Tensor | None, size: tuple[int, int]) -> Keypoints:
+    """Map keypoints through homogeneous ``(B, 3, 3)`` pixel transforms; drop those outside ``size = (H, W)``."""
+    if matrix is None:
+        return kp
+    if matrix.shape[-2:] != (3, 3) or matrix.shape[0] != kp.xy.shape[0]:
+        raise ValueError(f"matrix must be (B, 3, 3) with B = {kp.xy.shape[0]}, got {tuple(matrix.shape)}")
+    m = matrix.to(kp.xy.dtype)
+    xy1 = torch.cat([kp.xy, torch.ones_like(kp.xy[..., :1])], dim=-1)  # (B, N, 3)
+    p = xy1 @ m.transpose(1, 2)
+    xy = p[..., :2] / p[..., 2:3]
+    zoom = torch.linalg.det(m[:, :2, :2]).abs().sqrt().unsqueeze(1)  # (B, 1)
+    h, w = size
+    inside = (xy[..., 0] >= -0.5) & (xy[..., 0] < w - 0.5) & (xy[..., 1] >= -0.5) & (xy[..., 1] < h - 0.5)
+    return Keypoints(xy, kp.scale * zoom, kp.response, kp.valid & inside, kp.octave)
+
+
+class KeypointCache:
+    """Keypoints of every training image, indexed by the dataset index carried in each batch.
+
+    Args:
+        xy: ``(N, K, 2)``; scale, response: ``(N, K)``; valid: ``(N, K)`` bool.
+    """
+
+    def __init__(self, xy: Tensor, scale: Tensor, response: Tensor, valid: Tensor) -> None:
+        self.xy, self.scale, self.response, self.valid = xy, scale, response, valid
+
+    def __len__(self) -> int:
+        return self.xy.shape[0]
+
+    def to(self, device: torch.device | str) -> "KeypointCache":
+        return KeypointCache(self.xy.to(device), self.scale.to(device), self.response.to(device),
+                             self.valid.to(device))
+
+    def lookup(self, index: Tensor, matrix: Tensor | None = None, size: tuple[int, int] | None = None) -> Keypoints:
+        """Keypoints of the images ``index (B,)``, mapped through the augmentation ``matrix (B, 3, 3)``."""
+        # bounds check only on CPU: on an accelerator it would be a host sync every step
+        if index.device.type == "cpu" and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"cache holds {len(self)} images; batch index out of range")
+        index = index.to(self.xy.device)
+        kp = Keypoints(self.xy[index], self.scale[index], self.response[index], self.valid[index],
+                       torch.zeros_like(self.valid[index], dtype=torch.long))
+        return transform_keypoints(kp, matrix, size) if matrix is not None else kp
+
+    # ------------------------------------------------------------------------------------------------ building
+    @classmethod
+    @torch.no_grad()
+    def build(cls, images: Tensor, prepare, sift: dict, batch_size: int = 512,
+              device: torch.device | str = "cpu") -> "KeypointCache":
+        """Detect keypoints for all ``images (N, C, h, w)`` after ``prepare`` (e.g. the deterministic resize of
+        the device pipeline), in batches on ``device``."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = prepare(images[i : i + batch_size].to(device))
+            kp = detect_keypoints(x, **sift)
+            out.append((kp.xy.cpu(), kp.scale.cpu(), kp.response.cpu(), kp.valid.cpu()))
+        return cls(*(torch.cat(t) for t in zip(*out)))
+
+    @classmethod
+    def load_or_build(cls, images: Tensor, prepare, sift: dict, image_size: tuple[int, int],
+                      directory: str | Path | None = None, batch_size: int = 512,
+                      device: torch.device | str = "cpu") -> "KeypointCache":
+        """Load the cache for these images and settings from ``directory``, or build (and save) it."""
+        path = None
+        if directory:
+            key = cls.key(images, sift, image_size)
+            path = Path(directory) / f"keypoints-{key}.pt"
+            if path.is_file():
+                d = torch.load(path, map_location="cpu", weights_only=True)
+                log.info("keypoint cache: loaded %d images from %s", len(d["xy"]), path)
+                return cls(d["xy"], d["scale"], d["response"], d["valid"])
+        import time
+
+        t0 = time.perf_counter()
+        cache = cls.build(images, prepare, sift, batch_size, device)
+        log.info("keypoint cache: detected keypoints of %d images in %.1f s (%.1f per image on average)",
+                 len(cache), time.perf_counter() - t0, float(cache.valid.sum(1).float().mean()))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"xy": cache.xy, "scale": cache.scale, "response": cache.response, "valid": cache.valid}, tmp)
+            tmp.replace(path)  # atomic: concurrent sweep jobs never read a half-written file
+        return cache
+
+    @staticmethod
+    def key(images: Tensor, sift: dict, image_size: tuple[int, int]) -> str:
+        h = hashlib.sha1()
+        h.update(images.contiguous().cpu().numpy().tobytes())
+        h.update(json.dumps({"sift": sift, "size": list(image_size), "shape": list(images.shape), "v": 1},
+                            sort_keys=True).encode())
+        return h.hexdigest()[:16]

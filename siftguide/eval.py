@@ -1,0 +1,99 @@
+"""Online evaluation: weighted kNN accuracy on frozen features (``val/knn_acc``), for every objective.
+
+``val/acc`` itself comes from the objective (the supervised head, or MAE's stop-gradient linear probe).
+
+kNN (Wu et al. 2018, as in DINO and solo-learn): L2-normalised features of a labelled *bank* and of *query*
+images; each query votes with its ``k`` most cosine-similar bank features, weighted by ``exp(sim / T)``.
+Features are the pooled final tokens of full images (class token or mean of patch tokens). The bank is a
+fixed subset of the labelled training images; for unlabelled pre-training it is the first half of the
+(labelled) validation subset and the queries are the second half.
+"""
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["knn_predict", "KNNEvaluator"]
+
+
+def knn_predict(bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes: int, k: int = 20,
+                temperature: float = 0.07, chunk: int = 1024) -> Tensor:
+    """Weighted kNN class predictions ``(Q,)`` for ``queries (Q, D)`` against ``bank (N, D)`` with labels ``(N,)``.
+
+    Features are L2-normalised here; similarities are computed in chunks of ``chunk`` queries.
+    """
+    if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
+        raise ValueError(f"bank (N, D) and queries (Q, D) must share D; got {tuple(bank.shape)}, {tuple(queries.shape)}")
+    bank = F.normalize(bank.float(), dim=1)
+    queries = F.normalize(queries.float(), dim=1)
+    k = min(k, bank.shape[0])
+    preds = []
+    for i in range(0, queries.shape[0], chunk):
+        sim = queries[i : i + chunk] @ bank.T  # (q, N)
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        votes.scatter_add_(1, bank_labels[idx], (top / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+class KNNEvaluator(L.Callback):
+    """Logs ``val/knn_acc`` after each validation.
+
+    Args:
+        bank_size / query_size: images used (fixed subsets: the first of the training / validation sets).
+        k, temperature: kNN parameters. pool: ``cls`` or ``mean`` (falls back to ``mean`` without a class token).
+        batch_size: feature extraction batch size.
+    """
+
+    def __init__(self, bank_size: int = 2000, query_size: int = 2000, k: int = 20, temperature: float = 0.07,
+                 pool: str = "cls", batch_size: int = 256) -> None:
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"knn pool must be 'cls' or 'mean', got {pool!r}")
+        self.bank_size, self.query_size, self.k, self.temperature = bank_size, query_size, k, temperature
+        self.pool, self.batch_size = pool, batch_size
+
+    @torch.no_grad()
+    def features(self, module, images: Tensor) -> Tensor:
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = module.transform(images[i : i + self.batch_size].to(module.device), train=False)
+            tokens = module.objective.tokens(module.net, module.transform.normalize(x))
+            n_prefix = int(getattr(module.net, "num_prefix_tokens", 1))
+            has_cls = getattr(module.net, "cls_token", None) is not None
+            pooled = tokens[:, 0] if (self.pool == "cls" and has_cls) else tokens[:, n_prefix:].mean(1)
+            out.append(pooled.float())
+        return torch.cat(out)
+
+    @staticmethod
+    def _images_labels(ds, n: int) -> tuple[Tensor, Tensor]:
+        if hasattr(ds, "images"):  # in-memory datasets: slice directly
+            return ds.images[:n], ds.labels[:n]
+        items = [ds[i] for i in range(min(n, len(ds)))]
+        return torch.stack([it["image"] for it in items]), torch.stack([torch.as_tensor(it["label"]) for it in items])
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module) -> None:
+        if trainer.sanity_checking:
+            return
+        dm = trainer.datamodule
+        if dm is None or getattr(dm, "val_set", None) is None:
+            return
+        qx, qy = self._images_labels(dm.val_set, self.query_size)
+        bank_labelled = getattr(dm, "train_set", None) is not None and getattr(dm, "labels", True)
+        if bank_labelled:
+            bx, by = self._images_labels(dm.train_set, self.bank_size)
+        else:
+            half = len(qy) // 2
+            bx, by, qx, qy = qx[:half], qy[:half], qx[half:], qy[half:]
+        was_training = module.training
+        module.eval()
+        try:
+            bank, queries = self.features(module, bx), self.features(module, qx)
+        finally:
+            module.train(was_training)
+        num_classes = int(max(by.max(), qy.max())) + 1
+        pred = knn_predict(bank, by.to(bank.device), queries, num_classes, self.k, self.temperature)
+        acc = (pred.cpu() == qy.cpu()).float().mean()
+        module.log("val/knn_acc", acc)
