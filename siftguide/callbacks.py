@@ -10,24 +10,28 @@ class TrainTimer(L.Callback):
     """Logs ``train/throughput`` (images per second over the last ``window`` steps) and ``train/elapsed_s``
     (cumulative training wall-clock, validation excluded, so runs compare on the time spent training).
 
-    No device synchronisation: on an accelerator, time between step ends over a window measures the
-    steady-state rate of the queue.
+    Time runs from one training batch's end to the next, so it covers data loading, the device pipeline in
+    ``on_after_batch_transfer`` (augmentation, SIFT), forward, backward and the optimizer step; the clock is
+    paused during validation. No device synchronisation: on an accelerator, time between step ends over a
+    window measures the steady-state rate of the queue.
     """
 
     def __init__(self, window: int = 10) -> None:
         self.window = window
         self.elapsed = 0.0
-        self._t = None
+        self._last: float | None = None
         self._images = 0
         self._win_t = 0.0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t = time.perf_counter()
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._t is None:
+        now = time.perf_counter()
+        if self._last is None:
+            self._last = now
             return
-        dt = time.perf_counter() - self._t
+        dt, self._last = now - self._last, now
         self.elapsed += dt
         self._win_t += dt
         self._images += int(batch["image"].shape[0])
@@ -41,6 +45,9 @@ class TrainTimer(L.Callback):
             # explicit x-axes for convergence curves: optimizer steps done and training seconds spent
             pl_module.log("val/step", float(trainer.global_step))
             pl_module.log("val/elapsed_s", self.elapsed)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._last = time.perf_counter()  # restart the clock: validation time is not training time
 
     def state_dict(self) -> dict:
         return {"elapsed": self.elapsed}

@@ -94,3 +94,23 @@ def test_train_py_command_line_with_wandb_offline(tmp_path):
     assert m["val/acc"].notna().any() and "train/guidance_loss" in m.columns
     assert list((out / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
     assert (out / ".hydra" / "config.yaml").is_file()
+
+
+def test_elapsed_time_includes_the_device_pipeline(tiny_cfg, monkeypatch):
+    """train/elapsed_s must count on_after_batch_transfer (where SIFT runs), not only the training step."""
+    import time as _time
+
+    from siftguide.module import PretrainModule
+
+    real = PretrainModule.on_after_batch_transfer
+
+    def slow(self, batch, idx):
+        if self.trainer.training:
+            _time.sleep(0.2)
+        return real(self, batch, idx)
+
+    monkeypatch.setattr(PretrainModule, "on_after_batch_transfer", slow)
+    cfg = tiny_cfg(["knn.enabled=false"], name="slow")
+    train(cfg)
+    m = metrics(Path(cfg.paths.output_dir))
+    assert m["train/elapsed_s"].max() >= 4 * 0.2
