@@ -39,6 +39,7 @@ def _wandb_group(cfg: DictConfig) -> None:
 def build(cfg: DictConfig) -> tuple[PretrainModule, L.LightningDataModule, L.Trainer]:
     """Instantiate module, data and trainer from a composed config (seeds first: same init for every run)."""
     L.seed_everything(cfg.seed, workers=True)
+    _wandb_group(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -59,7 +60,6 @@ def build(cfg: DictConfig) -> tuple[PretrainModule, L.LightningDataModule, L.Tra
         warmup_steps=cfg.scheduler.warmup_steps, min_lr_factor=cfg.scheduler.min_lr_factor,
         align_batches=cfg.align_batches, cache=cache, cache_dir=cache_dir, config=resolved,
     )
-    _wandb_group(cfg)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     for lg in loggers:
         if isinstance(lg, L.pytorch.loggers.WandbLogger):

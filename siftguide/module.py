@@ -126,6 +126,8 @@ class PretrainModule(L.LightningModule):
             self.log("train/guidance_loss", g, batch_size=bs)
             self.log("train/guidance_div", div, batch_size=bs)
             self.log("train/guidance_weight", self.guidance.current_weight(self.global_step), batch_size=bs)
+            if self.target.uses_keypoints and self.target.last_fallback is not None:
+                self.log("train/no_keypoint_frac", self.target.last_fallback, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         if "logits" in out:
             acc = (out["logits"].argmax(-1) == batch["label"]).float().mean()

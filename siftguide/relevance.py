@@ -171,8 +171,12 @@ class RelevanceTarget(torch.nn.Module):
         self.splat = splat
         self.sift = dict(sift or {})
         self.generator = torch.Generator().manual_seed(seed)  # CPU generator: shuffling draws no device sync
+        # fraction of images of the last batch without any keypoint (uniform fallback): a tensor, logged by the
+        # Lightning module as train/no_keypoint_frac, so fallbacks are counted without a host sync
+        self.last_fallback: Tensor | None = None
 
     def from_keypoints(self, kp: Keypoints, grid: tuple[int, int], patch_size: int | tuple[int, int]) -> Tensor:
+        self.last_fallback = (kp.valid.sum(1) == 0).float().mean()
         return relevance_from_keypoints(kp, grid, patch_size, self.mode, splat=self.splat, **self.norm)
 
     @property

@@ -75,8 +75,8 @@ def rgb_to_gray(images: Tensor) -> Tensor:
     """``(B, 3|1, H, W)`` -> ``(B, 1, H, W)`` with OpenCV's weights 0.299 R + 0.587 G + 0.114 B."""
     if images.shape[1] == 1:
         return images
-    w = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-    return (images * w).sum(dim=1, keepdim=True)
+    # Python scalars, not a weight tensor: no host -> device copy per call
+    return 0.299 * images[:, 0:1] + 0.587 * images[:, 1:2] + 0.114 * images[:, 2:3]
 
 
 def _reflect101_index(n: int, pad: int, device: torch.device) -> Tensor:
@@ -153,9 +153,15 @@ def _solve3(h: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 _OFFSETS = [(dl, dr, dc) for dl in (-1, 0, 1) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
 
 
+@functools.lru_cache(maxsize=16)
+def _offsets(device: str) -> Tensor:
+    """``(27, 3)`` neighbourhood offsets on ``device``, created once (no host -> device copy per call)."""
+    return torch.tensor(_OFFSETS, device=device)
+
+
 def _gather_cube(dog_flat: Tensor, layer: Tensor, r: Tensor, c: Tensor, h: int, w: int) -> Tensor:
     """Values of the 3x3x3 neighbourhoods around (layer, r, c): ``(B, K)`` indices -> ``(B, K, 3, 3, 3)``."""
-    off = torch.tensor(_OFFSETS, device=dog_flat.device)  # (27, 3)
+    off = _offsets(str(dog_flat.device))  # (27, 3)
     ll = layer.unsqueeze(-1) + off[:, 0]
     rr = r.unsqueeze(-1) + off[:, 1]
     cc = c.unsqueeze(-1) + off[:, 2]

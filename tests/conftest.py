@@ -13,26 +13,30 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = str(ROOT / "configs")
 
 # a few optimizer steps of a 2-block ViT on 32 px images: the real pipeline, small
+TINY_DATA = ["data.train_subset=256", "data.val_size=128", "data.batch_size=32"]
 TINY = [
     "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.img_size=32", "model.patch_size=8",
-    "data.train_subset=256", "data.val_size=128", "data.batch_size=32",
+    *TINY_DATA,
     "trainer.max_steps=4", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
     "scheduler.warmup_steps=1", "logger=csv",
 ]
 
 
-def compose_cfg(output_dir: Path, overrides: list[str] = ()):
+def compose_cfg(output_dir: Path, overrides: list[str] = (), fashion_mnist: bool = True):
+    """The real config, shrunk; ``fashion_mnist=False`` leaves out the Fashion-MNIST-only data overrides."""
+    tiny = TINY if fashion_mnist else [o for o in TINY if o not in TINY_DATA]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train.yaml", overrides=[*TINY, f"paths.output_dir={output_dir}", *overrides])
+        cfg = compose("train.yaml", overrides=[*tiny, f"paths.output_dir={output_dir}", *overrides])
     GlobalHydra.instance().clear()
     return cfg
 
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
-    return lambda overrides=(), name="run": compose_cfg(tmp_path / name, list(overrides))
+    return lambda overrides=(), name="run", fashion_mnist=True: compose_cfg(tmp_path / name, list(overrides),
+                                                                            fashion_mnist)
 
 
 @pytest.fixture(autouse=True)

@@ -103,3 +103,10 @@ def test_relevance_follows_detector_settings():
     assert not kp.valid.any()
     rel = patch_relevance(img, patch_size=16, contrast_threshold=10.0)
     torch.testing.assert_close(rel, torch.full((1, 4, 4), 1 / 16))
+
+
+def test_fallbacks_are_counted():
+    imgs = torch.cat([blob_image(32, center=(16.0, 16.0)), torch.full((3, 1, 32, 32), 0.5)])
+    target = RelevanceTarget("sift")
+    target(imgs, 8)
+    assert float(target.last_fallback) == 0.75  # 3 of 4 images have no keypoint

@@ -149,3 +149,30 @@ def test_detector_module_and_counts_helper():
     c = counts_from_keypoints(kp, (4, 4), 16)
     assert c.shape == (2, 4, 4) and "max_keypoints=16" in repr(det)
     assert math.isclose(float(c[0].sum()), float(kp.valid[0].sum()))
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+def test_cuda_matches_cpu():
+    x = photo_batch(64, crops_per_photo=1)[:8].float() / 255
+    a, b = detect_keypoints(x), detect_keypoints(x.cuda())
+    assert b.xy.is_cuda
+    strong = a.xy[a.valid & (a.response > 0.03)]
+    d = torch.cdist(strong, b.xy[b.valid].cpu()).min(dim=1).values
+    assert (d < 0.1).float().mean() > 0.95
+
+
+@CUDA
+def test_no_host_sync_in_the_hot_path():
+    from siftguide.relevance import RelevanceTarget
+
+    x = (photo_batch(64, crops_per_photo=1)[:8].float() / 255).cuda()
+    target = RelevanceTarget(sift=dict(max_keypoints=64))
+    target(x, 8)  # warm-up builds the cached blur matrices (a one-time host -> device copy)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        target(x, 8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

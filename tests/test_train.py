@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from tests.conftest import ROOT
 from train import train
@@ -114,3 +115,86 @@ def test_elapsed_time_includes_the_device_pipeline(tiny_cfg, monkeypatch):
     train(cfg)
     m = metrics(Path(cfg.paths.output_dir))
     assert m["train/elapsed_s"].max() >= 4 * 0.2
+
+
+def test_multirun_sweep_then_compare(tmp_path):
+    """`train.py -m` over two guidance weights: one run directory each (config + metrics), then compare."""
+    from siftguide.compare import main as compare_main
+    from tests.conftest import TINY
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in TINY if not o.startswith("logger")] + ["trainer.max_steps=3", "knn.enabled=false"]
+    proc = subprocess.run([sys.executable, "train.py", "-m", "guidance.weight=0,1", *overrides,
+                           f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p.parent for p in sweep.rglob("metrics.csv"))
+    assert len(runs) == 2 and all((r / "config.yaml").is_file() for r in runs)
+    assert [("train/guidance_loss" in metrics(r).columns) for r in runs] == [False, True]
+    # each job logged to wandb in a group named after the sweep directory
+    assert all(list((r / "wandb").glob("offline-run-*")) for r in runs)
+    groups = {yaml.safe_load((r / "config.yaml").read_text())["logger"]["wandb"]["group"] for r in runs}
+    assert groups == {"sweep"}
+    out = tmp_path / "cmp"
+    assert compare_main([str(sweep), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "table.csv")
+    assert list(table["group"]) == ["guidance.weight=0.0", "guidance.weight=1.0"]
+
+
+def test_optuna_search_config_runs_two_trials(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from tests.conftest import TINY
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    overrides = [o for o in TINY if not o.startswith("logger")] + [
+        "logger=csv", "trainer.max_steps=2", "knn.enabled=false", "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2"]
+    proc = subprocess.run([sys.executable, "train.py", "-m", "hparams_search=optuna", *overrides,
+                           f"hydra.sweep.dir={tmp_path / 'optuna'}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = yaml.safe_load((tmp_path / "optuna" / "optimization_results.yaml").read_text())
+    assert 0.0 <= best["best_value"] <= 1.0 and "guidance.weight" in best["best_params"]
+
+
+def test_mae_run_writes_knn_and_guidance(tiny_cfg):
+    cfg = tiny_cfg(["objective=mae", "objective.decoder_dim=32", "objective.decoder_depth=1",
+                    "objective.decoder_heads=2", "knn.bank_size=64", "knn.query_size=64"], name="mae")
+    train(cfg)
+    m = metrics(Path(cfg.paths.output_dir))
+    assert m["val/knn_acc"].notna().any() and m["train/guidance_loss"].notna().sum() == 4
+    assert m["val/acc"].notna().any() and m["train/mae_loss"].notna().sum() == 4
+
+
+def _png_folder(root: Path, labelled: bool, n: int = 24):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        cls = i % 2
+        d = root / (f"c{cls}" if labelled else "")
+        d.mkdir(parents=True, exist_ok=True)
+        img = (torch.rand(40, 40, generator=g) * 60).to(torch.uint8)
+        img[8 + 16 * cls : 24 + 16 * cls, 8:24] = 230  # class = where the bright square is
+        Image.fromarray(img.numpy()).save(d / f"img{i}.png")
+
+
+def test_unlabelled_image_folder_mae(tiny_cfg, tmp_path):
+    _png_folder(tmp_path / "imgs" / "train", labelled=False)
+    _png_folder(tmp_path / "imgs" / "val", labelled=True)
+    cfg = tiny_cfg(["data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.labels=false",
+                    "data.num_workers=0", "data.batch_size=8", "data.pin_memory=false", "num_classes=2",
+                    "model.in_chans=1", "data.in_chans=1", "objective=mae", "objective.decoder_dim=32",
+                    "objective.decoder_depth=1", "objective.decoder_heads=2", "knn.bank_size=8",
+                    "knn.query_size=24", "trainer.max_steps=3"], name="folder", fashion_mnist=False)
+    train(cfg)
+    m = metrics(Path(cfg.paths.output_dir))
+    assert m["val/knn_acc"].notna().any() and m["train/guidance_loss"].notna().sum() == 3
+
+
+def test_supervised_on_unlabelled_data_is_a_clear_error(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(["data=image_folder", f"data.root={tmp_path}", "data.labels=false"], name="bad",
+                   fashion_mnist=False)
+    with pytest.raises(ValueError, match="objective=mae"):
+        train(cfg)
