@@ -5,9 +5,11 @@ above run directories (a multirun sweep). Runs are grouped by the config values 
 (seed, paths and logging excluded), with seeds pooled. For each group:
 
 * final metric (mean and std over seeds);
-* steps-to-target and time-to-target: the first point where the validation curve reaches the target, linearly
-  interpolated between validations; time is the training wall-clock ``val/elapsed_s`` (validation excluded);
-  the group's value is the mean over seeds when every seed reached it (otherwise ``k/n reached``);
+* steps-to-target and time-to-target of the group's seed-averaged curve (mean metric and mean training
+  wall-clock ``val/elapsed_s`` at each validation step): the first point where it reaches the target, linearly
+  interpolated between validations. With the default target the baseline's mean curve reaches it at the latest
+  at its last validation. The spread is shown per seed: how many seeds reach the target on their own curve, and
+  the min..max of their steps-to-target;
 * ratios to the baseline group (guidance weight 0): < 1 means faster than the baseline.
 
 The target defaults to the baseline group's mean final value. Writes ``curves.png`` (metric against steps and
@@ -141,6 +143,16 @@ def reach(curve: pd.DataFrame, target: float, higher_is_better: bool = True) -> 
     return float(s[i - 1] + f * (s[i] - s[i - 1])), float(t[i - 1] + f * (t[i] - t[i - 1]))
 
 
+def mean_curve(runs: list[Run], metric: str) -> pd.DataFrame:
+    """Seed-averaged validation curve (``step``, ``time``, ``value``) on the validation steps all runs share."""
+    curves = [r.curve(metric).set_index("step") for r in runs]
+    steps = sorted(set.intersection(*(set(c.index) for c in curves)))
+    if not steps:
+        raise ValueError(f"runs {[str(r.path) for r in runs]} share no validation step for {metric}")
+    return pd.DataFrame({"step": steps, "time": [np.mean([c.loc[s, "time"] for c in curves]) for s in steps],
+                         "value": [np.mean([c.loc[s, "value"] for c in curves]) for s in steps]})
+
+
 def summarize(groups: dict[str, list[Run]], metric: str, target: float | None = None,
               higher_is_better: bool | None = None) -> tuple[pd.DataFrame, float | None, str | None, list[str]]:
     """Table of final metric, steps/time to target and ratios to the baseline.
@@ -164,23 +176,21 @@ def summarize(groups: dict[str, list[Run]], metric: str, target: float | None = 
             target = float(finals[base].mean())
     rows = []
     for g, rs in groups.items():
-        hits = [reach(r.curve(metric), target, higher_is_better) if target is not None else (math.nan, math.nan)
-                for r in rs]
-        steps = np.array([h[0] for h in hits])
-        times = np.array([h[1] for h in hits])
-        n_reached = int((~np.isnan(steps)).sum())
-        all_reached = n_reached == len(rs)
+        nan2 = (math.nan, math.nan)
+        step, time = reach(mean_curve(rs, metric), target, higher_is_better) if target is not None else nan2
+        seeds = np.array([reach(r.curve(metric), target, higher_is_better)[0] if target is not None else math.nan
+                          for r in rs])
+        hit = seeds[~np.isnan(seeds)]
         rows.append({
             "group": g, "seeds": len(rs), "final_mean": finals[g].mean(), "final_std": finals[g].std(ddof=0),
-            "reached": f"{n_reached}/{len(rs)}",
-            "steps_to_target": steps.mean() if all_reached else math.nan,
-            "steps_to_target_std": steps.std(ddof=0) if all_reached else math.nan,
-            "time_to_target_s": times.mean() if all_reached else math.nan,
-            "time_to_target_std": times.std(ddof=0) if all_reached else math.nan,
+            "steps_to_target": step, "time_to_target_s": time,
+            "seeds_reached": f"{len(hit)}/{len(rs)}",
+            "seed_steps_min": hit.min() if len(hit) else math.nan,
+            "seed_steps_max": hit.max() if len(hit) else math.nan,
             "total_time_s": float(np.mean([r.curve(metric)["time"].iloc[-1] for r in rs])),
         })
-        if target is not None and not all_reached:
-            notes.append(f"'{g}': {len(rs) - n_reached} of {len(rs)} seeds never reach the target {target:.4f}")
+        if target is not None and math.isnan(step):
+            notes.append(f"'{g}': its mean curve never reaches the target {target:.4f}")
     table = pd.DataFrame(rows)
     if base is not None:
         b = table.set_index("group").loc[base]
@@ -194,19 +204,22 @@ def to_markdown(table: pd.DataFrame, metric: str, target: float | None, base: st
     head = (f"metric `{metric}`, target {target:.4f}" if target is not None else f"metric `{metric}`, no target") \
         + (f", baseline `{base}`" if base else ", no baseline")
 
-    def pm(m, s, fmt):
-        return "not reached" if math.isnan(m) else (fmt.format(m) + " ± " + fmt.format(s))
+    lines = [head, "", "| group | seeds | final (mean ± std) | steps to target (mean curve) | time to target (s) "
+             "| steps ratio | time ratio | seeds reaching target (steps min..max) |",
+             "|---|---|---|---|---|---|---|---|"]
 
-    lines = [head, "", "| group | seeds | final (mean ± std) | reached | steps to target | time to target (s) "
-             "| steps ratio | time ratio |", "|---|---|---|---|---|---|---|---|"]
+    def num(v, fmt):
+        return "not reached" if math.isnan(v) else fmt.format(v)
+
     for _, r in table.iterrows():
         sr = r.get("steps_ratio", math.nan)
         tr = r.get("time_ratio", math.nan)
+        spread = r["seeds_reached"] + ("" if math.isnan(r["seed_steps_min"]) else
+                                       f" ({r['seed_steps_min']:.0f}..{r['seed_steps_max']:.0f})")
         lines.append(
-            f"| {r['group']} | {r['seeds']} | {r['final_mean']:.4f} ± {r['final_std']:.4f} | {r['reached']} | "
-            f"{pm(r['steps_to_target'], r['steps_to_target_std'], '{:.0f}')} | "
-            f"{pm(r['time_to_target_s'], r['time_to_target_std'], '{:.1f}')} | "
-            f"{'—' if math.isnan(sr) else f'{sr:.2f}'} | {'—' if math.isnan(tr) else f'{tr:.2f}'} |")
+            f"| {r['group']} | {r['seeds']} | {r['final_mean']:.4f} ± {r['final_std']:.4f} | "
+            f"{num(r['steps_to_target'], '{:.0f}')} | {num(r['time_to_target_s'], '{:.1f}')} | "
+            f"{'—' if math.isnan(sr) else f'{sr:.2f}'} | {'—' if math.isnan(tr) else f'{tr:.2f}'} | {spread} |")
     return "\n".join(lines) + "\n"
 
 
