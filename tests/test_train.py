@@ -139,7 +139,7 @@ def test_multirun_sweep_then_compare(tmp_path):
     out = tmp_path / "cmp"
     assert compare_main([str(sweep), "--out", str(out)]) == 0
     table = pd.read_csv(out / "table.csv")
-    assert list(table["group"]) == ["guidance.weight=0.0", "guidance.weight=1.0"]
+    assert list(table["group"]) == ["guidance.weight=0", "guidance.weight=1"]
 
 
 def test_optuna_search_config_runs_two_trials(tmp_path):
@@ -147,8 +147,9 @@ def test_optuna_search_config_runs_two_trials(tmp_path):
     from tests.conftest import TINY
 
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    overrides = [o for o in TINY if not o.startswith("logger")] + [
-        "logger=csv", "trainer.max_steps=2", "knn.enabled=false", "hydra.sweeper.n_trials=2",
+    # 4 blocks: the search space guides up to layer -3
+    overrides = [o for o in TINY if not o.startswith(("logger", "model.depth"))] + [
+        "model.depth=4", "logger=csv", "trainer.max_steps=2", "knn.enabled=false", "hydra.sweeper.n_trials=2",
         "hydra.sweeper.sampler.n_startup_trials=2"]
     proc = subprocess.run([sys.executable, "train.py", "-m", "hparams_search=optuna", *overrides,
                            f"hydra.sweep.dir={tmp_path / 'optuna'}"], cwd=ROOT, env=env, capture_output=True,
