@@ -339,8 +339,9 @@ def detect_keypoints(
 
         outs = []
         g = base
+        gauss: list[Tensor] = []
         for o in range(max(n_octaves, 1)):
-            if o > 0:
+            if o > 0:  # next octave: layer n_octave_layers of the previous one, every second pixel
                 g = gauss[n_octave_layers][..., ::2, ::2]
             if min(g.shape[-2:]) <= 2 * _BORDER:
                 break  # no sample left away from the border, nor in any smaller octave

@@ -20,7 +20,7 @@ def metrics(run_dir: Path) -> pd.DataFrame:
 def test_guided_and_baseline_runs(tiny_cfg):
     g_cfg = tiny_cfg(name="guided")
     b_cfg = tiny_cfg(["guidance=none"], name="baseline")
-    g, b = train(g_cfg), train(b_cfg)
+    g, _ = train(g_cfg), train(b_cfg)
     gm, bm = metrics(Path(g_cfg.paths.output_dir)), metrics(Path(b_cfg.paths.output_dir))
     for m in (gm, bm):
         assert m["val/acc"].notna().any() and m["train/task_loss"].notna().sum() == 4

@@ -15,8 +15,6 @@ labelled batches, trained alongside; it cannot change the encoder. ``val/acc`` i
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
