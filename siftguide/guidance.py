@@ -191,13 +191,20 @@ class SiftGuidance:
 
         Without ``step`` an internal counter is used and advanced by one.
         """
+        return self.terms(relevance, step, ids_keep)[0]
+
+    def terms(self, relevance: Tensor, step: int | None = None,
+              ids_keep: Tensor | None = None) -> tuple[Tensor, Tensor | None, float]:
+        """``(loss, divergence, weight)``: what :meth:`loss` returns plus the unweighted divergence and the
+        scheduled weight, for logging. Inactive guidance gives ``(0, None, 0.0)`` and captures nothing."""
         w = self.current_weight(step)
         if step is None:
             self.step += 1
         if not self.active:
-            return relevance.new_zeros(())
+            return relevance.new_zeros(()), None, 0.0
         try:
-            return w * self.divergence_value(relevance, ids_keep)
+            div = self.divergence_value(relevance, ids_keep)
+            return w * div, div, w
         finally:
             self.clear()
 

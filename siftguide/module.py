@@ -40,6 +40,10 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float = 0.0) 
     return f
 
 
+def _accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    return (logits.argmax(-1) == labels).float().mean()
+
+
 class PretrainModule(L.LightningModule):
     """Pre-train a timm ViT with an objective and optional SIFT guidance.
 
@@ -119,19 +123,16 @@ class PretrainModule(L.LightningModule):
             self.log(f"train/{k}", v, batch_size=bs)
         loss = task
         if self.guidance.active:
-            div = self.guidance.divergence_value(batch["relevance"], out.get("ids_keep"))
-            g = self.guidance.current_weight(self.global_step) * div
-            self.guidance.clear()
+            g, div, w = self.guidance.terms(batch["relevance"], self.global_step, out.get("ids_keep"))
             loss = task + g
             self.log("train/guidance_loss", g, batch_size=bs)
             self.log("train/guidance_div", div, batch_size=bs)
-            self.log("train/guidance_weight", self.guidance.current_weight(self.global_step), batch_size=bs)
+            self.log("train/guidance_weight", w, batch_size=bs)
             if self.target.uses_keypoints and self.target.last_fallback is not None:
                 self.log("train/no_keypoint_frac", self.target.last_fallback, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         if "logits" in out:
-            acc = (out["logits"].argmax(-1) == batch["label"]).float().mean()
-            self.log("train/acc", acc, prog_bar=True, batch_size=bs)
+            self.log("train/acc", _accuracy(out["logits"], batch["label"]), prog_bar=True, batch_size=bs)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -148,15 +149,13 @@ class PretrainModule(L.LightningModule):
         for k, v in out.get("extra", {}).items():
             self.log(f"val/{k}", v, batch_size=bs)
         if "logits" in out:
-            acc = (out["logits"].argmax(-1) == batch["label"]).float().mean()
-            self.log("val/acc", acc, prog_bar=True, batch_size=bs)
+            self.log("val/acc", _accuracy(out["logits"], batch["label"]), prog_bar=True, batch_size=bs)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         images = self.transform.normalize(batch["image"])
         out = self.objective(self.net, images, batch)
         if "logits" in out:
-            acc = (out["logits"].argmax(-1) == batch["label"]).float().mean()
-            self.log("test/acc", acc, batch_size=images.shape[0])
+            self.log("test/acc", _accuracy(out["logits"], batch["label"]), batch_size=images.shape[0])
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
