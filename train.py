@@ -36,6 +36,24 @@ def _wandb_group(cfg: DictConfig) -> None:
             cfg.logger.wandb.group = Path(hc.sweep.dir).name
 
 
+def build_module(cfg: DictConfig, config: dict | None = None) -> PretrainModule:
+    """The LightningModule of a composed config (also used by bench/throughput.py)."""
+    guidance = OmegaConf.to_container(cfg.guidance, resolve=True)
+    guidance.pop("target")  # built below as its own module
+    cache, cache_dir = guidance.pop("cache"), guidance.pop("cache_dir")
+    net = instantiate(cfg.model)  # first: the same seed gives the same init whatever else is configured
+    objective = instantiate(cfg.objective)
+    if getattr(objective, "needs_labels", False) and not cfg.data.get("labels", True):
+        raise ValueError("objective=supervised needs labels but data.labels=false: use objective=mae for "
+                         "unlabelled pre-training (evaluated by the online probe and kNN on the labelled val set)")
+    return PretrainModule(
+        net=net, objective=objective, transform=instantiate(cfg.transform),
+        guidance=guidance, target=instantiate(cfg.guidance.target), optimizer=instantiate(cfg.optimizer),
+        warmup_steps=cfg.scheduler.warmup_steps, min_lr_factor=cfg.scheduler.min_lr_factor,
+        align_batches=cfg.align_batches, cache=cache, cache_dir=cache_dir, config=config,
+    )
+
+
 def build(cfg: DictConfig) -> tuple[PretrainModule, L.LightningDataModule, L.Trainer]:
     """Instantiate module, data and trainer from a composed config (seeds first: same init for every run)."""
     L.seed_everything(cfg.seed, workers=True)
@@ -46,20 +64,7 @@ def build(cfg: DictConfig) -> tuple[PretrainModule, L.LightningDataModule, L.Tra
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
 
     datamodule = instantiate(cfg.data)
-    net = instantiate(cfg.model)
-    objective = instantiate(cfg.objective)
-    if getattr(objective, "needs_labels", False) and not cfg.data.get("labels", True):
-        raise ValueError("objective=supervised needs labels but data.labels=false: use objective=mae for "
-                         "unlabelled pre-training (evaluated by the online probe and kNN on the labelled val set)")
-    guidance = OmegaConf.to_container(cfg.guidance, resolve=True)
-    guidance.pop("target")
-    cache, cache_dir = guidance.pop("cache"), guidance.pop("cache_dir")
-    module = PretrainModule(
-        net=net, objective=objective, transform=instantiate(cfg.transform), guidance=guidance,
-        target=instantiate(cfg.guidance.target), optimizer=instantiate(cfg.optimizer),
-        warmup_steps=cfg.scheduler.warmup_steps, min_lr_factor=cfg.scheduler.min_lr_factor,
-        align_batches=cfg.align_batches, cache=cache, cache_dir=cache_dir, config=resolved,
-    )
+    module = build_module(cfg, config=resolved)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     for lg in loggers:
         if isinstance(lg, L.pytorch.loggers.WandbLogger):

@@ -24,21 +24,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_module(overrides: list[str], device: torch.device):
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from siftguide.module import PretrainModule
+    from train import build_module
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train.yaml", overrides=["paths.output_dir=/tmp/siftguide-bench", "logger=csv", *overrides])
     torch.manual_seed(0)
-    g = OmegaConf.to_container(cfg.guidance, resolve=True)
-    g.pop("target")
-    cache, cache_dir = g.pop("cache"), g.pop("cache_dir")
-    m = PretrainModule(instantiate(cfg.model), instantiate(cfg.objective), instantiate(cfg.transform), g,
-                       instantiate(cfg.guidance.target), instantiate(cfg.optimizer), cache=cache,
-                       cache_dir=cache_dir).to(device)
-    return cfg, m
+    return cfg, build_module(cfg).to(device)
 
 
 def main() -> None:
