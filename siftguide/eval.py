@@ -57,12 +57,12 @@ class KNNEvaluator(L.Callback):
 
     @torch.no_grad()
     def features(self, module, images: Tensor) -> Tensor:
+        n_prefix = int(getattr(module.net, "num_prefix_tokens", 1))
+        has_cls = getattr(module.net, "cls_token", None) is not None
         out = []
         for i in range(0, len(images), self.batch_size):
             x = module.transform(images[i : i + self.batch_size].to(module.device), train=False)
             tokens = module.objective.tokens(module.net, module.transform.normalize(x))
-            n_prefix = int(getattr(module.net, "num_prefix_tokens", 1))
-            has_cls = getattr(module.net, "cls_token", None) is not None
             pooled = tokens[:, 0] if (self.pool == "cls" and has_cls) else tokens[:, n_prefix:].mean(1)
             out.append(pooled.float())
         return torch.cat(out)

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from .sift import Keypoints, _check_images, counts_from_keypoints, detect_keypoints
+from .sift import Keypoints, _check_images, counts_from_keypoints, detect_keypoints, gaussian_blur, rgb_to_gray
 
 __all__ = ["MODES", "patch_relevance", "relevance_from_keypoints", "normalize_relevance", "shuffle_relevance",
            "uniform_relevance", "gradient_relevance"]
@@ -64,8 +64,6 @@ def normalize_relevance(mass: Tensor, temperature: float = 1.0, smoothing: float
     if temperature != 1.0:
         m = m.pow(1.0 / temperature)
     if smoothing > 0:
-        from .sift import gaussian_blur
-
         m = gaussian_blur(m.unsqueeze(1), smoothing).squeeze(1).clamp_min(0)
     b, gh, gw = m.shape
     total = m.flatten(1).sum(1).view(b, 1, 1)
@@ -141,8 +139,6 @@ def gradient_relevance(images: Tensor, patch_size: int | tuple[int, int], temper
 
     _check_images(images)
     ph, pw = _pair(patch_size)
-    from .sift import rgb_to_gray
-
     g = kornia.filters.spatial_gradient(rgb_to_gray(images.float()), mode="sobel")  # (B, 1, 2, H, W)
     mag = g.pow(2).sum(2).sqrt()  # no eps floor: flat regions get exactly no mass
     mass = torch.nn.functional.avg_pool2d(mag, (ph, pw)).squeeze(1)

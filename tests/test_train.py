@@ -35,21 +35,22 @@ def test_guided_and_baseline_runs(tiny_cfg):
     assert 0.0 <= g["val/acc"] <= 1.0
 
 
+def task_losses(tiny_cfg, overrides: list[str], name: str):
+    """Train a tiny config and return its per-step train/task_loss values."""
+    cfg = tiny_cfg(overrides, name=name)
+    train(cfg)
+    return metrics(Path(cfg.paths.output_dir))["train/task_loss"].dropna().to_numpy()
+
+
 def test_weight_zero_reproduces_the_baseline_exactly(tiny_cfg):
-    zero = tiny_cfg(["guidance.weight=0"], name="zero")
-    base = tiny_cfg(["guidance=none"], name="base")
-    train(zero), train(base)
-    a = metrics(Path(zero.paths.output_dir))["train/task_loss"].dropna().to_numpy()
-    b = metrics(Path(base.paths.output_dir))["train/task_loss"].dropna().to_numpy()
+    a = task_losses(tiny_cfg, ["guidance.weight=0"], "zero")
+    b = task_losses(tiny_cfg, ["guidance=none"], "base")
     assert len(a) == 4 and (a == b).all()
 
 
 def test_guidance_changes_training(tiny_cfg):
-    g = tiny_cfg(["guidance.weight=1"], name="g")
-    b = tiny_cfg(["guidance=none"], name="b")
-    train(g), train(b)
-    a = metrics(Path(g.paths.output_dir))["train/task_loss"].dropna().to_numpy()
-    c = metrics(Path(b.paths.output_dir))["train/task_loss"].dropna().to_numpy()
+    a = task_losses(tiny_cfg, ["guidance.weight=1"], "g")
+    c = task_losses(tiny_cfg, ["guidance=none"], "b")
     assert a[0] == c[0]  # same init and first batch
     assert (a[1:] != c[1:]).any()  # the guidance gradient changed the weights
 
