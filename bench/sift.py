@@ -1,11 +1,12 @@
 """SIFT keypoint detection: speed and agreement with OpenCV, measured in one run.
 
-    python bench/sift.py [--sizes 64 128 224] [--batch 32] [--device cpu|cuda] [--repeats 3]
+    python bench/sift.py [--sizes 64 128 224] [--batch 32] [--device cpu|cuda] [--repeats 3] [--compile]
 
 Images: the real photos bundled with scikit-image (20 photos x 2 crops, grey, area-resized), plus Fashion-MNIST
 test images bilinearly upsampled when the data is available. For each size it prints images/s of
 
-* siftguide ``detect_keypoints`` (batched, on ``--device``),
+* siftguide ``detect_keypoints`` (batched, on ``--device``), and with ``--compile`` its ``torch.compile`` version
+  (compile time printed separately, not in images/s),
 * kornia's ``SIFTFeature`` detector called per image (it accepts batch size 1 only),
 * OpenCV ``SIFT.detect`` per image on CPU,
 
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from siftguide.sift import Keypoints, detect_keypoints
+from siftguide.sift import Keypoints, compiled_detect_keypoints, detect_keypoints
 from siftguide.testing import agreement, opencv_keypoints, photo_batch
 
 
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kornia-images", type=int, default=8, help="images timed in kornia's per-image loop")
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd detector")
     args = ap.parse_args()
     dev = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
@@ -90,8 +92,15 @@ def main() -> None:
             xb = xb.repeat((args.batch + len(xb) - 1) // len(xb), 1, 1, 1)[: args.batch]
         max_kp = 1024 if size > 128 else 512
         t_ours = timeit(lambda: detect_keypoints(xb, max_keypoints=max_kp), args.repeats, sync) / len(xb)
+        if args.compile:
+            fast = compiled_detect_keypoints()
+            t0 = time.perf_counter()
+            fast(xb, max_keypoints=max_kp)
+            sync()
+            t_compile = time.perf_counter() - t0
+            t_comp = timeit(lambda: fast(xb, max_keypoints=max_kp), args.repeats, sync) / len(xb)
         xk = photos[: args.kornia_images].float().div(255).to(dev)
-        t_kornia = timeit(lambda: kornia_keypoints(xk, [64] * len(xk)), 1, sync) / len(xk)
+        t_kornia = timeit(lambda: kornia_keypoints(xk, [64] * len(xk)), args.repeats, sync) / len(xk)
         u8 = photos.numpy()
         import cv2
 
@@ -99,9 +108,13 @@ def main() -> None:
         t_cv = timeit(lambda: [sift.detect(im[0], None) for im in u8], args.repeats, lambda: None) / len(u8)
         print(f"\n== {size} px (patch {patch}) ==")
         print(f"images/s  siftguide ({dev}, batch {len(xb)}): {1 / t_ours:9.1f}")
+        if args.compile:
+            print(f"images/s  siftguide compiled:                 {1 / t_comp:9.1f}   (compiled in {t_compile:.0f} s)")
         print(f"images/s  kornia SIFTFeature detector loop:   {1 / t_kornia:9.1f}")
         print(f"images/s  OpenCV SIFT.detect (CPU):           {1 / t_cv:9.1f}")
         print(f"speed ratio siftguide / kornia loop: {t_kornia / t_ours:6.1f}x   siftguide / OpenCV: {t_cv / t_ours:5.2f}x")
+        if args.compile:
+            print(f"speed ratio compiled / kornia loop:  {t_kornia / t_comp:6.1f}x   compiled / OpenCV:  {t_cv / t_comp:5.2f}x")
         for name, imgs in sets.items():
             ref = opencv_keypoints(imgs)
             ours = detect_keypoints(imgs.float().div(255).to(dev), max_keypoints=max_kp)
@@ -112,9 +125,9 @@ def main() -> None:
                   f"siftguide rho {a['rho']:.3f} recall@2px {a['recall']:.3f} ({a['n_ours']:.0f} kp/img) | "
                   f"kornia rho {k['rho']:.3f} recall@2px {k['recall']:.3f}")
             rows.append((size, name, a["rho"], a["recall"], k["rho"], k["recall"], t_kornia / t_ours, 1 / t_ours,
-                         1 / t_cv))
+                         1 / t_cv) + ((t_kornia / t_comp, 1 / t_comp) if args.compile else ()))
     print("\nsummary (size, images, siftguide rho, recall, kornia rho, recall, speed vs kornia loop, "
-          "siftguide img/s, OpenCV img/s)")
+          "siftguide img/s, OpenCV img/s" + (", compiled vs kornia loop, compiled img/s)" if args.compile else ")"))
     for r in rows:
         print("  " + ", ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r))
     if any(r[2] < 0.80 for r in rows):

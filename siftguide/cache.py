@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["KeypointCache", "transform_keypoints"]
 
+_VERSION = 2  # part of the on-disk key: bump whenever the detector's output changes (2: adaptive candidates)
+
 
 def transform_keypoints(kp: Keypoints, matrix: Tensor | None, size: tuple[int, int]) -> Keypoints:
     """Map keypoints through homogeneous ``(B, 3, 3)`` pixel transforms; drop those outside ``size = (H, W)``."""
@@ -115,6 +117,6 @@ class KeypointCache:
     def key(images: Tensor, sift: dict, image_size: tuple[int, int]) -> str:
         h = hashlib.sha1()
         h.update(images.contiguous().cpu().numpy().tobytes())
-        h.update(json.dumps({"sift": sift, "size": list(image_size), "shape": list(images.shape), "v": 1},
+        h.update(json.dumps({"sift": sift, "size": list(image_size), "shape": list(images.shape), "v": _VERSION},
                             sort_keys=True).encode())
         return h.hexdigest()[:16]

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from .sift import Keypoints, _check_images, counts_from_keypoints, detect_keypoints, gaussian_blur, rgb_to_gray
+from .sift import Keypoints, _check_images, counts_from_keypoints, detect_keypoints, detector, gaussian_blur, rgb_to_gray
 
 __all__ = ["MODES", "patch_relevance", "relevance_from_keypoints", "normalize_relevance", "shuffle_relevance",
            "uniform_relevance", "gradient_relevance"]
@@ -156,7 +156,8 @@ class RelevanceTarget(torch.nn.Module):
     """
 
     def __init__(self, kind: str = "sift", mode: str = "count", temperature: float = 1.0, smoothing: float = 0.0,
-                 uniform_mix: float = 0.0, splat: float = 1.0, sift: dict | None = None, seed: int = 0) -> None:
+                 uniform_mix: float = 0.0, splat: float = 1.0, sift: dict | None = None, seed: int = 0,
+                 compile: bool = False) -> None:
         super().__init__()
         if kind not in TARGETS:
             raise ValueError(f"unknown guidance target {kind!r}; expected one of {TARGETS}")
@@ -166,6 +167,7 @@ class RelevanceTarget(torch.nn.Module):
         self.norm = dict(temperature=temperature, smoothing=smoothing, uniform_mix=uniform_mix)
         self.splat = splat
         self.sift = dict(sift or {})
+        self.compile = compile  # torch.compile the detector (siftguide.sift.compiled_detect_keypoints)
         self.generator = torch.Generator().manual_seed(seed)  # CPU generator: shuffling draws no device sync
         # fraction of images of the last batch without any keypoint (uniform fallback): a tensor, logged by the
         # Lightning module as train/no_keypoint_frac, so fallbacks are counted without a host sync
@@ -199,7 +201,7 @@ class RelevanceTarget(torch.nn.Module):
         """SIFT relevance with this target's settings, whatever its ``kind`` (used to measure alignment)."""
         ph, pw = _pair(patch_size)
         grid = (images.shape[-2] // ph, images.shape[-1] // pw)
-        kp = keypoints if keypoints is not None else detect_keypoints(images, **self.sift)
+        kp = keypoints if keypoints is not None else detector(self.compile)(images, **self.sift)
         return self.from_keypoints(kp, grid, (ph, pw))
 
     def extra_repr(self) -> str:
