@@ -1,10 +1,11 @@
 """Training throughput and memory of guided vs baseline steps at the default config, measured in one run.
 
-    python bench/throughput.py [--steps 20] [--device cpu|cuda] [overrides ...]
+    python bench/throughput.py [--steps 20] [--device cpu|cuda] [--compile] [overrides ...]
 
 Builds the real objects from the composed Hydra config (``configs/train.yaml`` + overrides) and runs optimizer
 steps by hand (device pipeline, relevance, forward, backward, AdamW step), interleaving the variants
-baseline / guided on the fly / guided with the keypoint cache so that machine drift hits all alike. Prints the
+baseline / guided on the fly / guided with the keypoint cache (/ guided on the fly with the ``torch.compile``'d
+detector, ``--compile``; compiled during the warm-up steps) so that machine drift hits all alike. Prints the
 median step time, images/s, the guided/baseline throughput ratios, and memory: bytes of tensors saved for
 backward (the activation memory, exact on any device) and, on CUDA, the peak allocated memory.
 """
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compile", action="store_true", help="add guided on the fly with the compiled detector")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every variant")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -49,6 +51,8 @@ def main() -> None:
         "guided": ["guidance=sift"],
         "guided+cache": ["guidance=sift", "guidance.cache=true"],
     }
+    if args.compile:
+        variants["guided+compile"] = ["guidance=sift", "guidance.target.compile=true"]
     built = {k: make_module(args.overrides + v, dev) for k, v in variants.items()}
     cfg = built["baseline"][0]
     from hydra.utils import instantiate
@@ -113,6 +117,8 @@ def main() -> None:
         print(line)
     print(f"throughput ratio guided/baseline (on the fly): {med['baseline'] / med['guided']:.3f}")
     print(f"throughput ratio guided/baseline (cached):     {med['baseline'] / med['guided+cache']:.3f}")
+    if args.compile:
+        print(f"throughput ratio guided/baseline (compiled):   {med['baseline'] / med['guided+compile']:.3f}")
     print(f"activation memory ratio guided/baseline:       {saved['guided'] / saved['baseline']:.3f}")
     if dev.type == "cuda":
         print(f"peak memory ratio guided/baseline (on the fly):  {peak['guided'] / peak['baseline']:.3f}")

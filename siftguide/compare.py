@@ -98,13 +98,17 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-    """Group runs by the config values that differ between them (ignoring seeds, paths, logging)."""
+    """Group runs by the config values that differ between them (ignoring seeds, paths, logging).
+
+    A key that only some runs have (an option added after older runs were made) differs only if the runs that
+    have it disagree: runs made before the option existed are grouped with runs that use its default.
+    """
     keys = sorted({k for r in runs for k in r.config})
     varying = []
     for k in keys:
         if k.startswith(IGNORED_PREFIXES):
             continue
-        values = {repr(r.config.get(k)) for r in runs}
+        values = {repr(r.config[k]) for r in runs if k in r.config}
         if len(values) > 1:
             varying.append(k)
     groups: dict[str, list[Run]] = {}
@@ -154,18 +158,26 @@ def mean_curve(runs: list[Run], metric: str) -> pd.DataFrame:
 
 
 def summarize(groups: dict[str, list[Run]], metric: str, target: float | None = None,
-              higher_is_better: bool | None = None) -> tuple[pd.DataFrame, float | None, str | None, list[str]]:
+              higher_is_better: bool | None = None,
+              baseline: str | None = None) -> tuple[pd.DataFrame, float | None, str | None, list[str]]:
     """Table of final metric, steps/time to target and ratios to the baseline.
 
-    Returns (table, target used, baseline group label or None, notes).
+    ``baseline``: text that picks one of several guidance-weight-0 groups by its label (e.g.
+    ``trainer.max_steps=500``). Returns (table, target used, baseline group label or None, notes).
     """
     if higher_is_better is None:
         higher_is_better = "loss" not in metric and "div" not in metric
     notes = []
     baselines = [g for g, rs in groups.items() if all(is_baseline(r) for r in rs)]
+    if baseline is not None:
+        chosen = [g for g in baselines if baseline in g]
+        if len(chosen) != 1:
+            raise ValueError(f"--baseline {baseline!r} must match exactly one guidance-weight-0 group, matched "
+                             f"{len(chosen)}; the weight-0 groups are {baselines}")
+        baselines = chosen
     base = baselines[0] if baselines else None
     if len(baselines) > 1:
-        notes.append(f"several groups have guidance weight 0; using '{base}' as the baseline")
+        notes.append(f"several groups have guidance weight 0; using '{base}' as the baseline (choose with --baseline)")
     if base is None:
         notes.append("no baseline group (guidance.weight=0 / guidance=none) among the runs: ratios are not computed")
     finals = {g: np.array([r.curve(metric)["value"].iloc[-1] for r in rs]) for g, rs in groups.items()}
@@ -259,12 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metric", default="val/acc")
     ap.add_argument("--target", type=float, default=None, help="default: the baseline's mean final value")
     ap.add_argument("--lower-is-better", action="store_true", help="for loss-like metrics (auto for '*loss*')")
+    ap.add_argument("--baseline", default=None,
+                    help="text in the label of the baseline group, when several groups have guidance weight 0")
     ap.add_argument("--out", default="compare_out")
     args = ap.parse_args(argv)
     runs = load_runs(args.runs)
     groups = group_runs(runs)
     hib = False if args.lower_is_better else None
-    table, target, base, notes = summarize(groups, args.metric, args.target, hib)
+    try:
+        table, target, base, notes = summarize(groups, args.metric, args.target, hib, args.baseline)
+    except ValueError as e:
+        ap.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(table, args.metric, target, base)

@@ -17,7 +17,9 @@ so it can run inside ``on_after_batch_transfer`` on an accelerator. The detector
 OpenCV then assigns orientations, duplicating a keypoint for each strong orientation peak; a detector has
 no use for those copies, so compare against OpenCV keypoints de-duplicated by location.
 
-Output is fixed-size and padded (``Keypoints.valid`` marks real keypoints), sorted by response.
+Output is fixed-size and padded (``Keypoints.valid`` marks real keypoints), sorted by response. Fixed sizes
+need a budget: each octave refines its strongest ``candidate_density`` (1 %) of pixels, more than the extrema
+OpenCV finds on natural photos and Fashion-MNIST (measured: at most ~0.8 % in the large octaves).
 """
 from __future__ import annotations
 

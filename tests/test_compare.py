@@ -8,7 +8,8 @@ import yaml
 from siftguide.compare import group_runs, load_runs, main, reach, summarize
 
 
-def make_run(root, name, weight, seed, values, steps=(100, 200, 300, 400), sec_per_step=0.5, kind="sift"):
+def make_run(root, name, weight, seed, values, steps=(100, 200, 300, 400), sec_per_step=0.5, kind="sift",
+             max_steps=400):
     d = root / name
     d.mkdir(parents=True)
     rows = []
@@ -17,7 +18,7 @@ def make_run(root, name, weight, seed, values, steps=(100, 200, 300, 400), sec_p
         rows.append({"step": s, "val/acc": v, "val/step": s, "val/elapsed_s": s * sec_per_step})
     pd.DataFrame(rows).to_csv(d / "metrics.csv", index=False)
     cfg = {"seed": seed, "guidance": {"weight": weight, "target": {"kind": kind, "seed": seed}},
-           "paths": {"output_dir": str(d)}, "trainer": {"max_steps": 400}}
+           "paths": {"output_dir": str(d)}, "trainer": {"max_steps": max_steps}}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     return d
 
@@ -90,6 +91,39 @@ def test_controls_form_their_own_groups(tmp_path):
     make_run(tmp_path, "u0", 0.3, 0, [0.5, 0.6, 0.7, 0.8], kind="shuffled")
     labels = list(group_runs(load_runs([tmp_path])))
     assert len(labels) == 3 and any("kind=shuffled" in lab for lab in labels)
+
+
+def test_baseline_chosen_among_several_weight_0_groups(tmp_path):
+    # a shorter training budget forms its own groups; --baseline picks the long baseline as the reference
+    make_run(tmp_path, "b400", 0.0, 0, [0.5, 0.6, 0.7, 0.8])
+    make_run(tmp_path, "b300", 0.0, 0, [0.5, 0.6, 0.75], steps=(100, 200, 300), max_steps=300)
+    make_run(tmp_path, "g300", 1.0, 0, [0.55, 0.7, 0.8], steps=(100, 200, 300), max_steps=300)
+    groups = group_runs(load_runs([tmp_path]))
+    _, target, base, notes = summarize(groups, "val/acc")
+    assert any("several groups" in n for n in notes)
+    table, target, base, notes = summarize(groups, "val/acc", baseline="max_steps=400")
+    assert base == "guidance.weight=0.0, trainer.max_steps=400" and target == pytest.approx(0.8)
+    assert len(notes) == 1 and "max_steps=300': its mean curve never reaches" in notes[0]
+    t = table.set_index("group")
+    assert t.loc["guidance.weight=1.0, trainer.max_steps=300", "steps_ratio"] == pytest.approx(300 / 400)
+    assert math.isnan(t.loc["guidance.weight=0.0, trainer.max_steps=300", "steps_to_target"])
+    with pytest.raises(ValueError, match="exactly one"):
+        summarize(groups, "val/acc", baseline="max_steps")
+
+
+def test_option_missing_from_older_runs_does_not_split_groups(tmp_path):
+    old = make_run(tmp_path, "b0", 0.0, 0, [0.5, 0.6, 0.7, 0.8])
+    new = make_run(tmp_path, "b1", 0.0, 1, [0.5, 0.6, 0.7, 0.8])
+    cfg = yaml.safe_load((new / "config.yaml").read_text())
+    cfg["guidance"]["target"]["compile"] = False  # an option the older run's config does not have
+    (new / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert list(group_runs(load_runs([old, new]))) == ["all runs"]
+    cfg["guidance"]["target"]["compile"] = True
+    (tmp_path / "b2").mkdir()
+    (tmp_path / "b2" / "metrics.csv").write_text((old / "metrics.csv").read_text())
+    (tmp_path / "b2" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    # runs that have the option disagree: it splits them, and the older run (option unknown) stands apart
+    assert sorted(group_runs(load_runs([tmp_path]))) == [f"guidance.target.compile={v}" for v in (False, None, True)]
 
 
 def test_cli_writes_png_and_tables(tmp_path, capsys):

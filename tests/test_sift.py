@@ -122,6 +122,41 @@ def test_gaussian_blur_matches_opencv():
         np.testing.assert_allclose(ours, ref, atol=2e-5)
 
 
+def test_blocked_blur_on_long_axes_matches_opencv():
+    cv2 = pytest.importorskip("cv2")
+    x = torch.rand(2, 1, 200, 331)  # both axes take the row-block path (>= _BLOCKED_MIN), one not a multiple of it
+    for sigma in (1.25, 3.1):
+        ours = gaussian_blur(x, sigma)[1, 0].numpy()
+        ref = cv2.GaussianBlur(x[1, 0].numpy(), (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)
+        np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+
+def test_candidate_budget_caps_refinement_and_checks_its_arguments():
+    x = photo_batch(64, crops_per_photo=1)[:4].float() / 255
+    full = detect_keypoints(x, max_keypoints=256)
+    capped = detect_keypoints(x, max_keypoints=256, max_candidates=2)
+    n_octaves = int(full.octave[full.valid].max()) + 1
+    assert (capped.count() <= 2 * n_octaves).all() and (capped.count() <= full.count()).all()
+    assert full.count().sum() > 2 * capped.count().sum()
+    # the survivors of the cap are the strongest candidates, which the full run keeps too
+    for i in range(len(x)):
+        d = torch.cdist(capped.xy[i][capped.valid[i]], full.xy[i][full.valid[i]]).min(dim=1).values
+        assert (d < 1e-4).all()
+    with pytest.raises(ValueError, match="candidate_density"):
+        detect_keypoints(x, candidate_density=0)
+
+
+@pytest.mark.slow
+def test_compiled_detector_gives_the_same_keypoints():  # compiling takes ~2 minutes on 2 CPU cores
+    from siftguide.sift import compiled_detect_keypoints
+
+    x = photo_batch(64, crops_per_photo=1)[:8].float() / 255
+    a, b = detect_keypoints(x, max_keypoints=128), compiled_detect_keypoints()(x, max_keypoints=128)
+    assert torch.equal(a.valid, b.valid)
+    torch.testing.assert_close(b.xy, a.xy, atol=1e-3, rtol=0)
+    torch.testing.assert_close(b.scale, a.scale, atol=1e-3, rtol=1e-4)
+
+
 def test_agrees_with_opencv_on_fashion_mnist():
     from siftguide.data import load_fashion_mnist
 
