@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The convergence experiments published in README and docs/results/: default config (Fashion-MNIST, 64 px ViT,
 # 500 steps), 3 seeds per group, guided runs with the keypoint cache (built once, shared through
-# data/keypoint_cache). Parts (default: all, in this order; ~5 min per run on 2 CPU cores):
+# data/keypoint_cache). Parts (default: all, in this order; 3-6 min per run on 2 CPU cores):
 #   main      guidance weight 0 (baseline), 0.3, 1; control: SIFT maps shuffled across the batch, weight 1;
 #             MAE with guidance weight 0 and 1 (kNN accuracy)                                       ~90 min
 #   strength  weight 3 constant, its shuffled control, weight 3 with cosine decay to 0             ~50 min
 #   budget    a 0.7x training budget (trainer.max_steps=350, LR schedule included): baseline, weight 1,
 #             shuffled control weight 1                                                              ~35 min
+#   mae_decay MAE with guidance weight 1 decayed linearly to 0 over the first 200 steps                ~17 min
 #   compare   the tables and curves in docs/results/ from all runs present
 #     bash scripts/experiment_fashion_mnist.sh [PART ...]
 set -euo pipefail
@@ -17,7 +18,7 @@ export WANDB_MODE=offline WANDB_SILENT=true
 common="trainer.enable_progress_bar=false guidance.cache=true"
 sweep() { local dir=$1; shift; $PY train.py -m "$@" $common hydra.sweep.dir=$OUT/$dir; }
 
-for part in "${@:-main strength budget compare}"; do for p in $part; do case $p in
+for part in "${@:-main strength budget mae_decay compare}"; do for p in $part; do case $p in
   main)
     sweep supervised guidance.weight=0,0.3,1 seed=0,1,2
     sweep control guidance.target.kind=shuffled guidance.weight=1 seed=0,1,2
@@ -29,6 +30,9 @@ for part in "${@:-main strength budget compare}"; do for p in $part; do case $p 
   budget)
     sweep budget trainer.max_steps=350 guidance.weight=0,1 seed=0,1,2
     sweep budget_control trainer.max_steps=350 guidance.target.kind=shuffled guidance.weight=1 seed=0,1,2 ;;
+  mae_decay)
+    sweep mae_decay objective=mae guidance.weight=1 guidance.schedule.kind=linear guidance.schedule.total_steps=200 \
+      seed=0,1,2 ;;
   compare)
     sup=$(for d in supervised control strong strong_control strong_cosine; do if [ -d $OUT/$d ]; then echo $OUT/$d; fi; done)
     $PY -m siftguide.compare $sup --metric val/acc --out docs/results/supervised
@@ -36,6 +40,6 @@ for part in "${@:-main strength budget compare}"; do for p in $part; do case $p 
       $PY -m siftguide.compare $OUT/supervised $OUT/control $OUT/budget $(ls -d $OUT/budget_control 2>/dev/null) \
         --baseline max_steps=500 --metric val/acc --out docs/results/budget
     fi
-    $PY -m siftguide.compare $OUT/mae --metric val/knn_acc --out docs/results/mae ;;
-  *) echo "unknown part '$p' (main, strength, budget, compare)" >&2; exit 2 ;;
+    $PY -m siftguide.compare $OUT/mae $(ls -d $OUT/mae_decay 2>/dev/null) --metric val/knn_acc --out docs/results/mae ;;
+  *) echo "unknown part '$p' (main, strength, budget, mae_decay, compare)" >&2; exit 2 ;;
 esac; done; done

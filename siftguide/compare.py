@@ -241,7 +241,8 @@ def plot(groups: dict[str, list[Run]], metric: str, target: float | None, path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    legend_h = 0.2 * len(groups) + 0.2  # legend below the plots, one group per row (labels can be long)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8 + legend_h))
     for g, rs in groups.items():
         curves = [r.curve(metric) for r in rs]
         steps = np.unique(np.concatenate([c["step"].to_numpy() for c in curves]))
@@ -258,9 +259,9 @@ def plot(groups: dict[str, list[Run]], metric: str, target: float | None, path: 
         ax.set_xlabel(xl)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=1, fontsize=8, frameon=False)
     fig.suptitle(f"{metric}: mean over seeds, band = min..max" + (" ; dashed = target" if target is not None else ""))
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_h / (4.8 + legend_h), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
