@@ -119,8 +119,8 @@ _BLOCK = 64
 
 
 @functools.lru_cache(maxsize=128)
-def _blur_blocks(n: int, sigma: float, device: str, dtype: torch.dtype) -> tuple[tuple[int, int, int, Tensor], ...]:
-    """The banded blur matrix cut into row blocks ``(start, lo, hi, M[start:start + T, lo:hi])``: output rows
+def _blur_blocks(n: int, sigma: float, device: str, dtype: torch.dtype) -> tuple[tuple[int, int, Tensor], ...]:
+    """The banded blur matrix cut into consecutive row blocks ``(lo, hi, M[start:start + T, lo:hi])``: output rows
     ``start..start + T`` only read inputs ``lo..hi`` (``T + ksize - 1`` of them), so the blur costs
     ``O(n (T + ksize))`` per line instead of the dense ``O(n^2)``."""
     m = _blur_matrix(n, sigma, device, dtype)
@@ -128,7 +128,7 @@ def _blur_blocks(n: int, sigma: float, device: str, dtype: torch.dtype) -> tuple
     blocks = []
     for start in range(0, n, _BLOCK):
         lo, hi = max(0, start - pad), min(n, start + _BLOCK + pad)
-        blocks.append((start, lo, hi, m[start : start + _BLOCK, lo:hi].contiguous()))
+        blocks.append((lo, hi, m[start : start + _BLOCK, lo:hi].contiguous()))
     return tuple(blocks)
 
 
@@ -142,11 +142,11 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     h, w = x.shape[-2:]
     dev, sigma = str(x.device), float(sigma)
     if w >= _BLOCKED_MIN:
-        x = torch.cat([x[..., lo:hi] @ mb.T for _, lo, hi, mb in _blur_blocks(w, sigma, dev, x.dtype)], dim=-1)
+        x = torch.cat([x[..., lo:hi] @ mb.T for lo, hi, mb in _blur_blocks(w, sigma, dev, x.dtype)], dim=-1)
     else:
         x = x @ _blur_matrix(w, sigma, dev, x.dtype).T
     if h >= _BLOCKED_MIN:
-        return torch.cat([mb @ x[..., lo:hi, :] for _, lo, hi, mb in _blur_blocks(h, sigma, dev, x.dtype)], dim=-2)
+        return torch.cat([mb @ x[..., lo:hi, :] for lo, hi, mb in _blur_blocks(h, sigma, dev, x.dtype)], dim=-2)
     return _blur_matrix(h, sigma, dev, x.dtype) @ x
 
 
