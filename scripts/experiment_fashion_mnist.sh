@@ -17,6 +17,7 @@ PY=.venv/bin/python
 export WANDB_MODE=offline WANDB_SILENT=true
 common="trainer.enable_progress_bar=false guidance.cache=true"
 sweep() { local dir=$1; shift; $PY train.py -m "$@" $common hydra.sweep.dir=$OUT/$dir; }
+present() { local d; for d in "$@"; do if [ -d $OUT/$d ]; then echo $OUT/$d; fi; done; }  # sweeps that exist
 
 for part in "${@:-main strength budget mae_decay compare}"; do for p in $part; do case $p in
   main)
@@ -34,12 +35,12 @@ for part in "${@:-main strength budget mae_decay compare}"; do for p in $part; d
     sweep mae_decay objective=mae guidance.weight=1 guidance.schedule.kind=linear guidance.schedule.total_steps=200 \
       seed=0,1,2 ;;
   compare)
-    sup=$(for d in supervised control strong strong_control strong_cosine; do if [ -d $OUT/$d ]; then echo $OUT/$d; fi; done)
-    $PY -m siftguide.compare $sup --metric val/acc --out docs/results/supervised
+    $PY -m siftguide.compare $(present supervised control strong strong_control strong_cosine) --metric val/acc \
+      --out docs/results/supervised
     if [ -d $OUT/budget ]; then
-      $PY -m siftguide.compare $OUT/supervised $OUT/control $OUT/budget $(ls -d $OUT/budget_control 2>/dev/null) \
-        --baseline max_steps=500 --metric val/acc --out docs/results/budget
+      $PY -m siftguide.compare $(present supervised control budget budget_control) --baseline max_steps=500 \
+        --metric val/acc --out docs/results/budget
     fi
-    $PY -m siftguide.compare $OUT/mae $(ls -d $OUT/mae_decay 2>/dev/null) --metric val/knn_acc --out docs/results/mae ;;
+    $PY -m siftguide.compare $(present mae mae_decay) --metric val/knn_acc --out docs/results/mae ;;
   *) echo "unknown part '$p' (main, strength, budget, mae_decay, compare)" >&2; exit 2 ;;
 esac; done; done
