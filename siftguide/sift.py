@@ -19,7 +19,9 @@ no use for those copies, so compare against OpenCV keypoints de-duplicated by lo
 
 Output is fixed-size and padded (``Keypoints.valid`` marks real keypoints), sorted by response. Fixed sizes
 need a budget: each octave refines its strongest ``candidate_density`` (1 %) of pixels, more than the extrema
-OpenCV finds on natural photos and Fashion-MNIST (measured: at most ~0.8 % in the large octaves).
+OpenCV finds on natural photos and Fashion-MNIST (measured: at most ~0.8 % in the large octaves), and Newton
+steps after the first run only on the strongest half, then quarter, of the slots (``_STEP_BUDGET``; candidates that
+still move after one step are rarer than that, and the refined keypoints are the same, tested).
 """
 from __future__ import annotations
 
@@ -237,6 +239,76 @@ def _max3x3_interior(x: Tensor, op) -> Tensor:
     return op(op(m[..., :-2, :], m[..., 1:-1, :]), m[..., 2:, :])
 
 
+# Share of an octave's candidates that each Newton step can still work on. Steps are cheap, but five of them over
+# every candidate slot took up to ~30 % of the detector's time; a candidate that has not converged after step 1 (2) is
+# rare: measured per image at most 28 % (16 %) of the slots on photos at 64-224 px and Fashion-MNIST at 64 px
+# (bench/sift.py images), so later steps run on the strongest half (quarter) of the slots only. A candidate that
+# would need a later step but is not among them is rejected, like one that never converges.
+_STEP_BUDGET = (1.0, 0.5, 0.25, 0.25, 0.25)
+assert len(_STEP_BUDGET) == _MAX_INTERP_STEPS
+
+
+def _refine(dog_flat: Tensor, layer: Tensor, r: Tensor, c: Tensor, active: Tensor, h: int, w: int,
+            n_layers: int) -> tuple[Tensor, ...]:
+    """Quadratic sub-pixel/sub-scale refinement of ``(B, K)`` candidates (sorted strongest first), OpenCV's
+    ``adjustLocalExtrema`` up to its contrast and edge tests.
+
+    Returns ``off (B, K, 3)`` (dx, dy, ds), ``grad (B, K, 3)``, ``center (B, K)`` (DoG at the final sample),
+    ``hess2 (B, K, 3)`` (dxx, dyy, dxy there), ``converged (B, K)`` and the final ``layer, r, c``.
+    """
+    b, k = layer.shape
+    dev, dt = dog_flat.device, dog_flat.dtype
+    # per slot: floats (off 3, grad 3, center 1, hess2 3), ints (c, r, layer), flags (active, converged)
+    fstate = torch.zeros(b, k, 10, device=dev, dtype=dt)
+    istate = torch.stack([c, r, layer], -1)
+    flags = torch.stack([active, torch.zeros_like(active)], -1)
+    full: tuple[Tensor, ...] = ()  # every slot's state, kept once the steps work on a subset
+    ids: Tensor | None = None  # slots the steps work on (None: all)
+    for frac in _STEP_BUDGET:
+        kk = max(1, min(k, math.ceil(frac * k)))
+        if kk < fstate.shape[1]:  # keep the strongest kk slots that are still active
+            if ids is None:
+                full = (fstate, istate, flags)  # every slot's state so far
+            else:
+                _scatter_state(full, ids, (fstate, istate, flags))
+            rank = torch.arange(fstate.shape[1], 0, -1, device=dev)  # earlier slots are stronger
+            _, sel = torch.where(flags[..., 0], rank, 0).topk(kk, dim=1)
+            ids = sel if ids is None else ids.gather(1, sel)
+            fstate, istate, flags = (t.gather(1, sel.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+                                     for t in (fstate, istate, flags))
+        c, r, layer = istate.unbind(-1)
+        active, converged = flags.unbind(-1)
+        cube = _gather_cube(dog_flat, layer, r, c, h, w)
+        g, hs = _derivatives(cube)
+        x = -_solve3(hs, g)[0]
+        small = (x.abs() < 0.5).all(-1)
+        now = active & small
+        new = torch.cat([x, g, cube[..., 1, 1, 1, None], hs[..., 0, 0, None], hs[..., 1, 1, None],
+                         hs[..., 0, 1, None]], -1)
+        fstate = torch.where(now.unsqueeze(-1), new, fstate)
+        converged = converged | now
+        # OpenCV rejects numerically exploding offsets before moving
+        active = active & ~small & (x.abs() < 1e9).all(-1)
+        step = torch.where(active.unsqueeze(-1), torch.round(x), torch.zeros_like(x)).long()
+        istate = istate + step
+        c, r, layer = istate.unbind(-1)
+        inside = (layer >= 1) & (layer <= n_layers) & (c >= _BORDER) & (c < w - _BORDER)
+        active = active & inside & (r >= _BORDER) & (r < h - _BORDER)
+        flags = torch.stack([active, converged], -1)
+    if ids is not None:
+        _scatter_state(full, ids, (fstate, istate, flags))
+        fstate, istate, flags = full
+    off, grad, center, hess2 = fstate.split([3, 3, 1, 3], -1)
+    c, r, layer = istate.unbind(-1)
+    return off, grad, center.squeeze(-1), hess2, flags[..., 1], layer, r, c
+
+
+def _scatter_state(full: tuple[Tensor, ...], ids: Tensor, part: tuple[Tensor, ...]) -> None:
+    """Write the state of the slots ``ids (B, k)`` back into the full ``(B, K, ...)`` state, in place."""
+    for t, p in zip(full, part):
+        t.scatter_(1, ids.unsqueeze(-1).expand(-1, -1, t.shape[-1]), p)
+
+
 def _octave_keypoints(
     dog: Tensor, octave: int, n_layers: int, threshold: float, contrast_threshold: float, edge_threshold: float,
     sigma: float, coord_scale: float, max_candidates: int, refine: bool,
@@ -262,36 +334,8 @@ def _octave_keypoints(
     c = idx % iw + _BORDER
 
     dog_flat = dog.flatten(1)
-    off = torch.zeros(b, k, 3, device=dog.device, dtype=dog.dtype)  # (xc, xr, xi)
-    grad = torch.zeros_like(off)
-    center = torch.zeros(b, k, device=dog.device, dtype=dog.dtype)
-    hess2 = torch.zeros(b, k, 3, device=dog.device, dtype=dog.dtype)  # dxx, dyy, dxy at the final sample
     if refine:
-        active = valid.clone()
-        converged = torch.zeros_like(valid)
-        for _ in range(_MAX_INTERP_STEPS):
-            cube = _gather_cube(dog_flat, layer, r, c, h, w)
-            g, hs = _derivatives(cube)
-            x, _ = _solve3(hs, g)
-            x = -x
-            small = (x.abs() < 0.5).all(-1)
-            now = active & small
-            sel = now.unsqueeze(-1)
-            off = torch.where(sel, x, off)
-            grad = torch.where(sel, g, grad)
-            center = torch.where(now, cube[..., 1, 1, 1], center)
-            hess2 = torch.where(sel, torch.stack([hs[..., 0, 0], hs[..., 1, 1], hs[..., 0, 1]], -1), hess2)
-            converged |= now
-            active &= ~small
-            # OpenCV rejects numerically exploding offsets before moving
-            active &= (x.abs() < 1e9).all(-1)
-            step = torch.where(active.unsqueeze(-1), torch.round(x), torch.zeros_like(x)).long()
-            c = c + step[..., 0]
-            r = r + step[..., 1]
-            layer = layer + step[..., 2]
-            inside = (layer >= 1) & (layer <= n_layers) & (c >= _BORDER) & (c < w - _BORDER)
-            inside &= (r >= _BORDER) & (r < h - _BORDER)
-            active &= inside
+        off, grad, center, hess2, converged, layer, r, c = _refine(dog_flat, layer, r, c, valid, h, w, n_layers)
         valid = converged  # never-converged candidates are rejected, as in OpenCV
         contr = center / 255.0 + 0.5 * (grad * off).sum(-1)
         dxx, dyy, dxy = hess2.unbind(-1)
@@ -300,6 +344,7 @@ def _octave_keypoints(
         valid &= contr.abs() * n_layers >= contrast_threshold
         valid &= (det > 0) & (tr * tr * edge_threshold < (edge_threshold + 1) ** 2 * det)
     else:
+        off = torch.zeros(b, k, 3, device=dog.device, dtype=dog.dtype)
         contr = dog_flat.gather(1, (layer * h + r) * w + c) / 255.0
         valid &= contr.abs() * n_layers >= contrast_threshold
 
@@ -448,17 +493,18 @@ def keypoint_patch_counts(images: Tensor, patch_size: int = 16, **detector_kwarg
 
 @functools.lru_cache(maxsize=1)
 def compiled_detect_keypoints():
-    """:func:`detect_keypoints` compiled with ``torch.compile`` (created once, shared).
+    """:func:`detect_keypoints` compiled with ``torch.compile`` (created once, shared), for static shapes.
 
-    Same keypoints (tested), fused elementwise passes: measured 1.2x-1.9x the eager speed at 64-224 px on a 2-core
-    CPU (``python bench/sift.py --compile``). Compiling takes up to minutes on such a CPU, once per process and
-    input shape (a second shape compiles once more with a dynamic batch size; inductor's on-disk cache makes
-    later processes faster), so it pays off in long runs and large sweeps, not in short tests.
+    Same keypoints (tested), fused elementwise passes: see ``python bench/sift.py --compile`` for its speed.
+    Compiling takes minutes on a small CPU, once per process and input shape (inductor's on-disk cache makes later
+    processes faster), so it pays off in long runs at a fixed image and batch size (training drops the last
+    incomplete batch), not in short tests. Each new shape compiles its own graph: static-shape code is faster
+    than the dynamic-shape graph torch would otherwise build on the second shape.
     """
     # dynamo traces through the lru_cache'd helpers (blur matrices, offsets) and warns that it ignores the cache;
     # they are pure functions of their arguments, so tracing them is exact: silence that one warning
     warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function")
-    return torch.compile(detect_keypoints)
+    return torch.compile(detect_keypoints, dynamic=False)
 
 
 def detector(compile: bool = False):

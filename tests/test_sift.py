@@ -146,6 +146,23 @@ def test_candidate_budget_caps_refinement_and_checks_its_arguments():
         detect_keypoints(x, candidate_density=0)
 
 
+@pytest.mark.parametrize("size", [64, 128])
+def test_step_budget_gives_the_keypoints_of_full_refinement(size, monkeypatch):
+    import siftguide.sift as sift
+
+    x = photo_batch(size, crops_per_photo=1).float() / 255
+    budgeted = detect_keypoints(x, max_keypoints=1024)
+    monkeypatch.setattr(sift, "_STEP_BUDGET", (1.0,) * sift._MAX_INTERP_STEPS)  # every step on every slot
+    full = detect_keypoints(x, max_keypoints=1024)
+    assert torch.equal(budgeted.valid, full.valid) and int(full.count().sum()) > 10 * len(x)
+    torch.testing.assert_close(budgeted.xy, full.xy, atol=0, rtol=0)
+    torch.testing.assert_close(budgeted.scale, full.scale, atol=0, rtol=0)
+    # a budget too small for the candidates that need more than one step rejects them, as non-convergence does
+    monkeypatch.setattr(sift, "_STEP_BUDGET", (1.0,) + (1e-9,) * (sift._MAX_INTERP_STEPS - 1))
+    starved = detect_keypoints(x, max_keypoints=1024)
+    assert (starved.count() <= full.count()).all() and starved.count().sum() < full.count().sum()
+
+
 @pytest.mark.slow
 def test_compiled_detector_gives_the_same_keypoints():  # compiling takes ~2 minutes on 2 CPU cores
     from siftguide.sift import compiled_detect_keypoints
