@@ -93,6 +93,7 @@ def main() -> None:
         max_kp = 1024 if size > 128 else 512
         t_ours = timeit(lambda: detect_keypoints(xb, max_keypoints=max_kp), args.repeats, sync) / len(xb)
         if args.compile:
+            torch._dynamo.reset()  # a static-shape graph per size, as in a run at one image and batch size
             fast = compiled_detect_keypoints()
             t0 = time.perf_counter()
             fast(xb, max_keypoints=max_kp)

@@ -7,7 +7,9 @@ steps by hand (device pipeline, relevance, forward, backward, AdamW step), inter
 baseline / guided on the fly / guided with the keypoint cache (/ guided on the fly with the ``torch.compile``'d
 detector, ``--compile``; compiled during the warm-up steps) so that machine drift hits all alike. Prints the
 median step time, images/s, the guided/baseline throughput ratios, and memory: bytes of tensors saved for
-backward (the activation memory, exact on any device) and, on CUDA, the peak allocated memory.
+backward (the activation memory, exact on any device) and, on CUDA, the peak allocated memory. With OpenCV
+installed it also times OpenCV's C++ SIFT on one augmented batch: the on-the-fly ratio a detector as fast as
+OpenCV's would give, a bound for this machine.
 """
 from __future__ import annotations
 
@@ -31,6 +33,28 @@ def make_module(overrides: list[str], device: torch.device):
         cfg = compose("train.yaml", overrides=["paths.output_dir=/tmp/siftguide-bench", "logger=csv", *overrides])
     torch.manual_seed(0)
     return cfg, build_module(cfg).to(device)
+
+
+def opencv_detect_seconds(module, batch: dict, dev: torch.device, repeats: int = 3) -> float | None:
+    """Best-of-``repeats`` seconds OpenCV's ``SIFT.detect`` (C++, CPU) takes on one augmented training batch,
+    image by image; None without OpenCV (a dev dependency)."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    from siftguide.sift import rgb_to_gray
+
+    with torch.no_grad():
+        x = module.transform(batch["image"].to(dev), train=True)
+    u8 = (rgb_to_gray(x.float()) * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    sift = cv2.SIFT_create()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for im in u8:
+            sift.detect(im[0], None)
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def main() -> None:
@@ -120,6 +144,10 @@ def main() -> None:
     if args.compile:
         print(f"throughput ratio guided/baseline (compiled):   {med['baseline'] / med['guided+compile']:.3f}")
     print(f"activation memory ratio guided/baseline:       {saved['guided'] / saved['baseline']:.3f}")
+    cv_s = opencv_detect_seconds(built["baseline"][1], batches[0], dev)
+    if cv_s is not None:  # what no detector in the step can beat on this CPU: OpenCV's C++ SIFT
+        print(f"OpenCV SIFT.detect on the same {bs} augmented images: {cv_s * 1000:.1f} ms; on-the-fly ratio if "
+              f"detection cost only that: {med['baseline'] / (med['baseline'] + cv_s):.3f}")
     if dev.type == "cuda":
         print(f"peak memory ratio guided/baseline (on the fly):  {peak['guided'] / peak['baseline']:.3f}")
         print(f"peak memory ratio guided/baseline (cached):      {peak['guided+cache'] / peak['baseline']:.3f}")
