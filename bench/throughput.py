@@ -37,24 +37,19 @@ def make_module(overrides: list[str], device: torch.device):
 
 def opencv_detect_seconds(module, batch: dict, dev: torch.device, repeats: int = 3) -> float | None:
     """Best-of-``repeats`` seconds OpenCV's ``SIFT.detect`` (C++, CPU) takes on one augmented training batch,
-    image by image; None without OpenCV (a dev dependency)."""
+    image by image, timed as ``bench/sift.py`` times it; None without OpenCV (a dev dependency)."""
     try:
         import cv2
     except ImportError:
         return None
+    from bench.sift import timeit
     from siftguide.sift import rgb_to_gray
 
     with torch.no_grad():
         x = module.transform(batch["image"].to(dev), train=True)
     u8 = (rgb_to_gray(x.float()) * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
     sift = cv2.SIFT_create()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for im in u8:
-            sift.detect(im[0], None)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return timeit(lambda: [sift.detect(im[0], None) for im in u8], repeats, lambda: None)
 
 
 def main() -> None:
