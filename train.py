@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from siftguide.callbacks import TrainTimer, ValidateAtEnd
 from siftguide.eval import KNNEvaluator
+from siftguide.guidance import Guidance
 from siftguide.module import PretrainModule
 
 log = logging.getLogger("siftguide.train")
@@ -36,21 +37,25 @@ def _wandb_group(cfg: DictConfig) -> None:
             cfg.logger.wandb.group = Path(hc.sweep.dir).name
 
 
+def build_guidance(cfg: DictConfig, net) -> Guidance:
+    """The composed guidance modes of ``cfg.guidance``: ``weight`` plus one node per mode (a partial taking the
+    net); ``guidance=none`` has no mode."""
+    modes = {name: instantiate(node) for name, node in cfg.guidance.items() if name != "weight"}
+    return Guidance(net, modes, weight=cfg.guidance.get("weight", 1.0))
+
+
 def build_module(cfg: DictConfig, config: dict | None = None) -> PretrainModule:
     """The LightningModule of a composed config (also used by bench/throughput.py)."""
-    guidance = OmegaConf.to_container(cfg.guidance, resolve=True)
-    guidance.pop("target")  # built below as its own module
-    cache, cache_dir = guidance.pop("cache"), guidance.pop("cache_dir")
     net = instantiate(cfg.model)  # first: the same seed gives the same init whatever else is configured
     objective = instantiate(cfg.objective)
     if getattr(objective, "needs_labels", False) and not cfg.data.get("labels", True):
         raise ValueError("objective=supervised needs labels but data.labels=false: use objective=mae for "
                          "unlabelled pre-training (evaluated by the online probe and kNN on the labelled val set)")
     return PretrainModule(
-        net=net, objective=objective, transform=instantiate(cfg.transform),
-        guidance=guidance, target=instantiate(cfg.guidance.target), optimizer=instantiate(cfg.optimizer),
+        net=net, objective=objective, transform=instantiate(cfg.transform), relevance=instantiate(cfg.relevance),
+        guidance=build_guidance(cfg, net), optimizer=instantiate(cfg.optimizer),
         warmup_steps=cfg.scheduler.warmup_steps, min_lr_factor=cfg.scheduler.min_lr_factor,
-        align_batches=cfg.align_batches, cache=cache, cache_dir=cache_dir, config=config,
+        align_batches=cfg.align_batches, align_layers=list(cfg.get("align_layers", [-1])), config=config,
     )
 
 

@@ -15,7 +15,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AttentionCapture", "SUPPORTED_ATTENTION", "prefix_tokens", "resolve_layers"]
+__all__ = ["AttentionCapture", "AttentionBias", "SUPPORTED_ATTENTION", "attention_to_patches", "prefix_tokens",
+           "resolve_layers"]
 
 
 def _supported_classes() -> tuple[type, ...]:
@@ -147,12 +148,12 @@ class AttentionCapture:
 
 
 def attention_to_patches(probs: Tensor, num_prefix: int, cls_index: int, kind: str,
-                         heads: Sequence[int] | None = None) -> Tensor:
+                         heads: Sequence[int] | None = None, reduce_heads: bool = True) -> Tensor:
     """Reduce ``(B, heads, N, N)`` attention to a distribution over the ``P = N - num_prefix`` patch tokens.
 
     kind ``cls``: the class token's attention to each patch; ``mean``: attention each patch receives, averaged
-    over all patch queries. Heads are averaged (``heads`` selects a subset), prefix tokens removed and the
-    result renormalised to sum to 1: ``(B, P)``.
+    over all patch queries. Heads are averaged (``heads`` selects a subset; ``reduce_heads=False`` keeps them),
+    prefix tokens removed and the result renormalised to sum to 1: ``(B, P)`` (or ``(B, h, P)``).
     """
     if heads is not None:
         probs = probs[:, list(heads)]
@@ -164,5 +165,50 @@ def attention_to_patches(probs: Tensor, num_prefix: int, cls_index: int, kind: s
         a = probs[:, :, num_prefix:, num_prefix:].mean(dim=2)  # (B, h, P)
     else:
         raise ValueError(f"unknown attention kind {kind!r}; expected 'cls', 'mean' or 'auto'")
-    a = a.mean(dim=1)
+    if reduce_heads:
+        a = a.mean(dim=1)
     return a / a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+
+
+class AttentionBias:
+    """Add a per-key bias to the attention logits of chosen blocks: ``softmax(q k^T / sqrt(d) + b)``.
+
+    ``bias_fn(num_tokens) -> (B, N)`` gives, per image, the bias of every key token (prefix tokens included);
+    it is called at each guided block's forward, so it can follow a shortened sequence (dropped tokens). The
+    bias enters through timm's own ``attn_mask`` argument (a float mask is added to the logits on both the fused
+    SDPA and the explicit path), injected by a forward pre-hook on the block's attention module only inside
+    :meth:`apply`; outside it the model is untouched. Used by the ``prior`` guidance mode and by inference
+    prompting.
+    """
+
+    def __init__(self, model: nn.Module, layers: int | Sequence[int] = -1) -> None:
+        from timm.layers.attention import Attention
+
+        self.layers = resolve_layers(model, layers)
+        self.modules = {}
+        for i in self.layers:
+            attn = getattr(model.blocks[i], "attn", None)
+            if type(attn) is not Attention:
+                raise TypeError(f"block {i} uses {type(attn).__qualname__}; the attention bias needs timm's "
+                                f"Attention (attn_mask argument). Choose other layers.")
+            self.modules[i] = attn
+
+    @contextlib.contextmanager
+    def apply(self, bias_fn) -> Iterator["AttentionBias"]:
+        def hook(_module, args, kwargs):
+            x = args[0] if args else kwargs["x"]
+            bias = bias_fn(x.shape[1])  # (B, N)
+            if bias.shape != x.shape[:2]:
+                raise ValueError(f"attention bias must be (B, N) = {tuple(x.shape[:2])}, got {tuple(bias.shape)}")
+            mask = bias.to(x.dtype)[:, None, None, :]  # (B, 1, 1, N): the same bias for every query and head
+            if kwargs.get("attn_mask") is not None:
+                mask = mask + kwargs["attn_mask"]
+            kwargs = {**kwargs, "attn_mask": mask}
+            return args, kwargs
+
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.modules.values()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()

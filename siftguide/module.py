@@ -1,15 +1,19 @@
-"""``PretrainModule``: one LightningModule that owns the training step of any objective, with optional guidance.
+"""``PretrainModule``: one LightningModule that composes the device pipeline, the relevance stage, the objective
+and the guidance modes.
 
-Per training batch (already on the device):
+Per batch (already on the device):
 
 1. ``on_after_batch_transfer``: :class:`~siftguide.data.DeviceTransform` (resize + kornia augmentation) and, when
-   guidance is active, the relevance target of the augmented images (SIFT on the device, no grad);
-2. ``training_step``: objective forward inside ``guidance.capture()``; loss = task loss + guidance loss.
+   any guidance mode needs it at this stage, ``batch["relevance"]`` from the :class:`~siftguide.source.RelevanceSource`
+   (SIFT on the device or through the keypoint cache, or a control), once;
+2. ``training_step``: token selection (``token_drop``), the objective's forward inside the guidance context
+   (attention prior, attention capture), loss = task loss + the loss modes' weighted terms.
 
-Logged: ``train/loss``, ``train/task_loss``, ``train/guidance_loss`` (weighted term, guided runs only),
-``train/guidance_div`` (unweighted divergence), ``train/acc`` (supervised), ``train/lr``, ``val/loss``,
-``val/acc``, and ``val/attn_div``: the divergence between the guided layers' attention and SIFT relevance on a
-few validation batches, logged for baselines too, so alignment can be compared across runs.
+Logged: ``train/loss``, ``train/task_loss``, ``train/guidance_loss`` (sum of the loss modes' weighted terms),
+``train/guidance/<mode>_{loss,value,weight}``, ``train/guidance_div`` (the ``attention`` mode's divergence),
+``train/tokens_kept`` (token dropping), ``train/acc``, ``train/lr``, ``val/loss``, ``val/acc`` and ``val/attn_div``:
+KL from SIFT relevance to the last block's class-token attention on a few validation batches, for every run
+(baselines too), so alignment compares across runs.
 """
 from __future__ import annotations
 
@@ -20,10 +24,10 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from .cache import KeypointCache
 from .data import DeviceTransform
-from .guidance import SiftGuidance
-from .relevance import RelevanceTarget
+from .guidance import Guidance, SiftGuidance
+from .objectives.base import Objective
+from .source import RelevanceSource
 
 __all__ = ["PretrainModule", "warmup_cosine"]
 
@@ -45,117 +49,133 @@ def _accuracy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 class PretrainModule(L.LightningModule):
-    """Pre-train a timm ViT with an objective and optional SIFT guidance.
+    """Pre-train a timm ViT with an objective and optional guidance modes.
 
     Args:
         net: the timm ViT.
-        objective: callable ``objective(net, images, batch) -> dict(loss, logits?, features?, ids_keep?)``.
+        objective: an :class:`~siftguide.objectives.base.Objective`.
         transform: the device-side pipeline.
-        guidance: kwargs of :class:`SiftGuidance` (``weight``, ``layers``, ``heads``, ``attention``,
-            ``divergence``, ``schedule``).
-        target: the relevance target module (SIFT or a control).
+        relevance: the relevance stage (SIFT or a control, keypoint cache).
+        guidance: the composed guidance modes (``Guidance(net, modes={})``: the baseline).
         optimizer: partial ``torch.optim`` constructor taking the parameter groups.
         warmup_steps / min_lr_factor: LR schedule (per optimizer step, over ``trainer.max_steps``).
         align_batches: validation batches on which ``val/attn_div`` is measured (0 disables).
-        cache: detect keypoints once per training image (:class:`~siftguide.cache.KeypointCache`, kept in
-            ``cache_dir`` when given) and map them through each batch's augmentation instead of detecting.
+        align_layers: blocks whose class-token attention ``val/attn_div`` measures.
         config: resolved run config, stored in checkpoints.
     """
 
     def __init__(
-        self, net: nn.Module, objective: nn.Module, transform: DeviceTransform, guidance: dict[str, Any],
-        target: RelevanceTarget, optimizer: Callable[..., torch.optim.Optimizer], warmup_steps: int = 0,
-        min_lr_factor: float = 0.0, align_batches: int = 2, cache: bool = False, cache_dir: str | None = None,
+        self, net: nn.Module, objective: Objective, transform: DeviceTransform, relevance: RelevanceSource,
+        guidance: Guidance, optimizer: Callable[..., torch.optim.Optimizer], warmup_steps: int = 0,
+        min_lr_factor: float = 0.0, align_batches: int = 2, align_layers: int | list[int] = -1,
         config: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters({"config": config or {}})
         self.net = net
         self.objective = objective
-        if hasattr(objective, "setup"):
-            objective.setup(net)  # objectives with their own parameters (MAE decoder, probe) build them here
+        objective.setup(net)  # objectives with their own parameters (MAE decoder, probe) build them here
         self.transform = transform
-        self.target = target
-        self.guidance = SiftGuidance(net, **guidance)
+        self.relevance = relevance
+        self.guidance = guidance
+        guidance.bind(objective)  # objective-side modes (masking, recon_weight); errors for modes it cannot serve
+        self.monitor = SiftGuidance(net, layers=align_layers, weight=0.0)  # val/attn_div, never a loss
         self.patch_size = tuple(net.patch_embed.patch_size)
+        self.num_patches = int(net.patch_embed.num_patches)
         self.optimizer_fn = optimizer
         self.warmup_steps, self.min_lr_factor = warmup_steps, min_lr_factor
         self.align_batches = align_batches
-        self.use_cache, self.cache_dir = cache, cache_dir
-        self.keypoint_cache: KeypointCache | None = None
+        self._relevance_ready = False
+
+    # ------------------------------------------------------------------ relevance stage set-up
+    def _setup_relevance(self) -> None:
+        if self._relevance_ready or self._trainer is None:
+            return
+        needed = any(self.guidance.needs_relevance(s) for s in ("train", "val", "test"))
+        if needed:
+            self.relevance.setup(self.trainer.datamodule, self.transform, self.patch_size, self.device)
+        self._relevance_ready = True
 
     def on_fit_start(self) -> None:
-        if not (self.use_cache and self.guidance.active and self.target.uses_keypoints):
-            return
-        dm = self.trainer.datamodule
-        images = getattr(getattr(dm, "train_set", None), "images", None)
-        if images is None:
-            raise ValueError(
-                "guidance.cache=true needs a datamodule whose train_set holds its images in memory "
-                "(Fashion-MNIST); with random crops on CPU workers (image_folder) use guidance.cache=false"
-            )
-        self.keypoint_cache = KeypointCache.load_or_build(
-            images, self.transform.resize, self.target.sift, self.transform.size, self.cache_dir,
-            device=self.device,
-        ).to(self.device)
+        self._setup_relevance()
+
+    def on_validation_start(self) -> None:
+        self._setup_relevance()
+
+    def on_test_start(self) -> None:
+        self._setup_relevance()
 
     # ------------------------------------------------------------------ data on the device
+    def _stage(self) -> str:
+        if self._trainer is None:
+            return "train" if self.training else "val"
+        if self.trainer.training:
+            return "train"
+        return "test" if self.trainer.testing else "val"
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        training = self.trainer.training if self._trainer is not None else self.training
+        stage = self._stage()
         batch = dict(batch)
-        batch["image"], matrix = self.transform(batch["image"], train=training, return_matrix=True)
-        if training and self.guidance.active:
-            kp = None
-            if self.keypoint_cache is not None:
-                kp = self.keypoint_cache.lookup(batch["index"], matrix, self.transform.size)
-            batch["relevance"] = self.target(batch["image"], self.patch_size, keypoints=kp)
+        batch["image"], matrix = self.transform(batch["image"], train=stage == "train", return_matrix=True)
+        if self.guidance.needs_relevance(stage):
+            batch["relevance"] = self.relevance(batch["image"], self.patch_size, batch.get("index"), matrix, stage)
         return batch
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = self.transform.normalize(batch["image"])
-        with self.guidance.capture():
-            out = self.objective(self.net, images, batch)
-        task = out["loss"]
         bs = images.shape[0]
-        self.log("train/task_loss", task, batch_size=bs)
-        for k, v in out.get("extra", {}).items():
+        rel = batch.get("relevance")
+        self.guidance.set_step(self.global_step)
+        keep = self.guidance.select_tokens(rel)
+        with self.guidance.forward(rel, "train", keep):
+            out = self.objective(self.net, images, batch, "train", keep=keep)
+        extra, logs = self.guidance.losses(rel, out.ids_keep)
+        self.log("train/task_loss", out.loss, batch_size=bs)
+        for k, v in out.metrics.items():
             self.log(f"train/{k}", v, batch_size=bs)
-        loss = task
-        if self.guidance.active:
-            g, div, w = self.guidance.terms(batch["relevance"], self.global_step, out.get("ids_keep"))
-            loss = task + g
-            self.log("train/guidance_loss", g, batch_size=bs)
-            self.log("train/guidance_div", div, batch_size=bs)
-            self.log("train/guidance_weight", w, batch_size=bs)
-            if self.target.uses_keypoints and self.target.last_fallback is not None:
-                self.log("train/no_keypoint_frac", self.target.last_fallback, batch_size=bs)
+        loss = out.loss
+        if extra is not None:
+            loss = loss + extra
+            self.log("train/guidance_loss", extra, batch_size=bs)
+        for k, v in logs.items():
+            if v is not None:
+                self.log(f"train/guidance/{k}", v, batch_size=bs)
+        if logs.get("attention_value") is not None:  # the stable names of the attention mode's terms
+            self.log("train/guidance_div", logs["attention_value"], batch_size=bs)
+            self.log("train/guidance_weight", logs["attention_weight"], batch_size=bs)
+        if keep is not None:
+            self.log("train/tokens_kept", keep.shape[1] / self.num_patches, batch_size=bs)
+        if rel is not None and self.relevance.uses_keypoints and self.relevance.last_fallback is not None:
+            self.log("train/no_keypoint_frac", self.relevance.last_fallback, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        if "logits" in out:
-            self.log("train/acc", _accuracy(out["logits"], batch["label"]), prog_bar=True, batch_size=bs)
+        if out.logits is not None:
+            self.log("train/acc", _accuracy(out.logits, batch["label"]), prog_bar=True, batch_size=bs)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.objective.on_train_batch_end(self.net, self.global_step)
+
+    def _eval_step(self, batch: dict, stage: str, align: bool) -> None:
         images = self.transform.normalize(batch["image"])
         bs = images.shape[0]
-        align = batch_idx < self.align_batches
-        with self.guidance.capture(force=align):
-            out = self.objective(self.net, images, batch)
+        with self.guidance.forward(batch.get("relevance"), stage), self.monitor.capture(force=align):
+            out = self.objective(self.net, images, batch, stage)
         if align:
-            rel = self.target.sift_relevance(batch["image"], self.patch_size)
-            self.log("val/attn_div", self.guidance.divergence_value(rel, out.get("ids_keep")), batch_size=bs)
-            self.guidance.clear()
-        self.log("val/loss", out["loss"], prog_bar=False, batch_size=bs)
-        for k, v in out.get("extra", {}).items():
-            self.log(f"val/{k}", v, batch_size=bs)
-        if "logits" in out:
-            self.log("val/acc", _accuracy(out["logits"], batch["label"]), prog_bar=True, batch_size=bs)
+            rel = self.relevance.sift_relevance(batch["image"], self.patch_size, batch.get("index"), None, stage)
+            self.log(f"{stage}/attn_div", self.monitor.divergence_value(rel, out.ids_keep), batch_size=bs)
+            self.monitor.clear()
+        self.log(f"{stage}/loss", out.loss, batch_size=bs)
+        for k, v in out.metrics.items():
+            self.log(f"{stage}/{k}", v, batch_size=bs)
+        if out.logits is not None:
+            self.log(f"{stage}/acc", _accuracy(out.logits, batch["label"]), prog_bar=stage == "val", batch_size=bs)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val", batch_idx < self.align_batches)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        images = self.transform.normalize(batch["image"])
-        out = self.objective(self.net, images, batch)
-        if "logits" in out:
-            self.log("test/acc", _accuracy(out["logits"], batch["label"]), batch_size=images.shape[0])
+        self._eval_step(batch, "test", False)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -22,7 +22,7 @@ from torch import Tensor
 from .sift import Keypoints, _check_images, counts_from_keypoints, detect_keypoints, detector, gaussian_blur, rgb_to_gray
 
 __all__ = ["MODES", "patch_relevance", "relevance_from_keypoints", "normalize_relevance", "shuffle_relevance",
-           "uniform_relevance", "gradient_relevance"]
+           "uniform_relevance", "gradient_relevance", "roll_relevance", "random_relevance", "foreground_relevance"]
 
 MODES = ("count", "response", "gaussian")
 
@@ -145,64 +145,33 @@ def gradient_relevance(images: Tensor, patch_size: int | tuple[int, int], temper
     return normalize_relevance(mass, temperature, smoothing, uniform_mix)
 
 
-TARGETS = ("sift", "uniform", "shuffled", "gradient")
+def roll_relevance(rel: Tensor) -> Tensor:
+    """Each image's own map shifted by half the grid along both axes (cyclically): the same values and
+    statistics, in the wrong place."""
+    gh, gw = rel.shape[-2:]
+    return rel.roll((gh // 2, gw // 2), dims=(-2, -1))
 
 
-class RelevanceTarget(torch.nn.Module):
-    """Images -> guidance target ``(B, Gh, Gw)``; a thin module holding the relevance settings (for configs).
+def random_relevance(shape: tuple[int, int, int], device=None, generator: torch.Generator | None = None) -> Tensor:
+    """Fresh i.i.d. uniform noise per patch, normalised per image ``(B, Gh, Gw)``: ranking patches by it is
+    random token dropping / random masking."""
+    noise = torch.rand(shape, device=device, generator=generator)
+    return noise / noise.flatten(1).sum(1).view(-1, 1, 1)
 
-    kind ``sift``: :func:`patch_relevance`; controls (same shape and normalisation): ``uniform``; ``shuffled``
-    (SIFT relevance of another image of the batch); ``gradient`` (Sobel magnitude, a non-SIFT saliency).
+
+def foreground_relevance(images: Tensor, patch_size: int | tuple[int, int], threshold: float = 0.1,
+                         temperature: float = 1.0, smoothing: float = 0.0, uniform_mix: float = 0.0) -> Tensor:
+    """Oracle control (not SIFT): share of foreground pixels per patch ``(B, Gh, Gw)``, normalised.
+
+    A pixel is foreground when its grey value differs from the image's background level (the median of its
+    border pixels) by more than ``threshold``. Exact for objects on a plain background (Fashion-MNIST and its
+    generated variants); an upper bound on what a perfect saliency map could give, labelled as such.
     """
-
-    def __init__(self, kind: str = "sift", mode: str = "count", temperature: float = 1.0, smoothing: float = 0.0,
-                 uniform_mix: float = 0.0, splat: float = 1.0, sift: dict | None = None, seed: int = 0,
-                 compile: bool = False) -> None:
-        super().__init__()
-        if kind not in TARGETS:
-            raise ValueError(f"unknown guidance target {kind!r}; expected one of {TARGETS}")
-        if mode not in MODES:
-            raise ValueError(f"unknown relevance mode {mode!r}; expected one of {MODES}")
-        self.kind, self.mode = kind, mode
-        self.norm = dict(temperature=temperature, smoothing=smoothing, uniform_mix=uniform_mix)
-        self.splat = splat
-        self.sift = dict(sift or {})
-        self.compile = compile  # torch.compile the detector (siftguide.sift.compiled_detect_keypoints)
-        self.generator = torch.Generator().manual_seed(seed)  # CPU generator: shuffling draws no device sync
-        # fraction of images of the last batch without any keypoint (uniform fallback): a tensor, logged by the
-        # Lightning module as train/no_keypoint_frac, so fallbacks are counted without a host sync
-        self.last_fallback: Tensor | None = None
-
-    def from_keypoints(self, kp: Keypoints, grid: tuple[int, int], patch_size: int | tuple[int, int]) -> Tensor:
-        self.last_fallback = (kp.valid.sum(1) == 0).float().mean()
-        return relevance_from_keypoints(kp, grid, patch_size, self.mode, splat=self.splat, **self.norm)
-
-    @property
-    def uses_keypoints(self) -> bool:
-        return self.kind in ("sift", "shuffled")
-
-    @torch.no_grad()
-    def forward(self, images: Tensor, patch_size: int | tuple[int, int], keypoints: Keypoints | None = None) -> Tensor:
-        """``(B, C, H, W)`` images -> ``(B, H // ph, W // pw)`` target. ``keypoints`` (e.g. from the cache)
-        replace detection for the SIFT-based kinds."""
-        _check_images(images)
-        ph, pw = _pair(patch_size)
-        grid = (images.shape[-2] // ph, images.shape[-1] // pw)
-        if self.kind == "gradient":
-            return gradient_relevance(images, (ph, pw), **self.norm)
-        if self.kind == "uniform":
-            return torch.full((images.shape[0], *grid), 1.0 / (grid[0] * grid[1]), device=images.device)
-        rel = self.sift_relevance(images, (ph, pw), keypoints)
-        return shuffle_relevance(rel, self.generator) if self.kind == "shuffled" else rel
-
-    @torch.no_grad()
-    def sift_relevance(self, images: Tensor, patch_size: int | tuple[int, int],
-                       keypoints: Keypoints | None = None) -> Tensor:
-        """SIFT relevance with this target's settings, whatever its ``kind`` (used to measure alignment)."""
-        ph, pw = _pair(patch_size)
-        grid = (images.shape[-2] // ph, images.shape[-1] // pw)
-        kp = keypoints if keypoints is not None else detector(self.compile)(images, **self.sift)
-        return self.from_keypoints(kp, grid, (ph, pw))
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind}, mode={self.mode}, {self.norm}, sift={self.sift}"
+    _check_images(images)
+    ph, pw = _pair(patch_size)
+    g = rgb_to_gray(images.float())  # (B, 1, H, W)
+    border = torch.cat([g[..., 0, :], g[..., -1, :], g[..., :, 0], g[..., :, -1]], dim=-1)  # (B, 1, 2H + 2W)
+    bg = border.median(dim=-1).values.view(-1, 1, 1, 1)
+    fg = ((g - bg).abs() > threshold).float()
+    mass = torch.nn.functional.avg_pool2d(fg, (ph, pw)).squeeze(1)
+    return normalize_relevance(mass, temperature, smoothing, uniform_mix)

@@ -9,15 +9,25 @@ Decoder: linear projection, learned mask token, fixed 2-D sin-cos position embed
 ``Block``s, linear prediction of each patch's pixels. Loss: mean squared error on the masked patches, per-patch
 normalised targets with ``norm_pix_loss`` (as in the paper).
 
+Masking is injectable: :meth:`MAEObjective.set_masking` takes a callable ``(relevance, keep) -> (ids_keep, mask)``
+(the ``masking`` guidance mode), used in training when the batch carries ``relevance``; otherwise masking is
+uniformly random. :meth:`MAEObjective.set_patch_weighting` takes ``(per_patch, mask, relevance) -> loss`` (the
+``recon_weight`` mode). Validation always uses random masks and the plain loss, so ``val/loss`` compares across
+modes.
+
 Online linear probe (solo-learn style): a linear classifier on the stop-gradient pooled encoder features of
 labelled batches, trained alongside; it cannot change the encoder. ``val/acc`` is the probe's accuracy on full
 (unmasked) images.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .base import Objective, ObjectiveOutput, encode
 
 __all__ = ["MAEObjective", "random_masking", "patchify", "sincos_pos_embed"]
 
@@ -56,7 +66,7 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> Tensor:
     return torch.cat([emb(yy), emb(xx)], dim=1)
 
 
-class MAEObjective(nn.Module):
+class MAEObjective(Objective):
     """MAE loss + online linear probe. Call :meth:`setup` with the encoder before use (the module does)."""
 
     needs_labels = False
@@ -73,6 +83,16 @@ class MAEObjective(nn.Module):
         self.decoder_dim, self.decoder_depth, self.decoder_heads = decoder_dim, decoder_depth, decoder_heads
         self.num_classes = num_classes
         self._ready = False
+        self.masking: Callable[[Tensor, int], tuple[Tensor, Tensor]] | None = None
+        self.patch_weighting: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+
+    def set_masking(self, masking: Callable[[Tensor, int], tuple[Tensor, Tensor]] | None) -> None:
+        """Training masks from ``masking(relevance (B, Gh, Gw), keep) -> (ids_keep (B, keep), mask (B, P))``."""
+        self.masking = masking
+
+    def set_patch_weighting(self, weighting: Callable[[Tensor, Tensor, Tensor], Tensor] | None) -> None:
+        """Training loss from ``weighting(per_patch (B, P), mask (B, P), relevance) -> scalar``."""
+        self.patch_weighting = weighting
 
     def setup(self, net: nn.Module) -> None:
         from timm.models.vision_transformer import Block
@@ -104,15 +124,9 @@ class MAEObjective(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     def encode(self, net: nn.Module, images: Tensor, ids_keep: Tensor | None) -> Tensor:
         """Encoder tokens ``(B, prefix + V, D)`` for the visible patches (all patches when ``ids_keep`` is None)."""
-        x = net.patch_embed(images)
-        x = net._pos_embed(x)
-        if ids_keep is not None:
-            prefix, patches = x[:, : self.num_prefix], x[:, self.num_prefix :]
-            patches = patches.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-            x = torch.cat([prefix, patches], dim=1)
-        x = net.norm_pre(x)
-        x = net.blocks(x)
-        return net.norm(x)
+        if ids_keep is None:  # the explicit path, not forward_features: timm's patch_drop stays out of MAE
+            ids_keep = torch.arange(self.num_patches, device=images.device).expand(images.shape[0], -1)
+        return encode(net, images, ids_keep, self.num_prefix)
 
     def pooled(self, tokens: Tensor) -> Tensor:
         return tokens[:, 0] if self.pool == "cls" else tokens[:, self.num_prefix :].mean(dim=1)
@@ -121,16 +135,24 @@ class MAEObjective(nn.Module):
         """Encoder tokens of full (unmasked) images ``(B, prefix + P, D)`` (for kNN evaluation)."""
         return self.encode(net, images, None)
 
-    def forward(self, net: nn.Module, images: Tensor, batch: dict) -> dict[str, Tensor]:
+    def forward(self, net: nn.Module, images: Tensor, batch: dict, stage: str = "train",
+                keep: Tensor | None = None) -> ObjectiveOutput:
         if not self._ready:
             raise RuntimeError("MAEObjective.setup(net) must be called before use")
+        self.check_stage(stage)
+        if keep is not None:
+            raise ValueError("MAEObjective selects its own visible tokens; token dropping cannot be combined with it")
         b = images.shape[0]
-        evaluating = not torch.is_grad_enabled()
+        training = stage == "train"
         # at evaluation the probe sees full images; run that forward first so that the masked forward, whose
         # ids_keep is returned, is the one any attention capture records last
-        full_feats = self.pooled(self.tokens(net, images)) if evaluating and self.probe is not None else None
-        keep = max(1, int(round(self.num_patches * (1 - self.mask_ratio))))
-        ids_keep, mask = random_masking(b, self.num_patches, keep, images.device)
+        full_feats = self.pooled(self.tokens(net, images)) if not training and self.probe is not None else None
+        n_keep = max(1, int(round(self.num_patches * (1 - self.mask_ratio))))
+        rel = batch.get("relevance") if training else None
+        if self.masking is not None and rel is not None:
+            ids_keep, mask = self.masking(rel, n_keep)
+        else:
+            ids_keep, mask = random_masking(b, self.num_patches, n_keep, images.device)
         tokens = self.encode(net, images, ids_keep)
         # decoder: visible tokens + mask tokens back in patch order
         y = self.decoder_embed(tokens[:, self.num_prefix :])
@@ -143,20 +165,22 @@ class MAEObjective(nn.Module):
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
         per_patch = (pred - target).pow(2).mean(-1)
-        loss = (per_patch * mask).sum() / mask.sum()
-        out = {"loss": loss, "ids_keep": ids_keep, "extra": {"mae_loss": loss.detach()}}
+        if self.patch_weighting is not None and rel is not None:
+            loss = self.patch_weighting(per_patch, mask, rel)
+        else:
+            loss = (per_patch * mask).sum() / mask.sum()
+        out = ObjectiveOutput(loss=loss, ids_keep=ids_keep, metrics={"mae_loss": loss.detach()})
         labels = batch.get("label")
         if self.probe is not None and labels is not None:
             # stop-gradient probe: trained on detached features, never back-propagates into the encoder
-            feats = full_feats if evaluating else self.pooled(tokens)
+            feats = self.pooled(tokens) if training else full_feats
             logits = self.probe(feats.detach())
             labelled = (labels >= 0).float()  # unlabelled images (label -1) do not train the probe; no host sync
             ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
             probe_loss = (ce * labelled).sum() / labelled.sum().clamp_min(1.0)
-            out["logits"] = logits
-            out["probe_loss"] = probe_loss
-            out["extra"]["probe_loss"] = probe_loss.detach()
-            out["loss"] = loss + probe_loss
+            out.logits = logits
+            out.metrics["probe_loss"] = probe_loss.detach()
+            out.loss = loss + probe_loss
         return out
 
     def extra_repr(self) -> str:

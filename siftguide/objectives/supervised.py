@@ -4,27 +4,28 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import Objective, ObjectiveOutput, encode
 
-class SupervisedObjective(nn.Module):
-    """Cross-entropy on the model's logits; ``features`` are the pooled pre-logits (for kNN evaluation)."""
+
+class SupervisedObjective(Objective):
+    """Cross-entropy on the model's logits; ``features`` are the pooled pre-logits (for kNN evaluation).
+
+    With ``keep`` (token dropping) the blocks see only those patch tokens; timm's pooling (class token or mean of
+    the patch tokens) works on the shortened sequence.
+    """
 
     needs_labels = True
+    supports_token_drop = True
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
 
-    def setup(self, net: nn.Module) -> None:
-        self.num_prefix = int(getattr(net, "num_prefix_tokens", 1))
-
-    def tokens(self, net: nn.Module, images: Tensor) -> Tensor:
-        """Final tokens ``(B, N, D)`` of full images (for kNN evaluation)."""
-        return net.forward_features(images)
-
-    def forward(self, net: nn.Module, images: Tensor, batch: dict) -> dict[str, Tensor]:
-        tokens = net.forward_features(images)
+    def forward(self, net: nn.Module, images: Tensor, batch: dict, stage: str = "train",
+                keep: Tensor | None = None) -> ObjectiveOutput:
+        self.check_stage(stage)
+        tokens = encode(net, images, keep, getattr(self, "num_prefix", None))
         features = net.forward_head(tokens, pre_logits=True)
         logits = net.forward_head(tokens)  # pooling is cheap; the head may be a tuple (DeiT distilled)
-        labels = batch["label"]
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        return {"loss": loss, "logits": logits, "features": features}
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
+        return ObjectiveOutput(loss=loss, logits=logits, features=features, ids_keep=keep)

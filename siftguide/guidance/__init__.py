@@ -1,0 +1,31 @@
+"""Guidance modes: each consumes the batch's patch relevance in one place of the training step.
+
+| mode | class | acts in | what it does |
+|---|---|---|---|
+| ``attention`` | :class:`SiftGuidance` | loss | KL from relevance to chosen blocks' (CLS or mean) attention |
+| ``interrelation`` | :class:`PatchInterrelation` | loss | patch-to-patch attention toward relevance x locality |
+| ``background`` | :class:`BackgroundSuppression` | loss | attention mass on keypoint-free patches, suppressed |
+| ``prior`` | :class:`AttentionPrior` | forward | ``beta * log(V r + eps)`` added to attention logits |
+| ``token_drop`` | :class:`TokenDrop` | forward | keep the most relevant patch tokens (cheaper steps) |
+| ``masking`` | :class:`KeypointMasking` | objective (MAE) | mask relevant patches more often, with hints |
+| ``recon_weight`` | :class:`KeypointReconWeight` | objective (MAE) | KAMIM keypoint-weighted reconstruction loss |
+
+:class:`Guidance` composes several in one run. No Lightning import anywhere in this package.
+"""
+from .alignment import DIVERGENCES, AttentionAlignment, SiftGuidance, divergence
+from .background import BackgroundSuppression
+from .base import AttentionLoss, GuidanceMode, visible_relevance
+from .composite import Guidance
+from .interrelation import PatchInterrelation, interrelation_target
+from .masking import KeypointMasking, guided_masking
+from .prior import AttentionPrior, relevance_bias
+from .recon import KeypointReconWeight, keypoint_weights, weighted_patch_loss
+from .schedule import GuidanceSchedule
+from .token_drop import TokenDrop, select_tokens
+
+__all__ = [
+    "SiftGuidance", "AttentionAlignment", "PatchInterrelation", "BackgroundSuppression", "AttentionPrior",
+    "TokenDrop", "KeypointMasking", "KeypointReconWeight", "Guidance", "GuidanceMode", "AttentionLoss",
+    "GuidanceSchedule", "divergence", "DIVERGENCES", "visible_relevance", "interrelation_target", "guided_masking",
+    "relevance_bias", "keypoint_weights", "weighted_patch_loss", "select_tokens",
+]

@@ -1,0 +1,70 @@
+"""Mode ``recon_weight`` (MAE): keypoint-weighted reconstruction loss (KAMIM, arXiv 2407.13873).
+
+Per patch, a density ``rho_p`` in [0, 1] from the relevance ``r`` (``density='max'``: ``r_p / max_q r_q``, the
+image's densest patch is 1), then ``w_p = exp(rho_p / T) / min_q exp(rho_q / T)``: the least dense patch weighs 1
+(plain MAE), the densest ``exp(1 / T)`` (T = 0.25: about 55). The masked-patch loss becomes
+
+* ``normalize='mask'`` (KAMIM / SimMIM): ``sum_p w_p m_p l_p / sum_p m_p``;
+* ``normalize='weight'``: ``sum_p w_p m_p l_p / sum_p w_p m_p`` (a weighted mean: same scale as plain MAE).
+
+A uniform relevance (and an image without keypoints, which gets the uniform map) gives ``w = 1``: plain MAE.
+No attention loss is involved.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import GuidanceMode
+
+__all__ = ["KeypointReconWeight", "keypoint_weights", "weighted_patch_loss"]
+
+
+def keypoint_weights(relevance: Tensor, temperature: float = 0.25) -> Tensor:
+    """KAMIM patch weights ``(B, P)`` >= 1 from relevance ``(B, Gh, Gw)`` or ``(B, P)``."""
+    if temperature <= 0:
+        raise ValueError(f"recon_weight temperature must be > 0, got {temperature}")
+    r = relevance.flatten(1).float()
+    rho = r / r.amax(1, keepdim=True).clamp_min(1e-12)
+    # exp(rho / T) / min exp(rho / T) = exp((rho - min rho) / T): no overflow for small T
+    return torch.exp((rho - rho.amin(1, keepdim=True)) / temperature)
+
+
+def weighted_patch_loss(per_patch: Tensor, mask: Tensor, weights: Tensor | None = None,
+                        normalize: str = "mask") -> Tensor:
+    """Scalar loss from ``per_patch (B, P)`` losses, ``mask (B, P)`` (1 = counted) and optional ``weights``."""
+    if weights is None:
+        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+    wm = weights * mask
+    if normalize == "mask":
+        return (per_patch * wm).sum() / mask.sum().clamp_min(1.0)
+    if normalize == "weight":
+        return (per_patch * wm).sum() / wm.sum().clamp_min(1e-12)
+    raise ValueError(f"normalize must be 'mask' or 'weight', got {normalize!r}")
+
+
+class KeypointReconWeight(GuidanceMode):
+    """Args: model (unused); temperature ``T``; normalize (``mask`` or ``weight``)."""
+
+    acts_in = "objective"
+    name = "recon_weight"
+
+    def __init__(self, model: nn.Module | None = None, temperature: float = 0.25, normalize: str = "mask") -> None:
+        if temperature <= 0:
+            raise ValueError(f"recon_weight temperature must be > 0, got {temperature}")
+        if normalize not in ("mask", "weight"):
+            raise ValueError(f"recon_weight normalize must be 'mask' or 'weight', got {normalize!r}")
+        self.temperature, self.normalize = float(temperature), normalize
+        self.step = 0
+
+    def bind(self, objective: nn.Module) -> None:
+        if not hasattr(objective, "set_patch_weighting"):
+            raise ValueError(f"guidance mode recon_weight cannot serve objective {type(objective).__name__}: it "
+                             f"weights a reconstruction loss (objective=mae)")
+        objective.set_patch_weighting(self)
+
+    def __call__(self, per_patch: Tensor, mask: Tensor, relevance: Tensor) -> Tensor:
+        return weighted_patch_loss(per_patch, mask, keypoint_weights(relevance, self.temperature), self.normalize)
+
+    def __repr__(self) -> str:
+        return f"KeypointReconWeight(temperature={self.temperature}, normalize={self.normalize!r})"
