@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from siftguide import SiftGuidance
-from siftguide.relevance import RelevanceTarget
+from siftguide.source import RelevanceTarget
 
 
 class MyClassifier(L.LightningModule):

@@ -2,7 +2,7 @@ import torch
 
 from siftguide.cache import KeypointCache, transform_keypoints
 from siftguide.data import DeviceTransform, load_fashion_mnist
-from siftguide.relevance import RelevanceTarget
+from siftguide.source import RelevanceTarget
 from siftguide.sift import detect_keypoints
 from siftguide.testing import spearman
 
@@ -22,7 +22,9 @@ def test_transform_keypoints_flip_and_crop():
 def _agreement(x, tf, target, cache):
     torch.manual_seed(0)
     aug, matrix = tf(x, train=True, return_matrix=True)
-    cached = target(aug, 8, keypoints=cache.lookup(torch.arange(len(x)), matrix, tf.size))
+    target.caches = {"train": cache}
+    cached = target(aug, 8, index=torch.arange(len(x)), matrix=matrix)
+    target.caches = {}
     fresh = target(aug, 8)
     torch.testing.assert_close(cached.flatten(1).sum(1), torch.ones(len(x)))
     same = spearman(cached.flatten(1), fresh.flatten(1))

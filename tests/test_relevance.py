@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from siftguide import patch_relevance
-from siftguide.relevance import (MODES, RelevanceTarget, gradient_relevance, normalize_relevance,
+from siftguide.source import RelevanceTarget
+from siftguide.relevance import (MODES, gradient_relevance, normalize_relevance,
                                  relevance_from_keypoints, shuffle_relevance)
 from siftguide.sift import Keypoints, detect_keypoints
 from tests.conftest import blob_image

@@ -218,7 +218,7 @@ def test_cuda_matches_cpu():
 
 @CUDA
 def test_no_host_sync_in_the_hot_path():
-    from siftguide.relevance import RelevanceTarget
+    from siftguide.source import RelevanceTarget
 
     x = (photo_batch(64, crops_per_photo=1)[:8].float() / 255).cuda()
     target = RelevanceTarget(sift=dict(max_keypoints=64))

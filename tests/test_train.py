@@ -70,10 +70,40 @@ def test_resume_from_checkpoint(tiny_cfg):
 
 
 def test_control_targets_run(tiny_cfg):
-    for kind in ("shuffled", "gradient", "uniform"):
-        cfg = tiny_cfg([f"guidance.target.kind={kind}", "trainer.max_steps=2"], name=kind)
+    for kind in ("shuffled", "rolled", "mean", "gradient", "uniform", "random", "foreground"):
+        cfg = tiny_cfg([f"relevance.kind={kind}", "trainer.max_steps=2", "knn.enabled=false",
+                        "relevance.mean_images=64"], name=kind)
         train(cfg)
         assert metrics(Path(cfg.paths.output_dir))["train/guidance_loss"].notna().sum() == 2
+
+
+def test_supervised_modes_combine_in_one_run(tiny_cfg):
+    cfg = tiny_cfg(["guidance=[attention,interrelation,background,prior,token_drop]", "relevance.cache=true",
+                    "relevance.cache_dir=null", "trainer.max_steps=3", "knn.enabled=false"], name="combo")
+    train(cfg)
+    m = metrics(Path(cfg.paths.output_dir))
+    for name in ("attention", "interrelation", "background"):
+        assert m[f"train/guidance/{name}_loss"].notna().sum() == 3
+    assert (m["train/tokens_kept"].dropna() == 0.5).all() and m["train/guidance/prior_beta"].notna().sum() == 3
+    assert m["val/acc"].notna().any()
+
+
+def test_mae_modes_combine_and_bad_combinations_fail(tiny_cfg):
+    mae = ["objective=mae", "objective.decoder_dim=32", "objective.decoder_depth=1", "objective.decoder_heads=2",
+           "knn.enabled=false", "trainer.max_steps=2"]
+    cfg = tiny_cfg([*mae, "guidance=[masking,recon_weight,attention]"], name="mae_modes")
+    train(cfg)
+    assert metrics(Path(cfg.paths.output_dir))["train/mae_loss"].notna().sum() == 2
+    with pytest.raises(ValueError, match="token_drop cannot serve"):
+        train(tiny_cfg([*mae, "guidance=token_drop"], name="bad1"))
+    with pytest.raises(ValueError, match="objective=mae"):
+        train(tiny_cfg(["guidance=masking", "trainer.max_steps=2"], name="bad2"))
+
+
+def test_inert_token_drop_reproduces_the_baseline_exactly(tiny_cfg):
+    a = task_losses(tiny_cfg, ["guidance=token_drop", "guidance.token_drop.keep=1.0"], "keep1")
+    b = task_losses(tiny_cfg, ["guidance=none"], "base")
+    assert len(a) == 4 and (a == b).all()
 
 
 def test_misspelt_override_is_an_error(tiny_cfg):
@@ -81,6 +111,8 @@ def test_misspelt_override_is_an_error(tiny_cfg):
 
     with pytest.raises(HydraCompositionError):
         tiny_cfg(["guidance.wieght=0.3"])
+    with pytest.raises(HydraCompositionError):
+        tiny_cfg(["guidance.attention.layerz=[0]"])
 
 
 def test_train_py_command_line_with_wandb_offline(tmp_path):
