@@ -1,15 +1,29 @@
 """compare on synthetic runs whose answers are known by construction."""
 import math
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from siftguide.compare import group_runs, load_runs, main, reach, summarize
+from siftguide.analysis.compare import (auc, bootstrap_ci, group_labels, group_runs, is_baseline, load_runs, main,
+                                        paired_differences, reach, summarize, verdict)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def make_run(root, name, weight, seed, values, steps=(100, 200, 300, 400), sec_per_step=0.5, kind="sift",
-             max_steps=400):
+             max_steps=400, extra=None):
     d = root / name
     d.mkdir(parents=True)
     rows = []
@@ -19,6 +33,7 @@ def make_run(root, name, weight, seed, values, steps=(100, 200, 300, 400), sec_p
     pd.DataFrame(rows).to_csv(d / "metrics.csv", index=False)
     cfg = {"seed": seed, "guidance": {"weight": weight, "target": {"kind": kind, "seed": seed}},
            "paths": {"output_dir": str(d)}, "trainer": {"max_steps": max_steps}}
+    cfg = _merge(cfg, extra or {})
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     return d
 
@@ -144,3 +159,216 @@ def test_unknown_metric_and_missing_dirs_are_clear_errors(tmp_path):
         summarize(group_runs(load_runs([tmp_path])), "val/knn_acc")
     with pytest.raises(FileNotFoundError):
         load_runs([tmp_path / "nope"])
+
+
+# --- area under the curve, paired differences, bootstrap, labels, verdict, the old import path ---------------
+
+
+def test_auc_is_the_mean_value_over_the_run(tmp_path):
+    # trapezoids with the first value held back to step 0: (100 * 0.5 + 100 * 0.6 + 200 * 0.75) / 400
+    curve = pd.DataFrame({"step": [100.0, 200.0, 400.0], "value": [0.5, 0.7, 0.8]})
+    assert auc(curve) == pytest.approx(260 / 400)
+    assert auc(curve.assign(step=[0.0, 200.0, 400.0])) == pytest.approx((200 * 0.6 + 200 * 0.75) / 400)
+    assert auc(pd.DataFrame({"step": [50.0], "value": [0.3]})) == pytest.approx(0.3)
+    make_run(tmp_path, "b0", 0.0, 0, [0.5, 0.6, 0.7, 0.8])
+    make_run(tmp_path, "b1", 0.0, 1, [0.3, 0.6, 0.9, 1.0])
+    table, *_ = summarize(group_runs(load_runs([tmp_path])), "val/acc")
+    r = table.iloc[0]
+    per_seed = [(50 + 55 + 65 + 75) / 400, (30 + 45 + 75 + 95) / 400]
+    assert r["auc"] == pytest.approx(np.mean(per_seed))  # the mean curve [0.4, 0.6, 0.8, 0.9]
+    assert (r["auc_seed_mean"], r["auc_seed_std"]) == pytest.approx((np.mean(per_seed), np.std(per_seed)))
+
+
+def test_bootstrap_ci_is_deterministic_and_degenerate_cases():
+    d = np.random.default_rng(0).normal(1.0, 0.5, 10)
+    m, lo, hi = bootstrap_ci(d)
+    assert m == pytest.approx(d.mean()) and d.min() <= lo < m < hi <= d.max()
+    assert bootstrap_ci(d) == (m, lo, hi) and bootstrap_ci(d, seed=1) != (m, lo, hi)
+    assert bootstrap_ci(d, ci=0.5)[1] > lo
+    assert math.isnan(bootstrap_ci([0.5])[1]) and bootstrap_ci([0.5])[0] == 0.5
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+
+
+def _offset_runs(root, offset, noise, n=8):
+    """Baseline seeds with varied curves; guided = the same seed's curve + offset + per-seed noise."""
+    rng = np.random.default_rng(123)
+    for s in range(n):
+        base = np.array([0.5, 0.6, 0.7, 0.75]) + rng.normal(0, 0.03)
+        make_run(root, f"b{s}", 0.0, s, base)
+        make_run(root, f"g{s}", 1.0, s, base + offset + rng.normal(0, noise))
+
+
+@pytest.mark.parametrize("offset, excludes_zero", [(0.05, True), (0.001, False)])
+def test_paired_bootstrap_ci_contains_the_offset(tmp_path, offset, excludes_zero):
+    _offset_runs(tmp_path, offset, noise=0.01)
+    groups = group_runs(load_runs([tmp_path]))
+    table, target, base, notes = summarize(groups, "val/acc")
+    g = table.set_index("label").loc["w=1"]
+    assert g["pairs"] == 8 and g["unpaired"] == 0 and not any("seed partner" in n for n in notes)
+    for name in ("final", "auc"):  # a constant offset shifts the AUC by the same amount
+        lo, hi = g[f"d_{name}_lo"], g[f"d_{name}_hi"]
+        assert lo <= offset <= hi and (lo > 0) == excludes_zero
+    again, *_ = summarize(groups, "val/acc")
+    pd.testing.assert_frame_equal(table, again)  # fixed RNG: tables regenerate identically
+    assert summarize(groups, "val/acc", bootstrap_seed=1)[0]["d_final_lo"].iloc[1] != g["d_final_lo"]
+
+
+def test_paired_differences_skip_and_count_a_missing_seed(tmp_path):
+    for s, v in [(0, 0.8), (1, 0.7), (2, 0.9)]:
+        make_run(tmp_path, f"b{s}", 0.0, s, [0.5, 0.6, 0.7, v])
+    for s, v in [(0, 0.9), (1, 0.75), (3, 0.1)]:
+        make_run(tmp_path, f"g{s}", 1.0, s, [0.5, 0.6, 0.7, v])
+    groups = group_runs(load_runs([tmp_path]))
+    p = paired_differences(*groups.values(), "val/acc")
+    assert (p["pairs"], p["unpaired"], p["seeds"]) == (2, 2, [0, 1])  # seed 2 only in one, seed 3 in the other
+    assert p["final"] == pytest.approx([-0.1, -0.05])  # groups ordered baseline first: baseline - guided
+    table, _, _, notes = summarize(groups, "val/acc")
+    g = table.set_index("group").loc["guidance.weight=1.0"]
+    assert (g["pairs"], g["unpaired"], g["d_final"]) == (2, 2, pytest.approx(0.075))
+    assert any("without a seed partner" in n for n in notes)
+
+
+def test_steps_to_target_per_seed_counts_not_reached_at_run_length(tmp_path):
+    make_run(tmp_path, "b0", 0.0, 0, [0.5, 0.6, 0.7, 0.8])
+    make_run(tmp_path, "b1", 0.0, 1, [0.5, 0.6, 0.7, 0.8])
+    make_run(tmp_path, "g0", 1.0, 0, [0.6, 0.8, 0.85, 0.86])  # reaches 0.8 at step 200
+    make_run(tmp_path, "g1", 1.0, 1, [0.5, 0.6, 0.7, 0.75])   # never: counted as 400
+    table, *_ = summarize(group_runs(load_runs([tmp_path])), "val/acc")
+    g = table.set_index("group").loc["guidance.weight=1.0"]
+    assert g["d_steps"] == pytest.approx((200 - 400 + 400 - 400) / 2) and g["steps_censored"] == 1
+    assert (g["d_steps_lo"], g["d_steps_hi"]) == (-200, 0)
+
+
+def _labelled(tmp_path, configs):
+    for i, extra in enumerate(configs):
+        make_run(tmp_path, f"r{i}", extra.pop("weight", 1.0), 0, [0.5, 0.6, 0.7, 0.8], extra=extra)
+    groups = group_runs(load_runs([tmp_path]))
+    labels = group_labels(groups)
+    assert len(set(labels.values())) == len(groups)
+    return sorted(labels.values())
+
+
+def test_labels_are_short_and_unique(tmp_path):
+    # today's layout: weights, the map kind, a schedule, a training budget, an optimizer setting
+    configs = [{"weight": 0.0}, {"weight": 1.0}, {"weight": 0.3},
+               {"weight": 1.0, "guidance": {"target": {"kind": "shuffled"}}},
+               {"weight": 3.0, "guidance": {"schedule": {"kind": "cosine"}}},
+               {"weight": 0.0, "trainer": {"max_steps": 350}},
+               {"weight": 1.0, "trainer": {"max_steps": 350}, "optimizer": {"betas": [0.9, 0.95]}}]
+    defaults = {"guidance": {"schedule": {"kind": "constant"}}, "optimizer": {"betas": [0.9, 0.999]}}
+    labels = _labelled(tmp_path / "a", [_merge(defaults, c) for c in configs])
+    # aliased keys first (kind, schedule kind, w, steps), then others as "<last component>=<value>"
+    assert labels == ["baseline steps=350 betas=0.9+0.999", "baseline steps=400 betas=0.9+0.999",
+                      "shuffled constant w=1 steps=400 betas=0.9+0.999",
+                      "sift constant w=0.3 steps=400 betas=0.9+0.999",
+                      "sift constant w=1 steps=350 betas=0.9+0.95", "sift constant w=1 steps=400 betas=0.9+0.999",
+                      "sift cosine w=3 steps=400 betas=0.9+0.999"]
+    # the next layout: relevance kinds and guidance modes (each config holds every key); the baseline is marked
+    # by an empty mode list, whatever its weight
+    defaults = {"relevance": {"kind": "sift"}, "guidance": {"token_drop": {"keep": 0.5}, "prior": {"beta": 1.0}}}
+    new = [{"guidance": {"modes": []}}, {"guidance": {"modes": ["attention"]}},
+           {"relevance": {"kind": "rolled"}, "guidance": {"modes": ["token_drop"]}},
+           {"guidance": {"modes": ["token_drop"]}},
+           {"guidance": {"modes": ["token_drop"], "token_drop": {"keep": 0.25}}},
+           {"guidance": {"modes": ["prior", "attention"], "prior": {"beta": 2.0}}}]
+    labels = _labelled(tmp_path / "b", [_merge(defaults, c) for c in new])
+    # settings of modes a group does not use (token_drop.keep for "attention") are left out of its label
+    assert labels == ["baseline", "rolled token_drop keep=0.5", "sift attention", "sift prior+attention beta=2",
+                      "sift token_drop keep=0.25", "sift token_drop keep=0.5"]
+    assert all(len(lab) <= 30 for lab in labels)
+
+
+def test_label_collisions_fall_back_to_longer_forms(tmp_path):
+    # two baselines that differ only in guidance settings (inert at weight 0): "baseline" alone would clash
+    labels = _labelled(tmp_path, [{"weight": 0.0}, {"weight": 0.0, "guidance": {"target": {"kind": "shuffled"}}},
+                                  {"weight": 1.0}])
+    assert labels == ["baseline shuffled w=0", "baseline sift w=0", "sift w=1"]
+    # weights 1 and 1.0 (a command-line override vs a YAML value) form two groups whose short forms read the same:
+    # the full descriptions tell them apart
+    labels = _labelled(tmp_path / "b", [{"weight": 0.0}, {"weight": 1}, {"weight": 1.0}])
+    assert labels == ["baseline", "guidance.weight=1", "guidance.weight=1.0"]
+
+
+def test_modes_as_config_nodes_group_label_and_mark_the_baseline(tmp_path):
+    """The composed layout (``guidance=[attention,token_drop]``): one ``guidance.<mode>`` node per mode, a global
+    ``guidance.weight`` multiplying the loss modes, ``relevance.kind`` naming the map."""
+    attention = {"_target_": "siftguide.guidance.SiftGuidance", "weight": 1.0, "layers": [-1]}
+    token_drop = {"_target_": "siftguide.guidance.TokenDrop", "keep": 0.5}
+    runs = {  # name: (guidance, relevance kind, is a baseline)
+        "none": ({"weight": 0.0}, "sift", True),
+        "inert": ({"weight": 0.0, "attention": attention}, "sift", True),  # loss mode at global weight 0
+        "att": ({"weight": 1.0, "attention": attention}, "sift", False),
+        "att_rolled": ({"weight": 1.0, "attention": attention}, "rolled", False),
+        "td": ({"weight": 1.0, "token_drop": token_drop}, "sift", False),
+        "td_random": ({"weight": 1.0, "token_drop": token_drop}, "random", False),
+        "td_w0": ({"weight": 0.0, "token_drop": {**token_drop, "keep": 0.25}}, "sift", False),  # acts at weight 0
+        "both": ({"weight": 1.0, "attention": attention, "token_drop": token_drop}, "sift", False),
+    }
+    for name, (guidance, kind, _) in runs.items():
+        d = tmp_path / name
+        d.mkdir()
+        pd.DataFrame({"step": [100, 200], "val/acc": [0.5, 0.6]}).to_csv(d / "metrics.csv", index=False)
+        (d / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "guidance": guidance, "relevance": {"kind": kind}}))
+    loaded = {r.path.name: r for r in load_runs([tmp_path])}
+    assert {n: is_baseline(r) for n, r in loaded.items()} == {n: b for n, (_, _, b) in runs.items()}
+    assert loaded["both"].config["guidance.modes"] == ("attention", "token_drop")
+    groups = group_runs(list(loaded.values()))
+    labels = {groups[g][0].path.name: lab for g, lab in group_labels(groups).items()}
+    assert labels == {"none": "baseline w=0", "inert": "baseline attention w=0", "att": "sift attention w=1",
+                      "att_rolled": "rolled attention w=1", "td": "sift token_drop w=1 keep=0.5",
+                      "td_random": "random token_drop w=1 keep=0.5", "td_w0": "sift token_drop w=0 keep=0.25",
+                      "both": "sift attention+token_drop w=1 keep=0.5"}
+
+
+@pytest.mark.parametrize("extra, baseline", [
+    ({"guidance": {"modes": []}}, True), ({"guidance": {"_name": "none"}}, True), ({"guidance": None}, True),
+    ({"guidance": {"modes": ["attention"]}}, False), ({"guidance": {"modes": ["prior"], "prior": {"weight": 0}}}, True),
+    ({}, False)])
+def test_baseline_markers(tmp_path, extra, baseline):
+    make_run(tmp_path, "r", 1.0, 0, [0.5, 0.6, 0.7, 0.8], extra=extra)
+    assert is_baseline(load_runs([tmp_path])[0]) == baseline
+
+
+def _study(root):
+    """Baseline, SIFT w=1 clearly faster, two wrong-map controls at w=1, 3 seeds each."""
+    for s, e in enumerate([0.0, 0.01, -0.01]):
+        make_run(root, f"b{s}", 0.0, s, np.array([0.5, 0.6, 0.7, 0.8]) + e)
+        make_run(root, f"s{s}", 1.0, s, np.array([0.6, 0.75, 0.82, 0.86]) + e)
+        make_run(root, f"sh{s}", 1.0, s, np.array([0.52, 0.62, 0.72, 0.81]) + e, kind="shuffled")
+        make_run(root, f"ro{s}", 1.0, s, np.array([0.5, 0.6, 0.7, 0.79]) + e, kind="rolled")
+
+
+def test_verdict_reports_ratios_cis_and_the_best_wrong_map_control(tmp_path):
+    _study(tmp_path)
+    groups = group_runs(load_runs([tmp_path]))
+    table, target, base, _ = summarize(groups, "val/acc")
+    text = verdict(table, groups, "val/acc", target, base)
+    paras = text.strip().split("\n\n")
+    assert len(paras) == 1 + 3 + 1  # header, one per non-baseline group, one SIFT-vs-control line
+    sift = next(p for p in paras if p.startswith("`sift w=1`"))
+    assert "the baseline's steps" in sift and "final +0.0600 [95% CI +0.0600, +0.0600], CI excludes 0" in sift
+    last = paras[-1]
+    assert last.startswith("SIFT vs best wrong-map control: `sift w=1` vs `shuffled w=1`")
+    assert "difference +0.0500" in last and last.endswith("? yes.")
+
+
+def test_old_import_path_is_a_shim():
+    import siftguide.analysis.compare as new
+    import siftguide.compare as old
+
+    assert all(getattr(old, name) is getattr(new, name) for name in new.__all__)
+    assert old.IGNORED_PREFIXES is new.IGNORED_PREFIXES
+
+
+def test_module_cli_in_a_subprocess(tmp_path):
+    _study(tmp_path / "runs")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "siftguide.compare", str(tmp_path / "runs"), "--out", str(out),
+                           "--verdict"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "12 runs in 4 groups" in proc.stdout and "SIFT vs best wrong-map control" in proc.stdout
+    md = (out / "table.md").read_text()
+    assert "| sift w=1 | 3 |" in md and "- `sift w=1`: guidance.target.kind=sift, guidance.weight=1.0" in md
+    assert "Δ AUC" in md and (out / "verdict.md").read_text() in proc.stdout
+    t = pd.read_csv(out / "table.csv")
+    assert {"label", "auc", "auc_seed_std", "pairs", "d_final_lo", "d_steps_hi", "steps_censored"} <= set(t.columns)
