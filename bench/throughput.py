@@ -1,11 +1,13 @@
-"""Training throughput and memory of guided vs baseline steps at the default config, measured in one run.
+"""Training throughput and memory of every guidance mode vs the baseline at the default config, in one run.
 
     python bench/throughput.py [--steps 20] [--device cpu|cuda] [--compile] [overrides ...]
 
 Builds the real objects from the composed Hydra config (``configs/train.yaml`` + overrides) and runs optimizer
 steps by hand (device pipeline, relevance, forward, backward, AdamW step), interleaving the variants
-baseline / guided on the fly / guided with the keypoint cache (/ guided on the fly with the ``torch.compile``'d
-detector, ``--compile``; compiled during the warm-up steps) so that machine drift hits all alike. Prints the
+baseline / attention guidance on the fly / every supervised mode with the keypoint cache (attention,
+interrelation, background, prior, token_drop, and token_drop's random control) (/ on the fly with the
+``torch.compile``'d detector, ``--compile``; compiled during the warm-up steps) so that machine drift hits all
+alike. Prints the
 median step time, images/s, the guided/baseline throughput ratios, and memory: bytes of tensors saved for
 backward (the activation memory, exact on any device) and, on CUDA, the peak allocated memory. With OpenCV
 installed it also times OpenCV's C++ SIFT on one augmented batch: the on-the-fly ratio a detector as fast as
@@ -58,6 +60,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="add guided on the fly with the compiled detector")
+    ap.add_argument("--modes", nargs="*", default=None, help="only these mode variants (default: all)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every variant")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -65,13 +68,21 @@ def main() -> None:
 
     from siftguide.cache import KeypointCache
 
+    C = "relevance.cache=true"
     variants = {
         "baseline": ["guidance=none"],
-        "guided": ["guidance=sift"],
-        "guided+cache": ["guidance=sift", "guidance.cache=true"],
+        "guided": ["guidance=attention"],
+        "guided+cache": ["guidance=attention", C],
+        "interrelation": ["guidance=interrelation", C],
+        "background": ["guidance=background", C],
+        "prior": ["guidance=prior", C],
+        "token_drop": ["guidance=token_drop", C],
+        "token_drop_rand": ["guidance=token_drop", "relevance.kind=random"],
     }
+    if args.modes:
+        variants = {k: v for k, v in variants.items() if k in ("baseline", "guided", "guided+cache", *args.modes)}
     if args.compile:
-        variants["guided+compile"] = ["guidance=sift", "guidance.target.compile=true"]
+        variants["guided+compile"] = ["guidance=attention", "relevance.compile=true"]
     built = {k: make_module(args.overrides + v, dev) for k, v in variants.items()}
     cfg = built["baseline"][0]
     from hydra.utils import instantiate
@@ -83,9 +94,11 @@ def main() -> None:
     # the cache is built once, outside the timed steps (as in training, where it is built or loaded at fit start)
     cm = built["guided+cache"][1]
     t0 = time.perf_counter()
-    cm.keypoint_cache = KeypointCache.build(dm.train_set.images, cm.transform.resize, cm.target.sift,
-                                            device=dev).to(dev)
+    cache = KeypointCache.build(dm.train_set.images, cm.transform.resize, cm.relevance.sift, device=dev).to(dev)
     build_s = time.perf_counter() - t0
+    for _, m in built.values():
+        if m.relevance.use_cache:
+            m.relevance.caches["train"] = cache
 
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (_, m) in built.items()}
     times = {k: [] for k in built}
@@ -127,9 +140,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"device {dev}, threads {torch.get_num_threads()}, batch {bs}, {args.steps} timed steps per variant, "
           f"overrides {args.overrides or '(default config)'}")
-    print(f"keypoint cache built for {len(cm.keypoint_cache)} training images in {build_s:.1f} s")
+    print(f"keypoint cache built for {len(cache)} training images in {build_s:.1f} s")
     for k in built:
-        line = f"{k:13s} median step {med[k] * 1000:8.1f} ms  {bs / med[k]:8.1f} img/s  saved-for-backward " \
+        line = f"{k:16s} median step {med[k] * 1000:8.1f} ms  {bs / med[k]:8.1f} img/s  saved-for-backward " \
                f"{saved[k] / 2**20:7.1f} MiB"
         if dev.type == "cuda":
             line += f"  peak allocated {peak[k] / 2**20:8.1f} MiB"
@@ -139,6 +152,10 @@ def main() -> None:
     if args.compile:
         print(f"throughput ratio guided/baseline (compiled):   {med['baseline'] / med['guided+compile']:.3f}")
     print(f"activation memory ratio guided/baseline:       {saved['guided'] / saved['baseline']:.3f}")
+    print("per mode (cached relevance), throughput and activation-memory ratios to the baseline:")
+    for k in built:
+        if k not in ("baseline", "guided", "guided+compile"):
+            print(f"  {k:16s} throughput {med['baseline'] / med[k]:.3f}   memory {saved[k] / saved['baseline']:.3f}")
     cv_s = opencv_detect_seconds(built["baseline"][1], batches[0], dev)
     if cv_s is not None:  # what no detector in the step can beat on this CPU: OpenCV's C++ SIFT
         print(f"OpenCV SIFT.detect on the same {bs} augmented images: {cv_s * 1000:.1f} ms; on-the-fly ratio if "

@@ -9,6 +9,7 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-logs/modes_first_look}
 export WANDB_MODE=offline WANDB_SILENT=true
 SEED=${SEED:-0}
+EXTRA=${EXTRA:-}   # overrides added to every run (e.g. data.root=...)
 
 run() {  # run NAME OVERRIDES...
   local name=$1; shift
@@ -18,7 +19,8 @@ run() {  # run NAME OVERRIDES...
     echo "[skip] $name"; return
   fi
   echo "[run] $name: $*"
-  $PY train.py seed=$SEED logger=csv trainer.enable_progress_bar=false "hydra.run.dir=$dir" "$@" > "$OUT/$name.log" 2>&1
+  # shellcheck disable=SC2086
+  $PY train.py seed=$SEED logger=csv trainer.enable_progress_bar=false "hydra.run.dir=$dir" "$@" ${EXTRA:-} > "$OUT/$name.log" 2>&1
 }
 
 part=${1:-run}
@@ -39,6 +41,6 @@ if [ "$part" = run ]; then
   run mae_recon_weight $M guidance=recon_weight $C
 fi
 if [ "$part" = run ] || [ "$part" = compare ]; then
-  $PY -m siftguide.compare "$OUT"/sup_* --out docs/results/modes_first_look/supervised --metric val/acc || true
-  $PY -m siftguide.compare "$OUT"/mae_* --out docs/results/modes_first_look/mae --metric val/knn_acc || true
+  $PY -m siftguide.compare "$OUT"/sup_*/ --out docs/results/modes_first_look/supervised --metric val/acc || true
+  $PY -m siftguide.compare "$OUT"/mae_*/ --out docs/results/modes_first_look/mae --metric val/knn_acc || true
 fi
