@@ -1,0 +1,481 @@
+"""One-shot GPU benchmark: SIFT speed against OpenCV, and guided vs baseline ViT-S/16 training steps.
+
+    python bench/gpu.py [--smoke] [--out FILE.json] [--device cuda|cpu] [--no-compile] [--budget-s 330]
+
+Part 1, SIFT: images/s of ``detect_keypoints`` on batches of ``--sift-batch`` grey photos (the real photos bundled
+with scikit-image, random square crops, area-resized; smooth random textures if scikit-image or OpenCV is
+missing) at 64/128/224 px, eager and ``torch.compile``'d (one static-shape graph per size, compile time reported
+apart), against OpenCV's ``SIFT.detect`` on the CPU, image by image (timed with ``bench/sift.py``'s ``timeit``:
+one warm-up, best of repeats).
+
+Part 2, training steps: one optimizer step of timm ``vit_small_patch16_224`` (batch 256, 224 px, 3 channels,
+bf16 autocast, AdamW) = uint8 batch gathered from a fixed pool of photo crops already on the device ->
+``DeviceTransform`` (resize + random resized crop + flip, its matrix kept) -> relevance -> forward -> cross
+entropy (+ ``SiftGuidance`` loss, last block, weight 0.3) -> backward -> AdamW step, for
+
+* ``baseline``: no relevance, no guidance (fused attention everywhere);
+* ``guided``: SIFT on the fly (eager detector) on the augmented batch;
+* ``guided+compile``: the same with the ``torch.compile``'d detector (compiled before its round, untimed);
+* ``guided+cache``: keypoints detected once per pool image (``KeypointCache``, built before timing), looked up by
+  index and mapped through the augmentation matrix.
+
+The variants run interleaved, step by step, so drift hits all alike. Reported: median step time, images/s, the
+guided/baseline throughput ratio, peak allocated memory (CUDA; reset before every step, max over the timed steps;
+absolute, with every variant's weights and optimizer state resident, and the step's own peak above what was
+allocated before it: activations, gradients, SIFT) and bytes saved for backward (the activation memory, any
+device; counted on one extra untimed step), with their ratios to the baseline. Data loading is not timed (the
+pool is on the device, as after the transfer).
+
+Each part prints its table and rewrites ``--out`` as soon as it ends, so a run cut short keeps what it measured.
+Order: SIFT eager and OpenCV; steps round 1 (baseline, guided, guided+cache); compile of the detector at the step's
+batch shape, then round 2 (baseline, guided+compile); compiled SIFT per size, largest first. A compile starts only
+while more of ``--budget-s`` is left than it is expected to take (``--compile-estimate-s``, or 1.2x the last
+compile), and after ``--hard-limit-s`` the process exits with what it has (a compile cannot be interrupted). A part
+that fails is recorded under ``errors`` and the next part still runs.
+Compiling the detector is slow: 282 s on an H200 machine (16 CPUs) at the step's shape, so one full run fits
+one compile in the default budget (the step's); for the compiled SIFT at every size run
+``--skip steps --budget-s 1200 --hard-limit-s 1300`` (about 15 minutes).
+``--smoke``: tiny sizes on the CPU (32/64 px, batch 8, a 2-block ViT at 64 px, 2 steps, no compile) for the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.sift import timeit  # noqa: E402
+from siftguide import SiftGuidance, relevance_from_keypoints  # noqa: E402
+from siftguide.cache import KeypointCache  # noqa: E402
+from siftguide.data import DeviceTransform  # noqa: E402
+from siftguide.sift import compiled_detect_keypoints, detect_keypoints  # noqa: E402
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+FULL = dict(sizes=[64, 128, 224], sift_batch=64, repeats=10, cv_repeats=3, model="vit_small_patch16_224", depth=None,
+            img_size=224, pool_size=256, batch=256, pool=512, steps=20, warmup=3, classes=1000)
+SMOKE = dict(sizes=[32, 64], sift_batch=8, repeats=1, cv_repeats=1, model="vit_tiny_patch16_224", depth=2,
+             img_size=64, pool_size=72, batch=8, pool=16, steps=2, warmup=1, classes=10)
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def images(size: int, n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """``(n, 1, size, size)`` uint8 grey images and where they come from: crops of scikit-image's photos, or
+    smooth random textures (blobs at several scales, which SIFT finds keypoints in) when those are missing."""
+    try:
+        from siftguide.testing import photo_batch
+
+        x = photo_batch(size, crops_per_photo=math.ceil(n / 20), seed=seed)
+        return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]], "scikit-image photos"
+    except Exception as e:  # noqa: BLE001 - optional image set (scikit-image, OpenCV are dev dependencies)
+        print(f"photos unavailable ({type(e).__name__}: {e}); using synthetic textures")
+    g = torch.Generator().manual_seed(seed)
+    x = sum(F.interpolate(torch.rand(n, 1, c, c, generator=g), size=(size, size), mode="bicubic", align_corners=False)
+            / (i + 1) for i, c in enumerate((4, 8, 16, 32)))
+    x = (x - x.amin((2, 3), keepdim=True)) / (x.amax((2, 3), keepdim=True) - x.amin((2, 3), keepdim=True))
+    return (x * 255).round().clamp(0, 255).to(torch.uint8), "synthetic textures"
+
+
+class Stopwatch:
+    """Time since the start and time left in the run's budget."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.t0, self.budget_s = time.perf_counter(), budget_s
+        self.last_compile_s: float | None = None  # the next compile is expected to take about as long
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def compile_veto(self, args) -> str | None:
+        """Why no compile may start now (None: it may)."""
+        if args.no_compile:
+            return "--no-compile"
+        need = max(args.compile_estimate_s, 1.2 * (self.last_compile_s or 0.0))
+        return f"budget: {self.left():.0f} s left < {need:.0f} s expected" if self.left() < need else None
+
+
+class Report:
+    """The results dict, rewritten to ``path`` (atomically) after every part."""
+
+    def __init__(self, path: str | None, meta: dict) -> None:
+        self.path = Path(path) if path else None
+        self.data = {"meta": meta, "sift": [], "steps": None, "status": "running"}
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        tmp.replace(self.path)
+
+
+def fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def meta(args, dev: torch.device) -> dict:
+    import kornia
+    import timm
+
+    try:
+        import cv2
+
+        cv = {"opencv": cv2.__version__, "opencv_threads": cv2.getNumThreads()}
+    except ImportError:
+        cv = {"opencv": None}
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    return {
+        "device": str(dev), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "timm": timm.__version__, "kornia": kornia.__version__, **cv, "python": platform.python_version(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "smoke": args.smoke,
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ part 1: SIFT
+def sift_part(args, dev, sync, report: Report) -> dict[int, torch.Tensor]:
+    """Eager detector and OpenCV per size; returns the device batches for the compiled pass later."""
+    batches = {}
+    try:
+        import cv2
+
+        sift_cv = cv2.SIFT_create()
+    except ImportError:
+        sift_cv = None
+    print(f"\n== part 1: SIFT images/s, batch {args.sift_batch} ({dev}) vs OpenCV SIFT.detect (CPU, image by image)")
+    for size in args.sizes:
+        u8, source = images(size, args.sift_batch)
+        x = u8.float().div(255).to(dev)
+        batches[size] = x
+        kw = dict(max_keypoints=1024 if size > 128 else 512)  # as bench/sift.py
+        t_eager = timeit(lambda: detect_keypoints(x, **kw), args.repeats, sync) / len(x)
+        n_kp = float(detect_keypoints(x, **kw).valid.sum(1).float().mean())
+        row = {"size": size, "batch": len(x), "images": source, "max_keypoints": kw["max_keypoints"],
+               "keypoints_per_image": n_kp, "eager_img_s": 1 / t_eager, "compiled_img_s": None, "compile_s": None,
+               "compiled_skipped": "not run yet", "opencv_img_s": None, "eager_vs_opencv": None,
+               "compiled_vs_opencv": None, "compiled_vs_eager": None}
+        if sift_cv is not None:
+            arr = u8[:, 0].numpy()
+            t_cv = timeit(lambda: [sift_cv.detect(im, None) for im in arr], args.cv_repeats, lambda: None) / len(arr)
+            row.update(opencv_img_s=1 / t_cv, eager_vs_opencv=t_cv / t_eager,
+                       opencv_keypoints_per_image=sum(len(sift_cv.detect(im, None)) for im in arr) / len(arr))
+        report.data["sift"].append(row)
+        report.save()
+        print(f"  {size:4d} px  eager {row['eager_img_s']:9.1f} img/s  OpenCV {fmt(row['opencv_img_s'], '9.1f')} "
+              f"img/s  eager/OpenCV {fmt(row['eager_vs_opencv'], '6.2f')}x  ({n_kp:.0f} keypoints/image)")
+    return batches
+
+
+def sift_compiled_part(args, dev, sync, report: Report, batches: dict[int, torch.Tensor], clock: Stopwatch) -> None:
+    """The compiled detector per size, largest first (the size that matters most), while the budget allows."""
+    print(f"\n== part 1b: compiled SIFT (static shapes, one graph per size)")
+    rows = {r["size"]: r for r in report.data["sift"]}
+    for size in sorted(batches, reverse=True):
+        row = rows[size]
+        reason = clock.compile_veto(args)
+        if reason is None:
+            x = batches[size]
+            kw = dict(max_keypoints=row["max_keypoints"])
+            try:
+                torch._dynamo.reset()  # a static-shape graph per size, as in a run at one image and batch size
+                fast = compiled_detect_keypoints()
+                t0 = time.perf_counter()
+                fast(x, **kw)
+                sync()
+                compile_s = clock.last_compile_s = time.perf_counter() - t0
+                t = timeit(lambda: fast(x, **kw), args.repeats, sync) / len(x)
+                row.update(compiled_img_s=1 / t, compile_s=compile_s, compiled_skipped=None,
+                           compiled_vs_eager=(1 / t) / row["eager_img_s"])
+                if row["opencv_img_s"]:
+                    row["compiled_vs_opencv"] = (1 / t) / row["opencv_img_s"]
+            except Exception as e:  # noqa: BLE001 - a failed compile is reported, the rest still runs
+                reason = f"compile failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+        if reason is not None:
+            row["compiled_skipped"] = reason
+        report.save()
+        print(f"  {size:4d} px  compiled {fmt(row['compiled_img_s'], '9.1f')} img/s  "
+              f"(compile {fmt(row['compile_s'], '.0f')} s)  compiled/OpenCV {fmt(row['compiled_vs_opencv'], '6.2f')}x"
+              + (f"  [{reason}]" if reason else ""))
+
+
+# ---------------------------------------------------------------------------------------- part 2: training steps
+class StepBench:
+    """Same-initialised ViTs, one per variant, and the timed optimizer step; rounds of variants run interleaved."""
+
+    SOURCE = {"baseline": None, "guided": "eager", "guided+cache": "cache", "guided+compile": "compiled"}
+
+    def __init__(self, args, dev: torch.device, sync) -> None:
+        import timm
+
+        self.args, self.dev, self.sync = args, dev, sync
+        self.size = (args.img_size, args.img_size)
+        self.transform = DeviceTransform(args.img_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, hflip=True,
+                                         crop_scale=(0.35, 1.0), crop_ratio=(0.75, 4 / 3)).to(dev)
+        grey, self.pool_source = images(args.pool_size, args.pool, seed=1)
+        self.pool = grey.expand(-1, 3, -1, -1).contiguous().to(dev)  # (N, 3, s, s) uint8, as after the transfer
+        self.sift_kw = dict(max_keypoints=512)  # configs/experiment/vit_s16_imagefolder.yaml
+        self.nets, self.opts, self.guides = {}, {}, {}
+        for name, source in self.SOURCE.items():
+            torch.manual_seed(0)  # same initial weights for every variant
+            kw = {"depth": args.depth} if args.depth else {}
+            net = timm.create_model(args.model, pretrained=False, num_classes=args.classes, img_size=args.img_size,
+                                    drop_path_rate=0.1, **kw).to(dev)
+            self.nets[name] = net
+            self.opts[name] = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+            self.guides[name] = SiftGuidance(net, layers=[-1], weight=0.3) if source else None
+        self.patch = self.nets["baseline"].patch_embed.patch_size
+        self.grid = self.nets["baseline"].patch_embed.grid_size
+        self.detectors = {"eager": detect_keypoints, "compiled": None}  # compiled: set by compile_detector()
+        g = torch.Generator().manual_seed(0)
+        n = args.warmup + args.steps + 1
+        self.index = [torch.randint(len(self.pool), (args.batch,), generator=g).to(dev) for _ in range(n)]
+        self.labels = [torch.randint(args.classes, (args.batch,), generator=g).to(dev) for _ in range(n)]
+        self.cache = None
+
+    def build_cache(self) -> float:
+        """Seconds to detect the keypoints of the whole pool (in training: once at fit start, or loaded)."""
+        self.sync()
+        t0 = time.perf_counter()
+        self.cache = KeypointCache.build(self.pool, self.transform.resize, self.sift_kw, batch_size=self.args.batch,
+                                         device=self.dev).to(self.dev)
+        self.sync()
+        return time.perf_counter() - t0
+
+    def compile_detector(self) -> float:
+        """Seconds to compile the detector for this batch shape (the first call; untimed in the rounds)."""
+        fast = compiled_detect_keypoints()
+        with torch.no_grad():
+            x = self.transform(self.pool[self.index[0]], train=True)
+        self.sync()
+        t0 = time.perf_counter()
+        fast(x, **self.sift_kw)
+        self.sync()
+        self.detectors["compiled"] = fast
+        return time.perf_counter() - t0
+
+    def step(self, name: str, i: int, count_saved: bool = False) -> tuple[float, int, int, int]:
+        """One optimizer step: (seconds, peak allocated bytes, peak bytes above what was allocated before the step
+        (both CUDA only, else 0), bytes saved for backward (when ``count_saved``, else 0))."""
+        net, opt, guide, source = self.nets[name], self.opts[name], self.guides[name], self.SOURCE[name]
+        net.train()
+        before = 0
+        if self.dev.type == "cuda":
+            self.sync()
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            before = torch.cuda.memory_allocated(self.dev)
+        self.sync()
+        t = time.perf_counter()
+        idx = self.index[i]
+        x, matrix = self.transform(self.pool[idx], train=True, return_matrix=True)  # (B, 3, S, S), (B, 3, 3)
+        rel = None
+        if source == "cache":
+            kp = self.cache.lookup(idx, matrix, self.size)
+        elif source:
+            kp = self.detectors[source](x, **self.sift_kw)
+        if source:
+            rel = relevance_from_keypoints(kp, self.grid, self.patch)  # (B, Gh, Gw)
+        nbytes = [0]
+
+        def pack(v):
+            nbytes[0] += v.numel() * v.element_size()
+            return v
+
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v) if count_saved else contextlib.nullcontext()
+        with hooks, torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16):
+            with guide.capture() if guide else contextlib.nullcontext():
+                logits = net(self.transform.normalize(x))
+            loss = F.cross_entropy(logits.float(), self.labels[i])
+            if guide:
+                loss = loss + guide.loss(rel)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        self.sync()
+        dt = time.perf_counter() - t
+        peak = torch.cuda.max_memory_allocated(self.dev) if self.dev.type == "cuda" else 0
+        return dt, peak, max(peak - before, 0), nbytes[0]
+
+    def round(self, names: list[str]) -> dict[str, dict]:
+        """Warm-up, timed steps and one untimed step counting saved-for-backward bytes, variants interleaved."""
+        a = self.args
+        times, saved = {k: [] for k in names}, {k: 0 for k in names}
+        peak, extra = {k: 0 for k in names}, {k: 0 for k in names}
+        for i in range(a.warmup + a.steps + 1):
+            for name in names:
+                last = i == a.warmup + a.steps
+                dt, pk, ex, nb = self.step(name, i, count_saved=last)
+                if last:
+                    saved[name] = nb
+                elif i >= a.warmup:
+                    times[name].append(dt)
+                    peak[name], extra[name] = max(peak[name], pk), max(extra[name], ex)
+        med = {k: statistics.median(times[k]) for k in names}
+        out = {}
+        for k in names:
+            v = {"step_ms": med[k] * 1000, "img_s": a.batch / med[k], "throughput_ratio": med["baseline"] / med[k],
+                 "saved_for_backward_mib": saved[k] / 2**20, "saved_ratio": saved[k] / saved["baseline"],
+                 "steps_ms": [t * 1000 for t in times[k]]}
+            if self.dev.type == "cuda":  # peak: all variants' weights and optimizer states resident; step_peak: the
+                # step's own memory above that (activations, gradients, SIFT), what guidance changes
+                v.update(peak_mib=peak[k] / 2**20, peak_ratio=peak[k] / peak["baseline"],
+                         step_peak_mib=extra[k] / 2**20, step_peak_ratio=extra[k] / extra["baseline"])
+            out[k] = v
+        return out
+
+
+def print_round(title: str, variants: dict[str, dict], cuda: bool) -> None:
+    print(title)
+    mem = "peak allocated MiB (ratio)   step's own peak MiB (ratio)" if cuda else ""
+    print(f"  {'variant':15s} {'step ms':>9s} {'img/s':>9s} {'ratio':>6s}  "
+          f"{'saved-for-backward MiB (ratio)':>31s}  {mem}")
+    for k, v in variants.items():
+        line = (f"  {k:15s} {v['step_ms']:9.1f} {v['img_s']:9.1f} {v['throughput_ratio']:6.3f}  "
+                f"{v['saved_for_backward_mib']:22.1f} ({v['saved_ratio']:5.3f})")
+        if cuda:
+            line += (f"  {v['peak_mib']:18.0f} ({v['peak_ratio']:5.3f})  {v['step_peak_mib']:18.0f} "
+                     f"({v['step_peak_ratio']:5.3f})")
+        print(line)
+
+
+def steps_part(args, dev, sync, report: Report, clock: Stopwatch) -> None:
+    """Round 1: baseline, guided on the fly (eager SIFT), guided with the cache. Round 2 (when the budget allows a
+    compile): baseline again and guided on the fly with the compiled detector, so its ratio has its own baseline."""
+    a = args
+    print(f"\n== part 2: training steps, {a.model} at {a.img_size} px, batch {a.batch}, bf16 autocast, AdamW, "
+          f"{a.steps} timed steps per variant after {a.warmup} warm-up, interleaved ({dev})")
+    bench = StepBench(args, dev, sync)
+    cache_s = bench.build_cache()
+    res = {
+        "model": a.model, "img_size": a.img_size, "batch": a.batch, "dtype": "bf16 autocast",
+        "patch": list(bench.patch), "grid": list(bench.grid), "pool_images": len(bench.pool),
+        "pool_source": bench.pool_source, "sift": bench.sift_kw, "guidance": {"layers": [-1], "weight": 0.3},
+        "augmentation": "resize, RandomResizedCrop(scale 0.35-1, ratio 3/4-4/3), horizontal flip (kornia)",
+        "timed_steps": a.steps, "warmup_steps": a.warmup, "cache_build_s": cache_s,
+        "cache_build_img_s": len(bench.pool) / cache_s, "variants": bench.round(["baseline", "guided", "guided+cache"]),
+        "compiled": None, "compile_s": None, "compile_skipped": "not run yet",
+    }
+    report.data["steps"] = res
+    report.save()
+    print_round("  round 1 (eager SIFT, cache):", res["variants"], dev.type == "cuda")
+    n = len(bench.pool)
+    print(f"  keypoint cache built for {n} images in {cache_s:.2f} s ({n / cache_s:.0f} img/s)")
+
+    reason = clock.compile_veto(a)
+    if reason is None:
+        torch._dynamo.reset()
+        try:
+            res["compile_s"] = bench.compile_detector()
+        except Exception as e:  # noqa: BLE001 - reported; the other parts still run
+            reason = f"compile failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    if reason is None:
+        clock.last_compile_s = res["compile_s"]
+        print(f"  detector compiled for ({a.batch}, 3, {a.img_size}, {a.img_size}) in {res['compile_s']:.0f} s")
+        res["compiled"] = bench.round(["baseline", "guided+compile"])
+        print_round("  round 2 (compiled SIFT, its own baseline):", res["compiled"], dev.type == "cuda")
+    res["compile_skipped"] = reason
+    report.save()
+    if reason:
+        print(f"  guided+compile skipped: {reason}")
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, no compile (the tests)")
+    ap.add_argument("--out", help="JSON file for all numbers (rewritten after every part)")
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd detector")
+    ap.add_argument("--budget-s", type=float, default=330.0,
+                    help="no compile starts later than this minus its expected duration")
+    ap.add_argument("--compile-estimate-s", type=float, default=300.0,
+                    help="expected seconds per compile of the detector (282 s measured on an H200 at the step shape)")
+    ap.add_argument("--hard-limit-s", type=float, default=None,
+                    help="exit (status 3, results so far kept) after this many seconds; default 450, off with --smoke")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["sift", "steps"], help="parts to leave out")
+    for k, v in FULL.items():  # sizes default to the full run, or to the smoke run with --smoke
+        kw = dict(type=int, nargs="+") if isinstance(v, list) else dict(type=type(v) if v is not None else int)
+        ap.add_argument("--" + k.replace("_", "-"), default=None, **kw)
+    args = ap.parse_args(argv)
+    preset = SMOKE if args.smoke else FULL
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.smoke:
+        args.no_compile = True
+    if args.hard_limit_s is None:
+        args.hard_limit_s = 0.0 if args.smoke else 450.0
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    clock = Stopwatch(args.budget_s)
+    dev = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    report = Report(args.out, meta(args, dev))
+    m = report.data["meta"]
+    print(f"{m['device_name']} ({dev}), torch {m['torch']} (CUDA {m['cuda']}), timm {m['timm']}, kornia {m['kornia']}, "
+          f"OpenCV {m['opencv']} ({m.get('opencv_threads')} threads), {m['cpu_count']} CPUs, "
+          f"torch threads {m['torch_threads']}")
+    report.save()
+    if args.hard_limit_s > 0:  # a compile cannot be interrupted: end the process, keeping what was measured
+        def cut() -> None:
+            print(f"\nhard limit of {args.hard_limit_s:.0f} s reached: exiting with the results so far", flush=True)
+            report.data["status"] = f"cut at {args.hard_limit_s:.0f} s"
+            report.save()
+            os._exit(3)
+
+        watchdog = threading.Timer(args.hard_limit_s, cut)
+        watchdog.daemon = True
+        watchdog.start()
+    errors = report.data["errors"] = []
+
+    def attempt(part: str, fn, *a):
+        """Run one part; an exception is printed and recorded, and the next part still runs."""
+        try:
+            return fn(*a)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            errors.append(f"{part}: {type(e).__name__}: {e}")
+            report.save()
+            return None
+
+    batches = attempt("sift", sift_part, args, dev, sync, report) if "sift" not in args.skip else None
+    if "steps" not in args.skip:
+        attempt("steps", steps_part, args, dev, sync, report, clock)
+    if batches:
+        attempt("sift compiled", sift_compiled_part, args, dev, sync, report, batches, clock)
+    report.data["status"] = "complete" if not errors else "errors"
+    report.data["elapsed_s"] = clock.elapsed()
+    report.save()
+    print(f"\ndone in {clock.elapsed():.0f} s" + (f"; numbers in {args.out}" if args.out else ""))
+    if errors:
+        raise SystemExit("parts failed: " + "; ".join(errors))
+    return report.data
+
+
+if __name__ == "__main__":
+    main()
