@@ -15,24 +15,24 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-logs/experiments/fashion_mnist}
 PY=.venv/bin/python
 export WANDB_MODE=offline WANDB_SILENT=true
-common="trainer.enable_progress_bar=false guidance.cache=true"
+common="trainer.enable_progress_bar=false relevance.cache=true"
 sweep() { local dir=$1; shift; $PY train.py -m "$@" $common hydra.sweep.dir=$OUT/$dir; }
 present() { local d; for d in "$@"; do if [ -d $OUT/$d ]; then echo $OUT/$d; fi; done; }  # sweeps that exist
 
 for part in "${@:-main strength budget mae_decay compare}"; do for p in $part; do case $p in
   main)
     sweep supervised guidance.weight=0,0.3,1 seed=0,1,2
-    sweep control guidance.target.kind=shuffled guidance.weight=1 seed=0,1,2
+    sweep control relevance.kind=shuffled guidance.weight=1 seed=0,1,2
     sweep mae objective=mae guidance.weight=0,1 seed=0,1,2 ;;
   strength)
     sweep strong guidance.weight=3 seed=0,1,2
-    sweep strong_control guidance.target.kind=shuffled guidance.weight=3 seed=0,1,2
-    sweep strong_cosine guidance.weight=3 guidance.schedule.kind=cosine seed=0,1,2 ;;
+    sweep strong_control relevance.kind=shuffled guidance.weight=3 seed=0,1,2
+    sweep strong_cosine guidance.weight=3 guidance.attention.schedule.kind=cosine seed=0,1,2 ;;
   budget)
     sweep budget trainer.max_steps=350 guidance.weight=0,1 seed=0,1,2
-    sweep budget_control trainer.max_steps=350 guidance.target.kind=shuffled guidance.weight=1 seed=0,1,2 ;;
+    sweep budget_control trainer.max_steps=350 relevance.kind=shuffled guidance.weight=1 seed=0,1,2 ;;
   mae_decay)
-    sweep mae_decay objective=mae guidance.weight=1 guidance.schedule.kind=linear guidance.schedule.total_steps=200 \
+    sweep mae_decay objective=mae guidance.weight=1 guidance.attention.schedule.kind=linear guidance.attention.schedule.total_steps=200 \
       seed=0,1,2 ;;
   compare)
     $PY -m siftguide.compare $(present supervised control strong strong_control strong_cosine) --metric val/acc \
