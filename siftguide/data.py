@@ -137,18 +137,24 @@ class FashionMNISTDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         x, y = load_fashion_mnist(self.root, self.cache_dir, "train", self.download)
-        if self.val_size >= len(y):
-            raise ValueError(f"val_size={self.val_size} leaves no training images out of {len(y)}")
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
-        val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
-        if self.train_subset:
-            train_idx = train_idx[: self.train_subset]
+        train_idx, val_idx = self.split_indices(len(y))
         self.train_set = _TensorImages(x[train_idx], y[train_idx])
         self.val_set = _TensorImages(x[val_idx], y[val_idx])
         xt, yt = load_fashion_mnist(self.root, self.cache_dir, "test", self.download)
         self.test_set = _TensorImages(xt, yt)
         log.info("Fashion-MNIST: %d train / %d val / %d test images", len(self.train_set), len(self.val_set),
                  len(self.test_set))
+
+    def split_indices(self, n: int) -> tuple[Tensor, Tensor]:
+        """``(train_idx, val_idx)`` into the official ``n`` training images: a fixed permutation by
+        ``split_seed``, ``val_size`` held out, ``train_subset`` applied (shared by the generated variants)."""
+        if self.val_size >= n:
+            raise ValueError(f"val_size={self.val_size} leaves no training images out of {n}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
+        if self.train_subset:
+            train_idx = train_idx[: self.train_subset]
+        return train_idx, val_idx
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,

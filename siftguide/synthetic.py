@@ -297,13 +297,7 @@ class TranslatedFashionMNISTDataModule(FashionMNISTDataModule):
             return
         t0 = time.perf_counter()
         x, y = load_fashion_mnist(self.root, self.cache_dir, "train", self.download)
-        if self.val_size >= len(y):
-            raise ValueError(f"val_size={self.val_size} leaves no training images out of {len(y)}")
-        # the split of FashionMNISTDataModule.setup, unchanged (tests/test_synthetic.py checks they agree)
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
-        val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
-        if self.train_subset:
-            train_idx = train_idx[: self.train_subset]
+        train_idx, val_idx = self.split_indices(len(y))  # FashionMNISTDataModule's split (tested to agree)
         self.train_set = _TensorImages(self.generate(x, y, train_idx, "train"), y[train_idx])
         self.val_set = _TensorImages(self.generate(x, y, val_idx, "train"), y[val_idx])
         xt, yt = load_fashion_mnist(self.root, self.cache_dir, "test", self.download)
