@@ -2,7 +2,7 @@
 # A first 500-step, one-seed reading of every guidance mode against its baseline, at the default config
 # (supervised: attention, interrelation, background, prior, token_drop; MAE: attention, masking, recon_weight).
 # Resumable: a run whose metrics.csv already holds the final validation is skipped. Then compare per objective.
-#   bash scripts/modes_first_look.sh [run|compare]      (~1 h on 2 CPU cores)
+#   bash scripts/modes_first_look.sh [run|sup|mae|compare]     (run = sup + mae + compare)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -25,8 +25,8 @@ run() {  # run NAME OVERRIDES...
 
 part=${1:-run}
 mkdir -p "$OUT"
-if [ "$part" = run ]; then
-  C="relevance.cache=true"
+C="relevance.cache=true"
+if [ "$part" = run ] || [ "$part" = sup ]; then
   run sup_baseline guidance=none
   run sup_attention guidance=attention $C
   run sup_interrelation guidance=interrelation $C
@@ -34,6 +34,8 @@ if [ "$part" = run ]; then
   run sup_prior guidance=prior $C
   run sup_token_drop guidance=token_drop $C
   run sup_token_drop_random guidance=token_drop relevance.kind=random
+fi
+if [ "$part" = run ] || [ "$part" = mae ]; then
   M="objective=mae"
   run mae_baseline $M guidance=none
   run mae_attention $M guidance=attention $C
@@ -41,6 +43,7 @@ if [ "$part" = run ]; then
   run mae_recon_weight $M guidance=recon_weight $C
 fi
 if [ "$part" = run ] || [ "$part" = compare ]; then
-  $PY -m siftguide.compare "$OUT"/sup_*/ --out docs/results/modes_first_look/supervised --metric val/acc || true
-  $PY -m siftguide.compare "$OUT"/mae_*/ --out docs/results/modes_first_look/mae --metric val/knn_acc || true
+  CMP=${CMP:-docs/results/modes_first_look}
+  $PY -m siftguide.compare "$OUT"/sup_*/ --out "$CMP/supervised" --metric val/acc --verdict || true
+  $PY -m siftguide.compare "$OUT"/mae_*/ --out "$CMP/mae" --metric val/knn_acc --verdict || true
 fi

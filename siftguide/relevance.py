@@ -22,13 +22,21 @@ from torch import Tensor
 from .sift import Keypoints, _check_images, counts_from_keypoints, detect_keypoints, detector, gaussian_blur, rgb_to_gray
 
 __all__ = ["MODES", "patch_relevance", "relevance_from_keypoints", "normalize_relevance", "shuffle_relevance",
-           "uniform_relevance", "gradient_relevance", "roll_relevance", "random_relevance", "foreground_relevance"]
+           "uniform_relevance", "gradient_relevance", "roll_relevance", "random_relevance", "foreground_relevance",
+           "patch_positions"]
 
 MODES = ("count", "response", "gaussian")
 
 
 def _pair(p: int | tuple[int, int]) -> tuple[int, int]:
     return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
+
+
+def patch_positions(grid: tuple[int, int], device=None) -> Tensor:
+    """``(P, 2)`` row/column of every patch of a ``(Gh, Gw)`` grid, in timm's row-major token order."""
+    gh, gw = grid
+    yy, xx = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+    return torch.stack([yy.flatten(), xx.flatten()], dim=1).float()
 
 
 def _splat(kp: Keypoints, grid: tuple[int, int], patch: tuple[int, int], width: float) -> Tensor:

@@ -74,24 +74,11 @@ def opencv_patch_counts(points: list[np.ndarray], grid: tuple[int, int], patch_s
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Per-row Spearman rank correlation of ``(B, M)`` tensors (average ranks for ties); NaN for constant rows."""
+    """Per-row Spearman rank correlation of ``(B, M)`` tensors (average ranks for ties); NaN for constant rows.
+    The batched implementation of :func:`siftguide.analysis.analyze.spearman`, in float64."""
+    from .analysis.analyze import spearman as batched
 
-    def rank(x: Tensor) -> Tensor:
-        x = x.double()
-        order = x.argsort(dim=1)
-        ranks = torch.empty_like(x).scatter_(1, order, torch.arange(x.shape[1], dtype=x.dtype).expand_as(x).clone())
-        # average ranks within ties
-        out = torch.empty_like(ranks)
-        for i in range(x.shape[0]):
-            _, inv, counts = torch.unique(x[i], return_inverse=True, return_counts=True)
-            sums = torch.zeros(len(counts), dtype=x.dtype).scatter_add_(0, inv, ranks[i])
-            out[i] = (sums / counts)[inv]
-        return out
-
-    ra, rb = rank(a), rank(b)
-    ra = ra - ra.mean(1, keepdim=True)
-    rb = rb - rb.mean(1, keepdim=True)
-    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+    return batched(a.double(), b.double())
 
 
 def agreement(kp: Keypoints, points: list[np.ndarray], grid: tuple[int, int], patch_size: int, radius: float = 2.0):

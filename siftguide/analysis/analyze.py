@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from ..attention import AttentionCapture, prefix_tokens
 from ..relevance import MODES as RELEVANCE_MODES
-from ..relevance import relevance_from_keypoints
+from ..relevance import patch_positions, relevance_from_keypoints
 from ..sift import Keypoints, counts_from_keypoints, detect_keypoints, rgb_to_gray
 
 __all__ = [
@@ -206,9 +206,7 @@ def spearman(x: Tensor, y: Tensor) -> Tensor:
 
 def patch_distances(grid: tuple[int, int], device: torch.device | str | None = None) -> Tensor:
     """``(P, P)`` Euclidean distances between patch centres of a ``(Gh, Gw)`` grid, in patches (row-major order)."""
-    gh, gw = grid
-    yy, xx = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
-    pos = torch.stack([yy.flatten(), xx.flatten()], -1).float()  # (P, 2)
+    pos = patch_positions(grid, device)  # (P, 2)
     return torch.cdist(pos, pos)
 
 

@@ -20,17 +20,12 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..relevance import patch_positions
+from .alignment import divergence
 from .base import AttentionLoss
 from .schedule import GuidanceSchedule
 
-__all__ = ["PatchInterrelation", "interrelation_target", "patch_positions"]
-
-
-def patch_positions(grid: tuple[int, int], device=None) -> Tensor:
-    """``(P, 2)`` row/column of every patch in timm's row-major token order."""
-    gh, gw = grid
-    yy, xx = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
-    return torch.stack([yy.flatten(), xx.flatten()], dim=1).float()
+__all__ = ["PatchInterrelation", "interrelation_target"]
 
 
 def interrelation_target(rel: Tensor, grid: tuple[int, int], sigma: float,
@@ -39,13 +34,14 @@ def interrelation_target(rel: Tensor, grid: tuple[int, int], sigma: float,
     ``ids_keep (B, V)`` only the kept patches take part (queries and keys)."""
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0 (in patches), got {sigma}")
-    b = rel.shape[0]
     r = rel.flatten(1).float()
-    pos = patch_positions(grid, rel.device).expand(b, -1, -1)  # (B, P, 2)
-    if ids_keep is not None:
+    pos = patch_positions(grid, rel.device)  # (P, 2)
+    if ids_keep is not None:  # per image: the kept patches' positions (B, V, 2)
         r = r.gather(1, ids_keep)
-        pos = pos.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, 2))
-    kernel = torch.exp(-torch.cdist(pos, pos).pow(2) / (2 * sigma**2))  # (B, V, V)
+        pos = pos[ids_keep]
+    kernel = torch.exp(-torch.cdist(pos, pos).pow(2) / (2 * sigma**2))  # (P, P), or (B, V, V) with ids_keep
+    if kernel.ndim == 2:
+        kernel = kernel.unsqueeze(0)  # one kernel for the whole batch
     t = kernel * r.unsqueeze(1)
     s = t.sum(-1, keepdim=True)
     k = kernel / kernel.sum(-1, keepdim=True)
@@ -79,9 +75,7 @@ class PatchInterrelation(AttentionLoss):
             a = m[:, :, self.num_prefix:, self.num_prefix:].mean(1)  # (B, V, V) patch -> patch, heads averaged
             a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
             self._check(a, target, layer, self.num_prefix, relevance)
-            t = target.to(a.device)
-            kl = (torch.xlogy(t, t) - t * torch.log(a + self.eps)).sum(-1)  # (B, V)
-            values.append(kl.mean())
+            values.append(divergence(a, target.to(a.device), "kl", self.eps).mean())  # KL per query row
         return torch.stack(values).mean()
 
     def __repr__(self) -> str:
