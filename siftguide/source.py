@@ -83,11 +83,11 @@ class RelevanceSource(nn.Module):
 
     # ------------------------------------------------------------------------------------------ set-up
     @torch.no_grad()
-    def setup(self, datamodule, transform, patch_size: int | tuple[int, int], device: torch.device | str = "cpu",
-              need_cache: bool = True) -> None:
+    def setup(self, datamodule, transform, patch_size: int | tuple[int, int],
+              device: torch.device | str = "cpu") -> None:
         """Build the keypoint caches (``cache=True``) and the mean map (``kind=mean``) from the datamodule's
         sets; ``transform.resize`` is the deterministic part of the device pipeline."""
-        if self.uses_keypoints and self.use_cache and need_cache:
+        if self.uses_keypoints and self.use_cache:
             for stage, attr in (("train", "train_set"), ("val", "val_set")):
                 images = getattr(getattr(datamodule, attr, None), "images", None)
                 if images is None:
