@@ -37,20 +37,19 @@ class ObjectiveOutput:
 
 
 def encode(net: nn.Module, images: Tensor, ids_keep: Tensor | None = None, num_prefix: int | None = None) -> Tensor:
-    """A timm ViT's ``forward_features`` on a subset of patch tokens: ``(B, prefix + V, D)``.
+    """A timm ViT's features on a subset of patch tokens: ``(B, prefix + V, D)``.
 
     timm's own ``patch_embed`` and ``_pos_embed`` (position embeddings + prefix tokens), then the patch tokens
-    ``ids_keep (B, V)`` (prefix tokens always kept), ``norm_pre``, ``blocks``, ``norm``. Without ``ids_keep`` it is
-    ``net.forward_features(images)`` itself.
+    ``ids_keep (B, V)`` (prefix tokens always kept; all patches when None), ``norm_pre``, ``blocks``, ``norm``.
+    The caller chooses the tokens, so timm's own random ``patch_drop`` is not applied.
     """
-    if ids_keep is None:
-        return net.forward_features(images)
-    num_prefix = int(getattr(net, "num_prefix_tokens", 1)) if num_prefix is None else num_prefix
     x = net._pos_embed(net.patch_embed(images))
-    prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
-    patches = patches.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-    x = net.norm_pre(torch.cat([prefix, patches], dim=1))
-    return net.norm(net.blocks(x))
+    if ids_keep is not None:
+        num_prefix = int(getattr(net, "num_prefix_tokens", 1)) if num_prefix is None else num_prefix
+        prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
+        patches = patches.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        x = torch.cat([prefix, patches], dim=1)
+    return net.norm(net.blocks(net.norm_pre(x)))
 
 
 class Objective(nn.Module):

@@ -124,8 +124,6 @@ class MAEObjective(Objective):
     # ------------------------------------------------------------------------------------------------------------
     def encode(self, net: nn.Module, images: Tensor, ids_keep: Tensor | None) -> Tensor:
         """Encoder tokens ``(B, prefix + V, D)`` for the visible patches (all patches when ``ids_keep`` is None)."""
-        if ids_keep is None:  # the explicit path, not forward_features: timm's patch_drop stays out of MAE
-            ids_keep = torch.arange(self.num_patches, device=images.device).expand(images.shape[0], -1)
         return encode(net, images, ids_keep, self.num_prefix)
 
     def pooled(self, tokens: Tensor) -> Tensor:

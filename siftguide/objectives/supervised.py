@@ -24,7 +24,8 @@ class SupervisedObjective(Objective):
     def forward(self, net: nn.Module, images: Tensor, batch: dict, stage: str = "train",
                 keep: Tensor | None = None) -> ObjectiveOutput:
         self.check_stage(stage)
-        tokens = encode(net, images, keep, getattr(self, "num_prefix", None))
+        tokens = net.forward_features(images) if keep is None else encode(net, images, keep,
+                                                                             getattr(self, "num_prefix", None))
         features = net.forward_head(tokens, pre_logits=True)
         logits = net.forward_head(tokens)  # pooling is cheap; the head may be a tuple (DeiT distilled)
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
