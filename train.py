@@ -1,6 +1,7 @@
 """Hydra entry point: ``python train.py [overrides]``. ``train(cfg)`` is importable for tests and tools."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -20,6 +21,7 @@ from siftguide.guidance import Guidance
 from siftguide.module import PretrainModule
 
 log = logging.getLogger("siftguide.train")
+RESULTS_FILE = "results.json"  # written in the run directory when a run ends normally
 # the module's on_after_batch_transfer (device pipeline) is meant to take precedence over the datamodule's
 warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*")
 
@@ -89,7 +91,8 @@ def build(cfg: DictConfig) -> tuple[PretrainModule, L.LightningDataModule, L.Tra
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (resuming from ``cfg.ckpt_path`` if given), make sure the final step is validated, save
-    ``checkpoints/last.ckpt``, optionally test. Returns the final metrics."""
+    ``checkpoints/last.ckpt``, optionally test, write ``results.json`` (status, final step and metrics).
+    Returns the final metrics."""
     module, datamodule, trainer = build(cfg)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -98,6 +101,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("test"):
             trainer.test(module, datamodule=datamodule)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        if trainer.is_global_zero:  # the marker of a finished run (study and experiment scripts skip such runs)
+            (Path(cfg.paths.output_dir) / RESULTS_FILE).write_text(json.dumps(
+                {"status": "finished", "global_step": int(trainer.global_step), "metrics": metrics}, indent=1))
     finally:
         for lg in trainer.loggers:
             lg.finalize("success")

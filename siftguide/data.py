@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +121,17 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def __init__(self, root: str | None = None, cache_dir: str = "data", batch_size: int = 128,
                  val_size: int = 5000, train_subset: int | None = None, num_workers: int = 0, split_seed: int = 0,
-                 download: bool = True, pin_memory: bool = False) -> None:
+                 download: bool = True, pin_memory: bool = False, val_subset: int | None = None) -> None:
         super().__init__()
         if val_size <= 0:
-            raise ValueError(f"val_size must be >= 1, got {val_size}")
+            raise ValueError(f"data.val_size must be >= 1, got {val_size}")
+        if val_subset is not None and not 0 < val_subset <= val_size:
+            raise ValueError(f"data.val_subset={val_subset} must be in [1, data.val_size={val_size}] (or null: "
+                             f"validate on the whole validation split)")
         self.root, self.cache_dir, self.download = root, cache_dir, download
         self.batch_size, self.val_size, self.train_subset = batch_size, val_size, train_subset
         self.num_workers, self.split_seed, self.pin_memory = num_workers, split_seed, pin_memory
+        self.val_subset = val_subset
         self.train_set = self.val_set = self.test_set = None
 
     def prepare_data(self) -> None:
@@ -164,7 +168,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return self._loader(self.train_set, True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
+        # val_subset: the first N validation images (a fixed subset), for dense validation curves
+        ds = self.val_set if self.val_subset is None else Subset(self.val_set, range(self.val_subset))
+        return self._loader(ds, False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, False)

@@ -1,0 +1,219 @@
+"""Does guidance help on *my* data, and is it SIFT? One command:
+
+    python -m siftguide.study data=fashion_mnist_translated --modes attention prior token_drop --seeds 3
+
+runs the baseline (``guidance=none``), every chosen guidance mode with SIFT relevance, and each mode's wrong-map
+controls (``relevance.kind=shuffled|rolled|mean``, ``random`` for token dropping and masking, the ``foreground``
+oracle on request) over the seeds, then writes the compare report (``report/table.md``, ``curves.png``) and a
+plain verdict (``report/verdict.md``).
+
+* Every run is one ``train.py`` process with ``hydra.run.dir=OUT/<mode>/<kind>/s<seed>`` (the baseline:
+  ``OUT/baseline/none/s<seed>``): one failing run does not stop the study, and runs can go in parallel
+  (``--jobs``).
+* Finished runs (``results.json`` with ``status: finished``) are skipped, so an interrupted study is resumed by
+  running the same command again; the study's plan is kept in ``OUT/study.json``.
+* Runs are ordered seed by seed: after k seeds every setting has k seeds, so a study cut short is still balanced.
+* A mode is a guidance config name, optionally with overrides in the same string:
+  ``--modes attention 'prior guidance.prior.beta=2' '[attention,token_drop]'``.
+* Overrides before/after the options apply to every run (``data=...``, ``trainer.max_steps=300``, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["StudyRun", "plan", "is_finished", "main", "CONTROLS"]
+
+RESULTS_FILE = "results.json"
+# wrong-map controls per mode: "main" is the one a screening uses, "auto" all of them
+CONTROLS = {
+    "default": {"main": ["shuffled"], "auto": ["shuffled", "rolled", "mean"]},
+    "token_drop": {"main": ["random"], "auto": ["random", "shuffled", "rolled", "mean"]},
+    "masking": {"main": ["random"], "auto": ["random", "shuffled", "rolled", "mean"]},
+}
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+
+
+@dataclass
+class StudyRun:
+    """One training run of a study."""
+
+    mode: str                      # label of the mode setting ("baseline" for guidance=none)
+    kind: str                      # relevance kind ("none" for the baseline)
+    seed: int
+    overrides: list[str] = field(default_factory=list)
+
+    def directory(self, out: Path) -> Path:
+        return out / self.mode / self.kind / f"s{self.seed}"
+
+
+def _mode_label(spec: str) -> tuple[str, str, list[str]]:
+    """``(label, guidance, overrides)`` of a mode spec ``"NAME [key=value ...]"``."""
+    parts = shlex.split(spec)
+    if not parts:
+        raise ValueError("empty --modes entry")
+    name, extra = parts[0], parts[1:]
+    for o in extra:
+        if "=" not in o:
+            raise ValueError(f"mode {spec!r}: {o!r} is not a key=value override")
+    base = re.sub(r"[^A-Za-z0-9_]+", "+", name.strip("[]"))
+    tags = [f"{o.split('=', 1)[0].rsplit('.', 1)[-1]}{o.split('=', 1)[1]}" for o in extra]
+    label = "_".join([base] + [re.sub(r"[^A-Za-z0-9.+-]+", "", t) for t in tags])
+    return label, name, extra
+
+
+def _mode_names(guidance: str) -> list[str]:
+    return [n.strip() for n in guidance.strip("[]").split(",") if n.strip()]
+
+
+def controls_for(guidance: str, which: str) -> list[str]:
+    """The wrong-map controls of a mode for ``which`` = ``main`` | ``auto`` | ``none`` | a comma list."""
+    if which == "none":
+        return []
+    if which in ("main", "auto"):
+        out: list[str] = []
+        for n in _mode_names(guidance):
+            for k in CONTROLS.get(n, CONTROLS["default"])[which]:
+                if k not in out:
+                    out.append(k)
+        return out
+    return [k.strip() for k in which.split(",") if k.strip()]
+
+
+def plan(modes: list[str], seeds: list[int], controls: str = "main", oracle: bool = False,
+         overrides: list[str] | None = None, baseline: bool = True) -> list[StudyRun]:
+    """Every run of a study, seed by seed (baseline, then each mode with SIFT, its controls, the oracle)."""
+    common = list(overrides or [])
+    per_seed: list[tuple[str, str, list[str]]] = []
+    if baseline:
+        per_seed.append(("baseline", "none", ["guidance=none"]))
+    labels = set()
+    for spec in modes:
+        label, guidance, extra = _mode_label(spec)
+        if label in labels:
+            raise ValueError(f"--modes has {label!r} twice")
+        labels.add(label)
+        kinds = ["sift"] + controls_for(guidance, controls) + (["foreground"] if oracle else [])
+        for kind in dict.fromkeys(kinds):
+            per_seed.append((label, kind, [f"guidance={guidance}", f"relevance.kind={kind}", *extra]))
+    # the keypoint cache for every run (runs without keypoints ignore it), so that it is not a compared setting;
+    # a user's relevance.cache=false (image folders) comes later and wins
+    return [StudyRun(label, kind, s, ["relevance.cache=true", *common, *ovr, f"seed={s}"])
+            for s in seeds for label, kind, ovr in per_seed]
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run that ended normally (train.py wrote ``results.json`` with ``status: finished``)."""
+    try:
+        return json.loads((run_dir / RESULTS_FILE).read_text()).get("status") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
+def _launch(run: StudyRun, out: Path, threads: int | None, python: str, script: Path) -> tuple[StudyRun, int, float]:
+    d = run.directory(out)
+    d.mkdir(parents=True, exist_ok=True)
+    cmd = [python, str(script), *run.overrides, f"hydra.run.dir={d}"]
+    env = dict(os.environ)
+    env.setdefault("WANDB_MODE", "offline")
+    env.setdefault("WANDB_SILENT", "true")
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    t0 = time.perf_counter()
+    with open(d / "train.log", "w") as f:
+        f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    return run, rc, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m siftguide.study", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Overrides (key=value) apply to every run, e.g. data=fashion_mnist_translated "
+                                        "trainer.max_steps=300 logger=csv.")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
+    ap.add_argument("--modes", nargs="+", default=["attention"],
+                    help="guidance configs, each optionally with overrides: 'prior guidance.prior.beta=2'")
+    ap.add_argument("--controls", default="main",
+                    help="main (one wrong-map control per mode: shuffled; random for token_drop/masking), auto "
+                         "(shuffled, rolled, mean, + random), none, or a comma list of relevance kinds")
+    ap.add_argument("--oracle", action="store_true", help="also run relevance.kind=foreground (not SIFT: an oracle)")
+    ap.add_argument("--seeds", type=int, default=3, help="number of seeds")
+    ap.add_argument("--seed-start", type=int, default=0)
+    ap.add_argument("--no-baseline", action="store_true", help="skip the guidance=none runs")
+    ap.add_argument("--out", default="logs/study", help="study directory (runs, study.json, report/)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cpu_count / jobs threads)")
+    ap.add_argument("--metric", default=None, help="compare metric (default: val/acc, val/knn_acc for objective=mae)")
+    ap.add_argument("--dry-run", action="store_true", help="print the runs and exit")
+    ap.add_argument("--report-only", action="store_true", help="only write the report of the finished runs")
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--train-script", default=str(TRAIN_SCRIPT))
+    args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    for o in args.overrides:
+        if "=" not in o:
+            ap.error(f"{o!r} is not a key=value override")
+        if o.split("=", 1)[0].lstrip("+~") in ("guidance", "relevance.kind", "seed", "hydra.run.dir"):
+            ap.error(f"{o!r}: the study sets {o.split('=', 1)[0]} itself (use --modes, --controls, --seeds)")
+    script = Path(args.train_script)
+    if not script.is_file():
+        ap.error(f"train script {script} not found (run from a siftguide checkout or pass --train-script)")
+    try:
+        runs = plan(args.modes, list(range(args.seed_start, args.seed_start + args.seeds)), args.controls,
+                    args.oracle, args.overrides, baseline=not args.no_baseline)
+    except ValueError as e:
+        ap.error(str(e))
+    out = Path(args.out)
+    todo = [r for r in runs if not is_finished(r.directory(out))]
+    print(f"study {out}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run")
+    if args.dry_run:
+        for r in runs:
+            state = "done" if r not in todo else "todo"
+            print(f"  [{state}] {r.directory(out)}: {' '.join(r.overrides)}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv,
+                                                "runs": [asdict(r) for r in runs]}, indent=1))
+    failed = []
+    if todo and not args.report_only:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(_launch, r, out, threads, args.python, script) for r in todo]
+            for i, fut in enumerate(futures, 1):
+                run, rc, dt = fut.result()
+                state = "ok" if rc == 0 and is_finished(run.directory(out)) else f"FAILED (exit {rc})"
+                if state != "ok":
+                    failed.append(run)
+                print(f"[{i}/{len(todo)}] {run.mode}/{run.kind}/s{run.seed}: {state} in {dt / 60:.1f} min", flush=True)
+    return _report(args, runs, out, failed)
+
+
+def _report(args, runs: list[StudyRun], out: Path, failed: list[StudyRun]) -> int:
+    from .analysis import compare
+
+    done = [r.directory(out) for r in runs if is_finished(r.directory(out))]
+    if failed:
+        print(f"{len(failed)} runs failed; their logs: " + ", ".join(str(r.directory(out) / 'train.log') for r in failed))
+    if not any(r.kind == "none" for r in runs if r.directory(out) in done):
+        print("no finished baseline run yet: no report")
+        return 1 if failed else 0
+    metric = args.metric or ("val/knn_acc" if any("objective=mae" in o for o in args.overrides) else "val/acc")
+    rc = compare.main([*map(str, done), "--out", str(out / "report"), "--metric", metric, "--verdict"])
+    return 1 if failed else rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
