@@ -1,0 +1,104 @@
+"""The study command: its plan, skipping finished runs, failures, the report; dense validation on a fixed subset."""
+import json
+import sys
+import textwrap
+
+import pytest
+
+from siftguide import study
+from siftguide.data import FashionMNISTDataModule
+from tests.test_data import write_idx
+
+
+def test_plan_orders_seed_by_seed_with_controls_per_mode():
+    runs = study.plan(["attention", "token_drop"], seeds=[0, 1], controls="main", oracle=True,
+                      overrides=["data=fashion_mnist_translated"])
+    per_seed = [(r.mode, r.kind) for r in runs if r.seed == 0]
+    assert per_seed == [("baseline", "none"), ("attention", "sift"), ("attention", "shuffled"),
+                        ("attention", "foreground"), ("token_drop", "sift"), ("token_drop", "random"),
+                        ("token_drop", "foreground")]
+    assert [r.seed for r in runs] == [0] * 7 + [1] * 7  # a study cut short after one seed is balanced
+    base = runs[0].overrides
+    assert "guidance=none" in base and base[-1] == "seed=0" and "data=fashion_mnist_translated" in base
+    # the cache setting comes first, so a user's relevance.cache=false (image folders) wins
+    assert runs[1].overrides[0] == "relevance.cache=true"
+    assert "relevance.kind=shuffled" in runs[2].overrides and "guidance=attention" in runs[2].overrides
+    auto = study.plan(["masking"], seeds=[0], controls="auto", baseline=False)
+    assert [r.kind for r in auto] == ["sift", "random", "shuffled", "rolled", "mean"]
+    listed = study.plan(["prior"], seeds=[3], controls="rolled,mean", baseline=False)
+    assert [(r.kind, r.seed) for r in listed] == [("sift", 3), ("rolled", 3), ("mean", 3)]
+
+
+def test_mode_specs_carry_overrides_and_labels():
+    runs = study.plan(["prior guidance.prior.beta=2", "[attention,token_drop]"], seeds=[0], controls="none",
+                      baseline=False)
+    assert [r.mode for r in runs] == ["prior_beta2", "attention+token_drop"]
+    assert "guidance.prior.beta=2" in runs[0].overrides and "guidance=[attention,token_drop]" in runs[1].overrides
+    # a combination gets the controls of each of its modes
+    assert study.controls_for("[attention,token_drop]", "main") == ["shuffled", "random"]
+    with pytest.raises(ValueError, match="twice"):
+        study.plan(["attention", "attention"], seeds=[0])
+    with pytest.raises(ValueError, match="not a key=value"):
+        study.plan(["prior beta"], seeds=[0])
+
+
+FAKE_TRAIN = textwrap.dedent("""
+    # stands in for train.py: writes what a run writes (config, metrics.csv, results.json), or fails on request
+    import json, pathlib, sys
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    d = pathlib.Path(args["hydra.run.dir"])
+    if args.get("relevance.kind") == "rolled":
+        sys.exit(3)
+    seed = int(args["seed"])
+    gain = {"none": 0.0, "sift": 0.1, "shuffled": 0.05}[args.get("relevance.kind", "none")]
+    (d / "config.yaml").write_text(f"seed: {seed}\\nguidance: {args['guidance']}\\n"
+                                   f"relevance:\\n  kind: {args.get('relevance.kind', 'sift')}\\n")
+    rows = ["val/step,val/acc,val/elapsed_s"] + [
+        f"{s},{min(0.9, 0.2 + s / 100 * (0.5 + gain) + seed * 0.01)},{s}" for s in (0, 25, 50, 75, 100)]
+    (d / "metrics.csv").write_text("\\n".join(rows) + "\\n")
+    (d / "results.json").write_text(json.dumps({"status": "finished"}))
+""")
+
+
+def test_study_runs_skips_finished_reports_failures(tmp_path, capsys):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    out = tmp_path / "study"
+    argv = ["trainer.max_steps=100", "--modes", "attention", "--controls", "shuffled,rolled", "--seeds", "2",
+            "--out", str(out), "--train-script", str(script), "--python", sys.executable]
+    rc = study.main(argv)
+    text = capsys.readouterr().out
+    assert rc == 1  # the rolled runs failed: the study says so with a non-zero exit
+    assert "2 runs failed" in text and "train.log" in text
+    assert study.is_finished(out / "attention" / "sift" / "s1")
+    assert not study.is_finished(out / "attention" / "rolled" / "s0")
+    assert "trainer.max_steps=100" in (out / "baseline" / "none" / "s0" / "train.log").read_text()
+    report = (out / "report" / "verdict.md").read_text()
+    assert "baseline" in report and (out / "report" / "table.md").is_file()
+    plan = json.loads((out / "study.json").read_text())
+    assert len(plan["runs"]) == 8
+    # second call: the six finished runs are skipped, only the failing ones run again
+    study.main(argv)
+    assert "8 runs, 6 finished, 2 to run" in capsys.readouterr().out
+
+
+def test_study_rejects_settings_it_owns(tmp_path):
+    with pytest.raises(SystemExit):
+        study.main(["guidance=attention", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        study.main(["--seeds", "0", "--out", str(tmp_path)])
+
+
+def test_val_subset_validates_on_a_fixed_prefix(tmp_path, monkeypatch):
+    monkeypatch.setattr("siftguide.data.DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
+    write_idx(tmp_path / "fm")
+    kw = dict(root=str(tmp_path / "fm"), cache_dir=str(tmp_path), batch_size=4, val_size=10, download=False)
+    dm = FashionMNISTDataModule(val_subset=6, **kw)
+    dm.setup()
+    idx = [i for b in dm.val_dataloader() for i in b["index"].tolist()]
+    assert idx == list(range(6)) and len(dm.val_set) == 10  # the split itself is unchanged
+    full = FashionMNISTDataModule(**kw)
+    full.setup()
+    assert len(full.train_set) == len(dm.train_set)  # training data identical to a run without the subset
+    with pytest.raises(ValueError, match="val_subset"):
+        FashionMNISTDataModule(val_subset=11, **kw)
