@@ -10,15 +10,23 @@ mode (count, response, gaussian). The per-step cost is a gather and a 3x3 matrix
 Stored per image: ``max_keypoints`` x (x, y, scale, response) float32 (1 KiB for 64 keypoints). The cache is
 kept in memory and, when ``directory`` is set, on disk under a key made of the images' content hash, the image
 size and the detector settings, so sweeps reuse one detection pass.
+
+Distributed (DDP, any ``torch.distributed`` process group): the cache is built once for all ranks, not once per
+rank. Rank 0 looks for it on disk (its file system: nodes need not share one) and broadcasts it; otherwise every
+rank detects the keypoints of its contiguous share of the images, the shares are all-gathered (each image is
+detected once, in ``1 / world_size`` of the time) and rank 0 saves the whole cache. Collectives: every rank
+must call :meth:`KeypointCache.load_or_build` (the module does so in ``on_fit_start``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .sift import Keypoints, detect_keypoints
@@ -91,27 +99,44 @@ class KeypointCache:
     def load_or_build(cls, images: Tensor, prepare, sift: dict, image_size: tuple[int, int],
                       directory: str | Path | None = None, batch_size: int = 512,
                       device: torch.device | str = "cpu") -> "KeypointCache":
-        """Load the cache for these images and settings from ``directory``, or build (and save) it."""
-        path = None
-        if directory:
-            key = cls.key(images, sift, image_size)
-            path = Path(directory) / f"keypoints-{key}.pt"
-            if path.is_file():
-                d = torch.load(path, map_location="cpu", weights_only=True)
-                log.info("keypoint cache: loaded %d images from %s", len(d["xy"]), path)
-                return cls(d["xy"], d["scale"], d["response"], d["valid"])
+        """Load the cache for these images and settings from ``directory``, or build (and save) it; under an
+        initialised process group, once for all ranks (see the module docstring)."""
+        path = Path(directory) / f"keypoints-{cls.key(images, sift, image_size)}.pt" if directory else None
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        loaded = [cls._load(path) if rank == 0 and path is not None and path.is_file() else None]
+        if world > 1:
+            dist.broadcast_object_list(loaded, src=0)  # rank 0's file reaches ranks on other nodes
+        if loaded[0] is not None:
+            return loaded[0]
         import time
 
         t0 = time.perf_counter()
-        cache = cls.build(images, prepare, sift, batch_size, device)
-        log.info("keypoint cache: detected keypoints of %d images in %.1f s (%.1f per image on average)",
-                 len(cache), time.perf_counter() - t0, float(cache.valid.sum(1).float().mean()))
-        if path is not None:
+        if world > 1:
+            share = torch.tensor_split(torch.arange(len(images)), world)[rank]  # contiguous: rank order = image order
+            part = cls.build(images[share], prepare, sift, batch_size, device)
+            parts = [None] * world
+            dist.all_gather_object(parts, part._tensors())
+            cache = cls(*(torch.cat(t) for t in zip(*parts)))
+        else:
+            cache = cls.build(images, prepare, sift, batch_size, device)
+        log.info("keypoint cache: detected keypoints of %d images in %.1f s on %d process(es) (%.1f per image on "
+                 "average)", len(cache), time.perf_counter() - t0, world, float(cache.valid.sum(1).float().mean()))
+        if path is not None and rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save({"xy": cache.xy, "scale": cache.scale, "response": cache.response, "valid": cache.valid}, tmp)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(dict(zip(("xy", "scale", "response", "valid"), cache._tensors())), tmp)
             tmp.replace(path)  # atomic: concurrent sweep jobs never read a half-written file
         return cache
+
+    def _tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.xy.cpu(), self.scale.cpu(), self.response.cpu(), self.valid.cpu()
+
+    @classmethod
+    def _load(cls, path: Path) -> "KeypointCache":
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        log.info("keypoint cache: loaded %d images from %s", len(d["xy"]), path)
+        return cls(d["xy"], d["scale"], d["response"], d["valid"])
 
     @staticmethod
     def key(images: Tensor, sift: dict, image_size: tuple[int, int]) -> str:

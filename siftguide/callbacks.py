@@ -1,9 +1,14 @@
-"""Small Lightning callbacks: training throughput and training wall-clock."""
+"""Small Lightning callbacks: training throughput and wall-clock, validation at the final step, a stop on a
+non-finite loss, and a step-based progress bar."""
 from __future__ import annotations
 
+import sys
 import time
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, _update_n
 
 
 class TrainTimer(L.Callback):
@@ -22,6 +27,9 @@ class TrainTimer(L.Callback):
         self._last: float | None = None
         self._images = 0
         self._win_t = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last = time.perf_counter()  # a resumed run starts mid-epoch (no on_train_epoch_start)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._last = time.perf_counter()
@@ -67,8 +75,118 @@ class ValidateAtEnd(L.Callback):
         if not trainer.sanity_checking:
             self.last_step = trainer.global_step
 
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step}  # a resumed run that ends where it was saved is not validated twice
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_step = state_dict.get("last_step", -1)
+
     @staticmethod
     def run(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule) -> None:
         cb = next((c for c in trainer.callbacks if isinstance(c, ValidateAtEnd)), None)
         if cb is not None and cb.last_step != trainer.global_step and trainer.global_step > 0:
             trainer.validate(module, datamodule=datamodule, verbose=False)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss became NaN or infinite."""
+
+
+class NonFiniteCheck(L.Callback):
+    """Stops a run whose training loss became NaN or infinite, with the step and the likely causes.
+
+    Without a host sync per step: the first non-finite step is kept in a device tensor and read every ``every``
+    optimizer steps (``trainer.log_every_n_steps`` by default), before each validation, before any checkpoint is
+    written (so no checkpoint of broken weights is saved) and at the end of training. The raised
+    :class:`NonFiniteLossError` fails the run (``train.py`` marks it failed in ``results.json`` and wandb and exits
+    non-zero).
+    """
+
+    def __init__(self, every: int | None = None) -> None:
+        self.every = every
+        self._first: torch.Tensor | None = None  # () long: first logged step with a non-finite loss, -1 if none
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not torch.is_tensor(loss):
+            return
+        if self._first is None or self._first.device != loss.device:
+            self._first = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()).all()
+        # the step as metrics.csv labels this batch's row (optimizer steps done before it)
+        self._first.masked_fill_(bad & (self._first < 0), trainer.global_step - 1)
+        every = self.every or trainer.log_every_n_steps or 1
+        if trainer.global_step % every == 0:
+            self.check(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.check(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self.check(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.check(trainer, pl_module)
+
+    def check(self, trainer, pl_module) -> None:
+        """Raise :class:`NonFiniteLossError` if a non-finite loss was seen (one host sync)."""
+        if self._first is None:
+            return
+        first = int(self._first)
+        if first < 0:
+            return
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        group = opt.param_groups[0] if opt is not None else {}
+        base, lr = group.get("initial_lr", group.get("lr", float("nan"))), group.get("lr", float("nan"))
+        weight = getattr(getattr(pl_module, "guidance", None), "weight", None)
+        causes = [f"a learning rate too high (optimizer.lr={base:g}, {lr:.3g} now: lower it, lengthen "
+                  f"scheduler.warmup_steps, keep trainer.gradient_clip_val)"]
+        if weight:
+            causes.append(f"a guidance weight too large for the task loss (guidance.weight={weight:g})")
+        if str(trainer.precision) != "32-true":
+            causes.append(f"overflow under reduced precision (trainer.precision={trainer.precision}: try bf16-mixed "
+                          f"or 32-true)")
+        raise NonFiniteLossError(
+            f"train/loss became NaN or infinite at step {first} (the metrics.csv step; noticed at step "
+            f"{trainer.global_step}). The run stops and is marked failed: its weights are no longer usable, and no "
+            f"checkpoint is written from here on (checkpoints/last.ckpt, if any, is from before step {first}). "
+            f"Likely causes: " + "; ".join(causes) + "."
+        )
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, but a step-bounded run (``trainer.max_steps > 0``, the default) shows one bar over
+    the whole run: optimizer steps done out of ``max_steps``, their rate and the time left (a resumed run starts
+    at its step). Epoch-bounded runs keep Lightning's per-epoch bar."""
+
+    @staticmethod
+    def _total(trainer) -> int | None:
+        return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+
+    def init_train_tqdm(self) -> Tqdm:
+        total = self._total(self.trainer)
+        if not total:
+            return super().init_train_tqdm()
+        step = self.trainer.global_step  # a resumed run starts here: rate and time left count this process's steps
+        return Tqdm(desc="Steps", total=total, initial=step, position=2 * self.process_position,
+                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
+                    bar_format=self.BAR_FORMAT)
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        if not self._total(trainer):
+            super().on_train_epoch_start(trainer, *args)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        total = self._total(trainer)
+        if not total:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = trainer.global_step
+        if self._should_update(n, total):
+            _update_n(self.train_progress_bar, n)
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._total(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+        elif not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .sampler import train_order
+
 log = logging.getLogger(__name__)
 
 __all__ = ["FashionMNISTDataModule", "ImageFolderDataModule", "DeviceTransform", "load_fashion_mnist",
-           "DEBIAN_FASHION_MNIST"]
+           "DEBIAN_FASHION_MNIST", "collate_skipping"]
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 _FILES = {
@@ -161,7 +163,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return train_idx, val_idx
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        order = train_order(self, ds, self.batch_size) if shuffle else {}  # training: seeded, resumes mid-epoch
+        return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, **order,
                           pin_memory=self.pin_memory, drop_last=shuffle, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
@@ -176,53 +179,137 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return self._loader(self.test_set, False)
 
 
+_WARNED: set[str] = set()  # unreadable files already reported by this process (each worker keeps its own)
+
+
+def _to_8bit(im, mode: str):
+    """A PIL image in any mode -> 8-bit ``mode`` (``"L"`` or ``"RGB"``).
+
+    16-bit grey (``I;16*``, and ``I`` as 16-bit PNGs load) is scaled by 255 / 65535 (PIL's ``convert`` would clip
+    it at 255: near-white); images with alpha (``RGBA``, ``LA``, ``PA``, ``P`` with transparency) are
+    composited over black (fully transparent pixels become black, as most files store them); ``CMYK``, palette,
+    1-bit and ``YCbCr`` go through PIL's ``convert``; RGB -> L is PIL's luma (ITU-R 601-2), grey -> RGB repeats
+    the channel.
+    """
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float32).clip(0, 65535)
+        im = Image.fromarray((a * (255.0 / 65535.0) + 0.5).astype(np.uint8), "L")
+    elif im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+    return im if im.mode == mode else im.convert(mode)
+
+
+def collate_skipping(samples: list[dict]) -> dict[str, Tensor]:
+    """``default_collate`` that drops the samples flagged ``valid=False`` (files that could not be decoded).
+
+    ``batch["skipped"]`` is their number, a 0-d int64 tensor: it travels to the device with the batch, so the
+    module counts skips without a host sync. A batch may come out smaller than ``batch_size``, or empty.
+    """
+    from torch.utils.data import default_collate
+
+    batch = default_collate(samples)
+    valid = batch.pop("valid")
+    n_bad = int((~valid).sum())  # on the CPU, in the loader worker
+    if n_bad:
+        batch = {k: v[valid] for k, v in batch.items()}
+    batch["skipped"] = torch.tensor(n_bad)
+    return batch
+
+
 class _FolderImages(Dataset):
-    """ImageFolder-style dataset returning uint8 ``(C, S, S)`` tensors (decode + resize on CPU workers)."""
+    """ImageFolder-style dataset returning uint8 ``(C, S, S)`` tensors: decode, convert to 8-bit ``L``/``RGB``
+    (:func:`_to_8bit`), then a deterministic resize of the shorter side to ``S`` and a centre crop.
 
-    def __init__(self, root: str, size: int, labels: bool, train: bool, channels: int = 3) -> None:
+    Deterministic on purpose: the random crop happens once, on the device (:class:`DeviceTransform`), and the
+    same index always gives the same tensor (the kNN bank is the same at every validation). A file that cannot
+    be decoded (empty, truncated, not an image) gives a zero image flagged ``valid=False`` and one warning per
+    file and process, naming it; :func:`collate_skipping` drops it and counts it.
+    """
+
+    def __init__(self, root: str, size: int, labels: bool, channels: int = 3) -> None:
         from torchvision.datasets import ImageFolder
-        from torchvision.transforms import v2
+        from torchvision.datasets.folder import IMG_EXTENSIONS
 
+        if channels not in (1, 3):
+            raise ValueError(f"image folders give 1 (grey) or 3 (RGB) channels; got in_chans={channels}")
+        self.size, self.channels, self.mode = size, channels, ("RGB" if channels == 3 else "L")
+        exts = " ".join(IMG_EXTENSIONS)
         if not Path(root).is_dir():
-            raise FileNotFoundError(f"image folder {root!r} does not exist (set data.root to a folder of images)")
-        crop = (v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True) if train
-                else v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)]))
-        mode = "RGB" if channels == 3 else "L"
-        self.tf = v2.Compose([v2.Lambda(lambda im: im.convert(mode)), v2.PILToTensor(), crop])
+            raise FileNotFoundError(f"image folder {root!r} does not exist: check data.root (and data.train_dir, "
+                                    f"data.val_dir, data.val_root); the layout is <root>/train/<class>/<image>")
         if labels:
-            self.ds = ImageFolder(root)
-            self.samples = self.ds.samples
+            if not any(e.is_dir() for e in os.scandir(root)):
+                raise FileNotFoundError(
+                    f"image folder {root!r} has no class subfolders: labelled images are read from "
+                    f"{root}/<class>/<image>. Put each class in its own subfolder, or pre-train on unlabelled images "
+                    f"with data.labels=false objective=mae")
+            ds = ImageFolder(root, allow_empty=True)
+            counts = np.bincount(np.asarray(ds.targets, dtype=np.int64), minlength=len(ds.classes))
+            empty = [c for c, n in zip(ds.classes, counts) if n == 0]
+            if empty:
+                raise FileNotFoundError(
+                    f"image folder {root!r}: class folder(s) {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}"
+                    f" ({len(empty)} of {len(ds.classes)}) hold no images ({exts}). Every subfolder is a class: add "
+                    f"images to them or remove them")
+            self.classes, self.samples = list(ds.classes), ds.samples
         else:  # every image file below root, label -1
-            from torchvision.datasets.folder import IMG_EXTENSIONS
-
             files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
             if not files:
-                raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root!r}")
-            self.samples = [(str(p), -1) for p in files]
+                raise FileNotFoundError(f"no images ({exts}) found under {root!r}")
+            self.classes, self.samples = [], [(str(p), -1) for p in files]
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
+    def _decode(self, path: str):
         from PIL import Image
 
-        path, label = self.samples[i]
         with Image.open(path) as im:
-            x = self.tf(im)
-        return {"image": x, "label": torch.tensor(label), "index": i}
+            im.draft(None, (self.size, self.size))  # JPEG: decode at a reduced scale still >= size (faster)
+            im.load()  # truncated files fail here, not later
+            return _to_8bit(im, self.mode)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        from PIL import Image, ImageOps
+
+        path, label = self.samples[i]
+        try:
+            im = self._decode(path)
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+            if path not in _WARNED:
+                _WARNED.add(path)
+                log.warning("skipping unreadable image %s (%s: %s); skipped samples are counted in data/skipped",
+                            path, type(e).__name__, e)
+            x = torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8)
+            return {"image": x, "label": torch.tensor(label), "index": i, "valid": False}
+        im = ImageOps.fit(im, (self.size, self.size), Image.Resampling.BILINEAR)  # shorter side -> S, centre crop
+        x = torch.from_numpy(np.array(im, dtype=np.uint8))
+        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()  # (S, S, 3) -> (3, S, S)
+        return {"image": x, "label": torch.tensor(label), "index": i, "valid": True}
 
 
 class ImageFolderDataModule(L.LightningDataModule):
     """Images in ``root/train/<class>/*`` and ``root/val/<class>/*`` (ImageNet layout).
 
     With ``labels=False`` the training folder may hold unlabelled images in any layout; evaluation then needs a
-    labelled ``val`` folder (``val_root``).
+    labelled ``val`` folder (``val_root``). Workers decode and resize to ``img_size`` deterministically (no random
+    crop on the CPU: augmentation is :class:`DeviceTransform`'s); unreadable files are skipped and counted
+    (``batch["skipped"]``, :func:`collate_skipping`). ``num_workers=None``: ``min(8, CPUs - 1)``;
+    ``pin_memory=None``: only when CUDA is available. Empty folders or classes, and train/val class lists that
+    differ, are errors at ``setup``.
     """
 
-    def __init__(self, root: str, img_size: int = 224, batch_size: int = 256, num_workers: int = 8,
+    def __init__(self, root: str, img_size: int = 224, batch_size: int = 64, num_workers: int | None = None,
                  labels: bool = True, num_classes: int = 1000, in_chans: int = 3, train_dir: str = "train",
-                 val_dir: str = "val", val_root: str | None = None, pin_memory: bool = True) -> None:
+                 val_dir: str = "val", val_root: str | None = None, pin_memory: bool | None = None) -> None:
         super().__init__()
+        if num_workers is None:  # leave one CPU to the main process; more than 8 rarely helps at these sizes
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            num_workers = max(0, min(8, cpus - 1))
+        if pin_memory is None:  # pinned host memory only speeds up copies to a CUDA device
+            pin_memory = torch.cuda.is_available()
         self.root, self.img_size, self.batch_size, self.num_workers = root, img_size, batch_size, num_workers
         self.labels, self.num_classes, self.in_chans = labels, num_classes, in_chans
         self.train_dir, self.val_dir, self.val_root, self.pin_memory = train_dir, val_dir, val_root, pin_memory
@@ -231,18 +318,32 @@ class ImageFolderDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        self.train_set = _FolderImages(os.path.join(self.root, self.train_dir), self.img_size, self.labels, True,
-                                       self.in_chans)
+        train_set = _FolderImages(os.path.join(self.root, self.train_dir), self.img_size, self.labels, self.in_chans)
         val_root = self.val_root or os.path.join(self.root, self.val_dir)
-        self.val_set = _FolderImages(val_root, self.img_size, True, False, self.in_chans)
+        val_set = _FolderImages(val_root, self.img_size, True, self.in_chans)
+        if self.labels and train_set.classes != val_set.classes:  # else the same index means different classes
+            only_t, only_v = sorted(set(train_set.classes) - set(val_set.classes)), \
+                sorted(set(val_set.classes) - set(train_set.classes))
+            raise ValueError(f"the class folders of {os.path.join(self.root, self.train_dir)!r} and "
+                             f"{val_root!r} differ (only in train: {only_t[:10]}; only in val: {only_v[:10]}): "
+                             f"labels are class indices, so both need the same class subfolders")
+        if len(val_set.classes) > self.num_classes:
+            raise ValueError(f"{val_root!r} has {len(val_set.classes)} classes but num_classes={self.num_classes}: "
+                             f"set num_classes={len(val_set.classes)}")
+        self.train_set, self.val_set = train_set, val_set
+        log.info("image folders: %d train / %d val images, %d classes, %d workers", len(train_set), len(val_set),
+                 len(val_set.classes), self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, drop_last=True, persistent_workers=self.num_workers > 0)
+        # seeded order that resumes mid-epoch (siftguide.sampler)
+        return DataLoader(self.train_set, self.batch_size, **train_order(self, self.train_set, self.batch_size),
+                          num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True, persistent_workers=self.num_workers > 0,
+                          collate_fn=collate_skipping)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                          collate_fn=collate_skipping)
 
 
 class DeviceTransform(nn.Module):

@@ -7,6 +7,11 @@ images; each query votes with its ``k`` most cosine-similar bank features, weigh
 Features are the pooled final tokens of full images (class token or mean of patch tokens). The bank is a
 fixed subset of the labelled training images; for unlabelled pre-training it is the first half of the
 (labelled) validation subset and the queries are the second half.
+
+Distributed (DDP): every rank extracts the features of its share of the bank and query images
+(:func:`shard_rows`), the shares are all-gathered (:func:`unshard_rows` restores the order), and every rank
+votes over the whole bank and query sets: the same ``val/knn_acc`` as one process, in ``1 / world_size`` of the
+feature time.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["knn_predict", "KNNEvaluator"]
+__all__ = ["knn_predict", "KNNEvaluator", "shard_rows", "unshard_rows"]
 
 
 def knn_predict(bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes: int, k: int = 20,
@@ -37,6 +42,21 @@ def knn_predict(bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes:
         votes.scatter_add_(1, bank_labels[idx], (top / temperature).exp())
         preds.append(votes.argmax(1))
     return torch.cat(preds)
+
+
+def shard_rows(n: int, rank: int, world: int) -> Tensor:
+    """Indices of rank ``rank``'s share of ``n`` rows: ``rank, rank + world, ...``, padded with row ``n - 1`` to
+    ``ceil(n / world)`` so that every rank holds as many rows (``all_gather`` needs equal shapes)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world={world}), got {rank}")
+    per = -(-n // world)
+    return torch.arange(rank, per * world, world).clamp_max(max(n - 1, 0))
+
+
+def unshard_rows(gathered: Tensor, n: int) -> Tensor:
+    """``(world, per, ...)`` rows all-gathered from the ranks' :func:`shard_rows` shares -> ``(n, ...)`` in the
+    original order (interleaving puts the padding rows last, where they are cut off)."""
+    return gathered.transpose(0, 1).reshape(-1, *gathered.shape[2:])[:n]
 
 
 class KNNEvaluator(L.Callback):
@@ -67,6 +87,15 @@ class KNNEvaluator(L.Callback):
             out.append(pooled.float())
         return torch.cat(out)
 
+    def all_features(self, trainer: L.Trainer, module, images: Tensor) -> Tensor:
+        """Features ``(N, D)`` of all ``images``; under DDP each rank computes its share and the shares are
+        all-gathered (a collective: every rank must call it)."""
+        world = trainer.world_size
+        if world == 1:
+            return self.features(module, images)
+        local = self.features(module, images[shard_rows(len(images), trainer.global_rank, world)])  # (per, D)
+        return unshard_rows(module.all_gather(local), len(images))  # (world, per, D) -> (N, D)
+
     @staticmethod
     def _images_labels(ds, n: int) -> tuple[Tensor, Tensor]:
         if hasattr(ds, "images"):  # in-memory datasets: slice directly
@@ -90,10 +119,10 @@ class KNNEvaluator(L.Callback):
         was_training = module.training
         module.eval()
         try:
-            bank, queries = self.features(module, bx), self.features(module, qx)
+            bank, queries = self.all_features(trainer, module, bx), self.all_features(trainer, module, qx)
         finally:
             module.train(was_training)
         num_classes = int(max(by.max(), qy.max())) + 1
         pred = knn_predict(bank, by.to(bank.device), queries, num_classes, self.k, self.temperature)
-        acc = (pred.cpu() == qy.cpu()).float().mean()
-        module.log("val/knn_acc", acc)
+        acc = (pred == qy.to(pred.device)).float().mean()
+        module.log("val/knn_acc", acc, sync_dist=True)  # the same on every rank: the mean changes nothing

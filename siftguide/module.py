@@ -116,13 +116,43 @@ class PretrainModule(L.LightningModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         stage = self._stage()
         batch = dict(batch)
+        if batch["image"].shape[0] == 0:  # every file of the batch was unreadable (image folders): nothing to do
+            return batch
         batch["image"], matrix = self.transform(batch["image"], train=stage == "train", return_matrix=True)
         if self.guidance.needs_relevance(stage):
             batch["relevance"] = self.relevance(batch["image"], self.patch_size, batch.get("index"), matrix, stage)
         return batch
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def _count_skipped(self, batch: dict, stage: str) -> bool:
+        """Samples the loader dropped as unreadable (``batch["skipped"]``, image folders): logs ``data/skipped``
+        (training samples skipped since this process started; a device tensor, no host sync) or ``<stage>/skipped``
+        (per evaluation pass). True when the batch is empty (every file unreadable): the step then has no loss and
+        changes no weight (Lightning still counts it and the LR schedule advances), and ``max_empty_batches``
+        empty training batches in a row stop the run with an error, not with an untrained model."""
+        n = batch.get("skipped")
+        if n is not None and stage == "train":
+            total = getattr(self, "_skipped_total", None)
+            self._skipped_total = n.float() if total is None else total + n
+            self.log("data/skipped", self._skipped_total, batch_size=1)
+        elif n is not None:
+            self.log(f"{stage}/skipped", n.float(), reduce_fx="sum", batch_size=1, sync_dist=True)  # all ranks
+        empty = batch["image"].shape[0] == 0
+        if stage == "train":
+            self._empty_in_row = getattr(self, "_empty_in_row", 0) + 1 if empty else 0
+            if self._empty_in_row >= self.max_empty_batches:
+                raise RuntimeError(f"{self._empty_in_row} training batches in a row held no readable image: the data "
+                                   f"is mostly unreadable (the warnings above name the files). Fix or remove them")
+        return empty
+
+    max_empty_batches = 10  # see _count_skipped
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        if self._count_skipped(batch, "train"):
+            if self._trainer is None or self.trainer.world_size == 1:
+                return None  # Lightning skips backward; no gradient, so no weight changes
+            # DDP: every rank must join the gradient all-reduce (None would hang the others); zero gradients
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         images = self.transform.normalize(batch["image"])
         bs = images.shape[0]
         rel = batch.get("relevance")
@@ -157,19 +187,25 @@ class PretrainModule(L.LightningModule):
         self.objective.on_train_batch_end(self.net, self.global_step)
 
     def _eval_step(self, batch: dict, stage: str, align: bool) -> None:
+        if self._count_skipped(batch, stage):
+            return
         images = self.transform.normalize(batch["image"])
         bs = images.shape[0]
         with self.guidance.forward(batch.get("relevance"), stage), self.monitor.capture(force=align):
             out = self.objective(self.net, images, batch, stage)
         if align:
             rel = self.relevance.sift_relevance(batch["image"], self.patch_size, batch.get("index"), None, stage)
-            self.log(f"{stage}/attn_div", self.monitor.divergence_value(rel, out.ids_keep), batch_size=bs)
+            self.log(f"{stage}/attn_div", self.monitor.divergence_value(rel, out.ids_keep), batch_size=bs,
+                     sync_dist=True)
             self.monitor.clear()
-        self.log(f"{stage}/loss", out.loss, batch_size=bs)
+        # epoch-level means over every rank's share of the set (sums and counts all-reduced once per epoch, not per
+        # step); a set whose size is not a multiple of the world size is padded by the DistributedSampler
+        self.log(f"{stage}/loss", out.loss, batch_size=bs, sync_dist=True)
         for k, v in out.metrics.items():
-            self.log(f"{stage}/{k}", v, batch_size=bs)
+            self.log(f"{stage}/{k}", v, batch_size=bs, sync_dist=True)
         if out.logits is not None:
-            self.log(f"{stage}/acc", _accuracy(out.logits, batch["label"]), prog_bar=stage == "val", batch_size=bs)
+            self.log(f"{stage}/acc", _accuracy(out.logits, batch["label"]), prog_bar=stage == "val", batch_size=bs,
+                     sync_dist=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val", batch_idx < self.align_batches)

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from .precision import fp32_region
 from .sift import Keypoints, _check_images, counts_from_keypoints, detect_keypoints, detector, gaussian_blur, rgb_to_gray
 
 __all__ = ["MODES", "patch_relevance", "relevance_from_keypoints", "normalize_relevance", "shuffle_relevance",
@@ -82,6 +83,7 @@ def normalize_relevance(mass: Tensor, temperature: float = 1.0, smoothing: float
     return rel
 
 
+@fp32_region()  # maps in fp32 under autocast (bf16 einsum / blur would break the normalisation)
 def relevance_from_keypoints(
     kp: Keypoints, grid: tuple[int, int], patch_size: int | tuple[int, int], mode: str = "count",
     temperature: float = 1.0, smoothing: float = 0.0, uniform_mix: float = 0.0, splat: float = 1.0,
@@ -140,6 +142,7 @@ def shuffle_relevance(rel: Tensor, generator: torch.Generator | None = None) -> 
     return rel.roll(shift, dims=0)
 
 
+@fp32_region()
 def gradient_relevance(images: Tensor, patch_size: int | tuple[int, int], temperature: float = 1.0,
                        smoothing: float = 0.0, uniform_mix: float = 0.0) -> Tensor:
     """Non-SIFT saliency control: per-patch mean Sobel gradient magnitude of the grey image ``(B, Gh, Gw)``."""
@@ -167,6 +170,7 @@ def random_relevance(shape: tuple[int, int, int], device=None, generator: torch.
     return noise / noise.flatten(1).sum(1).view(-1, 1, 1)
 
 
+@fp32_region()
 def foreground_relevance(images: Tensor, patch_size: int | tuple[int, int], threshold: float = 0.1,
                          temperature: float = 1.0, smoothing: float = 0.0, uniform_mix: float = 0.0) -> Tensor:
     """Oracle control (not SIFT): share of foreground pixels per patch ``(B, Gh, Gw)``, normalised.

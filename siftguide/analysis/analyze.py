@@ -654,9 +654,9 @@ def dataset_source(model: LoadedModel, overrides: Sequence[str], split: str) -> 
     if ds is None:
         raise AnalyzeError(f"the data module {type(dm).__name__} has no {split} split")
     names = None
-    if hasattr(dm, "num_classes") and type(dm).__name__ == "FashionMNISTDataModule":
-        from ..data import FASHION_MNIST_CLASSES
+    from ..data import FASHION_MNIST_CLASSES, FashionMNISTDataModule
 
+    if isinstance(dm, FashionMNISTDataModule):  # and its generated variants (translated, tint, decoy, ...)
         names = FASHION_MNIST_CLASSES
     elif hasattr(ds, "ds") and hasattr(ds.ds, "classes"):
         names = ds.ds.classes

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..precision import fp32_region
 from .base import AttentionLoss, visible_relevance
 from .schedule import GuidanceSchedule
 
@@ -86,6 +87,7 @@ class SiftGuidance(AttentionLoss):
     def patch_attention(self, kind: str | None = None, reduce_heads: bool = True) -> dict[int, Tensor]:
         return super().patch_attention(kind or self.attention, reduce_heads)
 
+    @fp32_region()
     def divergence_value(self, relevance: Tensor, ids_keep: Tensor | None = None) -> Tensor:
         """Unweighted divergence averaged over batch and guided layers (a scalar tensor).
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import AttentionCapture, attention_to_patches, prefix_tokens
+from ..precision import fp32_region
 from .schedule import GuidanceSchedule
 
 __all__ = ["GuidanceMode", "AttentionLoss", "visible_relevance"]
@@ -130,7 +131,8 @@ class AttentionLoss(GuidanceMode):
         if not self.active:
             return relevance.new_zeros(()), None, 0.0
         try:
-            v = self.value(relevance, ids_keep)
+            with fp32_region():  # the divergence in fp32 under bf16 / fp16 autocast (logs of small probabilities)
+                v = self.value(relevance, ids_keep)
             return w * v, v, w
         finally:
             self.clear()

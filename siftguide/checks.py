@@ -1,0 +1,110 @@
+"""Config checks before anything is built: ``validate_config(cfg)`` (called first in ``train.build``).
+
+Cheap and config-level only (no model, no data read): values that would otherwise fail late with a cryptic
+message, or worse train silently on something else than asked (a patch size that does not divide the image
+size trains on a floored grid; ``trainer.max_steps=0`` saves an untrained checkpoint). Every problem found is
+listed in one ``ValueError``, each naming the key, the value and what to do. Guidance layers and heads out of
+range are reported by the modes themselves when the module is built (still before training).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["validate_config"]
+
+
+def _pair(v) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    return (int(v), int(v)) if isinstance(v, (int, float, str)) else tuple(int(x) for x in v)
+
+
+def _model_problems(m: DictConfig) -> list[str]:
+    out = []
+    name = str(m.get("model_name", ""))
+    # timm names carry the defaults: vit_small_patch16_224 -> patch 16, 224 px
+    img = _pair(m.get("img_size")) or _pair((re.findall(r"_(\d+)(?:\.|$)", name) or [None])[0])
+    patch = _pair(m.get("patch_size")) or _pair((re.findall(r"patch(\d+)", name) or [None])[0])
+    if img and patch:
+        if min(patch) < 1:
+            out.append(f"model.patch_size={m.get('patch_size')} must be >= 1")
+        elif img[0] % patch[0] or img[1] % patch[1]:
+            grid = f"{img[0] // patch[0]}x{img[1] // patch[1]}"
+            fits = sorted({p for p in range(2, min(img) + 1) if img[0] % p == 0 and img[1] % p == 0})
+            out.append(f"model.patch_size={patch[0] if patch[0] == patch[1] else list(patch)} does not divide "
+                       f"model.img_size={img[0] if img[0] == img[1] else list(img)}: the ViT would silently drop the "
+                       f"border and train on a {grid} grid. Use a patch size dividing the image size "
+                       f"({', '.join(map(str, fits[:8]))}{' ...' if len(fits) > 8 else ''}) or change model.img_size")
+    dim, heads = m.get("embed_dim"), m.get("num_heads")
+    if dim is not None and heads is not None and (int(heads) < 1 or int(dim) % int(heads)):
+        out.append(f"model.embed_dim={dim} must be a multiple of model.num_heads={heads} (each head gets "
+                   f"embed_dim / num_heads channels)")
+    if m.get("depth") is not None and int(m.depth) < 1:
+        out.append(f"model.depth={m.depth} must be >= 1")
+    return out
+
+
+def _trainer_problems(t: DictConfig) -> list[str]:
+    steps, epochs = t.get("max_steps"), t.get("max_epochs")
+    if steps is None:
+        return []
+    steps = int(steps)
+    if steps == 0:
+        return ["trainer.max_steps=0 trains nothing (and would save an untrained checkpoint): set the number of "
+                "optimizer steps, or -1 with trainer.max_epochs=N to train N epochs"]
+    if steps < -1:
+        return [f"trainer.max_steps={steps} is not a step count: use a positive number, or -1 with "
+                f"trainer.max_epochs=N"]
+    if steps == -1 and (epochs is None or int(epochs) < 1) and not t.get("max_time"):
+        return [f"trainer.max_steps=-1 with trainer.max_epochs={epochs} never ends (and the LR schedule has no "
+                f"length): set trainer.max_epochs to a number of epochs >= 1, or trainer.max_steps"]
+    return []
+
+
+def _data_problems(cfg: DictConfig) -> list[str]:
+    d, out = cfg.data, []
+    if d.get("batch_size") is not None and int(d.batch_size) < 1:
+        out.append(f"data.batch_size={d.batch_size} must be >= 1 (images per device and step)")
+    knn = cfg.get("knn") or {}
+    if knn.get("enabled") and int(knn.get("batch_size", 1)) < 1:
+        out.append(f"knn.batch_size={knn.batch_size} must be >= 1")
+    if str(d.get("_target_", "")).endswith("ImageFolderDataModule"):
+        if OmegaConf.is_missing(d, "root") or not d.get("root"):
+            out.append("data=image_folder needs data.root=/path/to/images (a folder holding train/<class>/* and "
+                       "val/<class>/*)")
+        elif not Path(str(d.root)).is_dir():
+            out.append(f"data.root={d.root} is not a folder (missing or a file): it should hold "
+                       f"{d.get('train_dir', 'train')}/<class>/* and {d.get('val_dir', 'val')}/<class>/*")
+        if d.get("val_root") and not Path(str(d.val_root)).is_dir():
+            out.append(f"data.val_root={d.val_root} is not a folder: it should hold <class>/* evaluation images")
+    return out
+
+
+def _transform_problems(cfg: DictConfig) -> list[str]:
+    t, chans = cfg.get("transform") or {}, cfg.model.get("in_chans")
+    out = []
+    for key in ("mean", "std"):
+        v = t.get(key)
+        if v is not None and chans is not None and len(v) not in (1, int(chans)):
+            n = "1 value" if int(chans) == 1 else f"1 or {chans} values"
+            out.append(f"transform.{key} has {len(v)} values for model.in_chans={chans}: give {n} (e.g. "
+                       f"transform=grey for 1-channel images, transform=imagenet for RGB)")
+    return out
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise one ``ValueError`` listing every problem of a composed run config (none: returns ``None``)."""
+    problems = []
+    if cfg.get("model") is not None:
+        problems += _model_problems(cfg.model) + _transform_problems(cfg)
+    if cfg.get("trainer") is not None:
+        problems += _trainer_problems(cfg.trainer)
+    if cfg.get("data") is not None:
+        problems += _data_problems(cfg)
+    if (cfg.get("scheduler") or {}).get("warmup_steps", 0) < 0:
+        problems.append(f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} must be >= 0")
+    if problems:
+        raise ValueError("config problems found before training:\n  - " + "\n  - ".join(problems))
