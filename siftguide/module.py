@@ -29,7 +29,8 @@ from .guidance import Guidance, SiftGuidance
 from .objectives.base import Objective
 from .source import RelevanceSource
 
-__all__ = ["PretrainModule", "warmup_cosine"]
+__all__ = ["PretrainModule", "warmup_cosine", "RANK_SEED_STRIDE"]
+RANK_SEED_STRIDE = 1_000_003  # seed offset between data-parallel ranks (PretrainModule.decorrelate_ranks)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float = 0.0) -> Callable[[int], float]:
@@ -98,6 +99,23 @@ class PretrainModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._setup_relevance()
+
+    def on_train_start(self) -> None:
+        if self._trainer is not None and self.trainer.world_size > 1:
+            self.decorrelate_ranks()
+
+    def decorrelate_ranks(self) -> None:
+        """Data-parallel ranks share the run's seed (same init; one data order split into shards), but their random
+        draws (kornia augmentation, MAE masks, random/shuffled relevance, token dropping's random share) must
+        differ, or every rank augments its batch position alike: each rank offsets its seeds by
+        ``RANK_SEED_STRIDE * rank`` (rank 0 keeps them). Called at train start, after the loaders exist."""
+        offset = RANK_SEED_STRIDE * self.global_rank
+        if offset == 0:
+            return
+        torch.manual_seed(torch.initial_seed() + offset)
+        for obj in (self.relevance, *self.guidance.modes.values()):
+            if hasattr(obj, "reseed"):
+                obj.reseed(obj.seed + offset)
 
     def on_validation_start(self) -> None:
         self._setup_relevance()

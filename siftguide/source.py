@@ -77,6 +77,13 @@ class RelevanceSource(nn.Module):
         # train/no_keypoint_frac, so fallbacks are counted without a host sync
         self.last_fallback: Tensor | None = None
 
+    def reseed(self, seed: int) -> None:
+        """Restart the stage's own random draws (``shuffled``, ``random``) from ``seed`` (distinct seeds per
+        data-parallel rank: :meth:`PretrainModule.on_train_start`)."""
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self._device_gen = None
+
     @property
     def uses_keypoints(self) -> bool:
         return self.kind in _SIFT_KINDS

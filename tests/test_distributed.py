@@ -65,6 +65,26 @@ def test_eval_metrics_are_reduced_across_ranks_train_metrics_are_not(tiny_cfg):
     assert not any(kw.get("sync_dist") for kw in train_logs.values()), train_logs  # no per-step all-reduce
 
 
+def test_ranks_draw_different_augmentation_and_token_drops(tiny_cfg):
+    """Same seed on every rank (same init, one data order), but each rank's random draws must differ."""
+
+    def draws(rank: int):
+        module = build_module(tiny_cfg(["guidance=token_drop", "guidance.token_drop.random_share=1.0",
+                                        "relevance.kind=random"]))
+        module._trainer = _Trainer(rank, 2)
+        torch.manual_seed(0)  # what seed_everything(0) left on every rank
+        module.decorrelate_ranks()
+        rel = module.relevance(torch.rand(4, 1, 32, 32), 8, None, None, "train")
+        mode = module.guidance.modes["token_drop"]
+        return torch.rand(3), rel, mode.select(rel)
+
+    r0, r0_again, r1 = draws(0), draws(0), draws(1)
+    for a, b in zip(r0, r0_again):
+        assert torch.equal(a, b)  # rank 0 keeps the run's seeds (a 1-process run is unchanged)
+    for a, b in zip(r0, r1):
+        assert not torch.equal(a, b)  # global RNG (augmentation), random relevance, token drop: all differ
+
+
 # ------------------------------------------------------------------------------------------------ 2 gloo processes
 class _Trainer:
     def __init__(self, rank: int, world: int) -> None:

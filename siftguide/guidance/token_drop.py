@@ -68,6 +68,10 @@ class TokenDrop(GuidanceMode):
     def active(self) -> bool:
         return self.keep_count < self.num_patches
 
+    def reseed(self, seed: int) -> None:
+        """Restart the random share's draws from ``seed`` (distinct per data-parallel rank)."""
+        self.seed, self._gen = seed, None
+
     def dropping(self, step: int) -> bool:
         return self.active and (self.full_after is None or step < self.full_after * self.total_steps)
 
