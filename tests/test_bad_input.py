@@ -135,6 +135,16 @@ def test_knn_bank_is_the_same_at_every_validation(tiny_cfg, tmp_path):
     torch.testing.assert_close(knn.features(module, bx1), knn.features(module, bx2), rtol=0, atol=0)
 
 
+def test_knn_bank_leaves_unreadable_files_out(tiny_cfg, tmp_path):
+    cfg = _folder_cfg(tiny_cfg, _folder(tmp_path / "imgs", n=4, bad=True))
+    dm = instantiate(cfg.data)
+    dm.setup()
+    knn = KNNEvaluator(bank_size=100, query_size=8, batch_size=4)
+    bx, by = knn._images_labels(dm.train_set, 100)
+    assert len(dm.train_set) == 11 and len(by) == 8  # 3 unreadable files: not black images with a label
+    assert bool((bx.flatten(1).amax(1) > 0).all())
+
+
 def test_the_random_crop_is_on_the_device(tiny_cfg, tmp_path):
     import kornia.augmentation as K
 
