@@ -11,7 +11,9 @@ plain verdict (``report/verdict.md``).
   ``OUT/baseline/none/s<seed>``): one failing run does not stop the study, and runs can go in parallel
   (``--jobs``).
 * Finished runs (``results.json`` with ``status: finished``) are skipped, so an interrupted study is resumed by
-  running the same command again; the study's plan is kept in ``OUT/study.json``.
+  running the same command again; the study's plan is kept in ``OUT/study.json``. A run being trained holds
+  ``study.lock`` (its process id): several studies may share a directory (or a disk, from several machines)
+  without training a run twice.
 * Runs are ordered seed by seed: after k seeds every setting has k seeds, so a study cut short is still balanced.
 * A mode is a guidance config name, optionally with overrides in the same string:
   ``--modes attention 'prior guidance.prior.beta=2' '[attention,token_drop]'``.
@@ -31,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["StudyRun", "plan", "is_finished", "main", "CONTROLS"]
+__all__ = ["StudyRun", "plan", "is_finished", "claim", "main", "CONTROLS"]
 
 RESULTS_FILE = "results.json"
 # wrong-map controls per mode: "main" is the one a screening uses, "auto" all of them
@@ -119,9 +121,51 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
-def _launch(run: StudyRun, out: Path, threads: int | None, python: str, script: Path) -> tuple[StudyRun, int, float]:
+LOCK_FILE = "study.lock"  # in a run directory while a study trains it: the pid of its train.py process
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(run_dir: Path) -> bool:
+    """Take ``run_dir`` for this study (atomically), unless it is finished or another study's live process trains
+    it: two studies on one directory (or ``--jobs`` of several machines on a shared disk) never train one run
+    twice. A lock whose process is gone is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_FILE
+    for _ in range(2):
+        if is_finished(run_dir):
+            return False
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                return False
+            lock.unlink(missing_ok=True)  # stale: its study died
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return True
+    return False
+
+
+def _launch(run: StudyRun, out: Path, threads: int | None, python: str,
+            script: Path) -> tuple[StudyRun, int | None, float]:
+    """Train one run; ``rc`` None when it was skipped (finished or trained by another study meanwhile)."""
     d = run.directory(out)
-    d.mkdir(parents=True, exist_ok=True)
+    if not claim(d):
+        return run, None, 0.0
     cmd = [python, str(script), *run.overrides, f"hydra.run.dir={d}"]
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")
@@ -129,10 +173,15 @@ def _launch(run: StudyRun, out: Path, threads: int | None, python: str, script: 
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
-    with open(d / "train.log", "w") as f:
-        f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
-        f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        with open(d / "train.log", "w") as f:
+            f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+            f.flush()
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            (d / LOCK_FILE).write_text(f"{proc.pid}\n")  # the training process itself holds the run
+            rc = proc.wait()
+    finally:
+        (d / LOCK_FILE).unlink(missing_ok=True)
     return run, rc, time.perf_counter() - t0
 
 
@@ -194,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             futures = [pool.submit(_launch, r, out, threads, args.python, script) for r in todo]
             for i, fut in enumerate(futures, 1):
                 run, rc, dt = fut.result()
+                if rc is None:
+                    print(f"[{i}/{len(todo)}] {run.mode}/{run.kind}/s{run.seed}: skipped (finished or being "
+                          "trained by another study)", flush=True)
+                    continue
                 state = "ok" if rc == 0 and is_finished(run.directory(out)) else f"FAILED (exit {rc})"
                 if state != "ok":
                     failed.append(run)

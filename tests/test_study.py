@@ -102,3 +102,18 @@ def test_val_subset_validates_on_a_fixed_prefix(tmp_path, monkeypatch):
     assert len(full.train_set) == len(dm.train_set)  # training data identical to a run without the subset
     with pytest.raises(ValueError, match="val_subset"):
         FashionMNISTDataModule(val_subset=11, **kw)
+
+
+def test_claim_keeps_two_studies_off_one_run(tmp_path):
+    import subprocess
+
+    d = tmp_path / "attention" / "sift" / "s0"
+    assert study.claim(d)  # first study takes it
+    assert not study.claim(d)  # a second study (this live pid holds the lock) leaves it alone
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (d / study.LOCK_FILE).write_text(f"{dead.pid}\n")
+    assert study.claim(d)  # a stale lock (its study died) is taken over
+    (d / study.LOCK_FILE).unlink()
+    (d / "results.json").write_text(json.dumps({"status": "finished"}))
+    assert not study.claim(d)  # finished meanwhile: nothing to do
