@@ -212,9 +212,12 @@ def test_an_unreadable_dataset_stops_with_a_clear_error(tiny_cfg, tmp_path):
     for p in (root / "train").rglob("*.png"):
         p.write_bytes(b"")  # every training file empty: no batch ever has an image
     # without the check, all-empty steps would count towards max_steps and save an untrained model
-    cfg = _folder_cfg(tiny_cfg, root, ["trainer.max_steps=30"], name="unreadable")
+    # (kNN off: its own check, no readable bank image, would stop the run first; see the kNN test above)
+    cfg = _folder_cfg(tiny_cfg, root, ["trainer.max_steps=30", "knn.enabled=false"], name="unreadable")
     with pytest.raises(RuntimeError, match="in a row held no readable image"):
         train(cfg)
+    with pytest.raises(RuntimeError, match="kNN evaluation: none of the first"):  # with kNN: the bank check
+        train(_folder_cfg(tiny_cfg, root, ["trainer.max_steps=30"], name="unreadable_knn"))
 
 
 def test_blank_images_train_without_nan(tiny_cfg, tmp_path):
