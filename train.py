@@ -20,11 +20,10 @@ from siftguide.checks import validate_config
 from siftguide.eval import KNNEvaluator
 from siftguide.guidance import Guidance
 from siftguide.module import PretrainModule
-from siftguide.resume import (ResumeState, checkpoint_info, config_changes, continue_csv, resolve_ckpt_path, same_run,
-                              wandb_id)
+from siftguide.resume import (RESULTS_FILE, ResumeState, checkpoint_info, config_changes, continue_csv,
+                              resolve_ckpt_path, same_run, wandb_id)
 
 log = logging.getLogger("siftguide.train")
-RESULTS_FILE = "results.json"  # written in the run directory when a run ends: status finished / failed
 # Third-party warnings that are not the user's business, each matched by its message and the module issuing it
 # (found in a default run's log); warnings about the user's settings stay visible.
 _QUIET = (

@@ -32,9 +32,11 @@ from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger("siftguide.resume")
 
-__all__ = ["ResumeState", "resolve_ckpt_path", "continue_csv", "wandb_id", "config_changes", "WANDB_ID_FILE"]
+__all__ = ["ResumeState", "resolve_ckpt_path", "continue_csv", "wandb_id", "config_changes", "WANDB_ID_FILE",
+           "RESULTS_FILE"]
 
 WANDB_ID_FILE = "wandb_id"  # in the run directory: the wandb run id a resumed run continues
+RESULTS_FILE = "results.json"  # in the run directory when a run ends: status finished / failed, final metrics
 _KEY = "siftguide_resume"
 
 

@@ -33,9 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from siftguide.resume import RESULTS_FILE
+
 __all__ = ["StudyRun", "plan", "is_finished", "claim", "main", "CONTROLS"]
 
-RESULTS_FILE = "results.json"
 # wrong-map controls per mode: "main" is the one a screening uses, "auto" all of them
 CONTROLS = {
     "default": {"main": ["shuffled"], "auto": ["shuffled", "rolled", "mean"]},

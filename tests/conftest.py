@@ -39,6 +39,19 @@ def tiny_cfg(tmp_path):
                                                                             fashion_mnist)
 
 
+@pytest.fixture
+def usage_error(capsys):
+    """``err = usage_error(main)``; ``err(argv)`` asserts that the CLI ``main(argv)`` exits 2 and returns its stderr."""
+    def wrap(main):
+        def err(argv) -> str:
+            with pytest.raises(SystemExit) as e:
+                main(argv)
+            assert e.value.code == 2
+            return capsys.readouterr().err
+        return err
+    return wrap
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -242,13 +242,8 @@ def test_cli_timm_name_falls_back_to_random_init(tmp_path, capsys, monkeypatch):
     assert "predicted class" in report
 
 
-def test_cli_errors(tmp_path, capsys):
-    def err(args) -> str:
-        with pytest.raises(SystemExit) as e:
-            main(args)
-        assert e.value.code == 2
-        return capsys.readouterr().err
-
+def test_cli_errors(tmp_path, usage_error):
+    err = usage_error(main)
     out = ["--out", str(tmp_path / "o")]
     assert "checkpoint not found" in err([str(tmp_path / "missing.ckpt"), *out])
     assert "neither an existing checkpoint nor a timm model name" in err(["not_a_model_xyz", *out])

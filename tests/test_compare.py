@@ -344,12 +344,32 @@ def test_verdict_reports_ratios_cis_and_the_best_wrong_map_control(tmp_path):
     table, target, base, _ = summarize(groups, "val/acc")
     text = verdict(table, groups, "val/acc", target, base)
     paras = text.strip().split("\n\n")
-    assert len(paras) == 1 + 3 + 1  # header, one per non-baseline group, one SIFT-vs-control line
+    assert len(paras) == 1 + 3 + 2  # header, one per non-baseline group, SIFT vs controls: final, steps
     sift = next(p for p in paras if p.startswith("`sift w=1`"))
     assert "the baseline's steps" in sift and "final +0.0600 [95% CI +0.0600, +0.0600], CI excludes 0" in sift
-    last = paras[-1]
-    assert last.startswith("SIFT vs best wrong-map control: `sift w=1` vs `shuffled w=1`")
-    assert "difference +0.0500" in last and last.endswith("? yes.")
+    final = paras[-2]
+    assert final.startswith("SIFT vs best wrong-map control: `sift w=1` vs `shuffled w=1`")
+    assert "difference +0.0500" in final and final.endswith("? yes.")
+    # target 0.8: SIFT reaches it at 271.4, 257.1, 285.7 (interpolated); shuffled at 388.9, 377.8, 400; rolled
+    # twice never (counted at 400) and once at 400, so shuffled is the fastest control
+    steps = paras[-1]
+    assert steps.startswith("Steps to target 0.8000, SIFT vs the fastest wrong-map control: `sift w=1` 271 ± 14 "
+                            "vs `shuffled w=1` 389 ± 11")
+    assert "difference -117" in steps and "(117 vs 2 × 13, pooled sample std)" in steps and steps.endswith("? yes.")
+
+
+def test_steps_criterion_says_no_when_seeds_overlap(tmp_path):
+    # SIFT is 20 steps faster on average, but its seeds spread over 100 steps (target 0.8, the baseline's final): not more than 2x the seed std
+    for s, (sift, ctl) in enumerate([(210, 250), (250, 270), (310, 310)]):
+        make_run(tmp_path, f"b{s}", 0.0, s, [0.5, 0.6, 0.7, 0.8])
+        for name, at, kind in ((f"s{s}", sift, "sift"), (f"sh{s}", ctl, "shuffled")):
+            steps = list(range(10, 410, 10))
+            make_run(tmp_path, name, 1.0, s, [0.5 + 0.4 * (st >= at) for st in steps], steps=steps, kind=kind)
+    groups = group_runs(load_runs([tmp_path]))
+    table, target, base, _ = summarize(groups, "val/acc")
+    last = verdict(table, groups, "val/acc", target, base).strip().split("\n\n")[-1]
+    # reached 2.5 steps before each jump (interpolated from 0.5 to 0.9): 207.5, 247.5, 307.5 vs 247.5, 267.5, 307.5
+    assert "`sift w=1` 254 ± 50 vs `shuffled w=1` 274 ± 31" in last and last.endswith("? no.")
 
 
 def test_old_import_path_is_a_shim():

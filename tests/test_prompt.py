@@ -97,13 +97,8 @@ def test_cli_reports_accuracy_with_and_without_prompting(tiny_ckpt, tmp_path, ca
     assert "beta 2: accuracy" in capsys.readouterr().out
 
 
-def test_cli_errors(tiny_ckpt, tmp_path, capsys):
-    def err(args) -> str:
-        with pytest.raises(SystemExit) as e:
-            main(args)
-        assert e.value.code == 2
-        return capsys.readouterr().err
-
+def test_cli_errors(tiny_ckpt, tmp_path, usage_error):
+    err = usage_error(main)
     out = ["--out", str(tmp_path / "o")]
     assert "checkpoint not found" in err([str(tmp_path / "missing.ckpt"), *out])
     assert "image size mismatch" in err([str(tiny_ckpt), *out, "--img-size", "64"])  # the tiny model takes 32 px

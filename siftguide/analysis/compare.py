@@ -632,7 +632,8 @@ def verdict(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, targ
         best = max(ctl, key=lambda h: sign * t.loc[h, "final_mean"])
         a, b = t.loc[g], t.loc[best]
         diff = a["final_mean"] - b["final_mean"]
-        pooled = math.sqrt((a["final_std"] ** 2 + b["final_std"] ** 2) / 2)
+        pooled = _pooled_sample_std(_seed_column(groups[g], metric, None, higher_is_better, 0),
+                                    _seed_column(groups[best], metric, None, higher_is_better, 0))
         p = paired_differences(groups[g], groups[best], metric, target, higher_is_better)
         m, lo, hi = bootstrap_ci(p["final"], ci, n_resamples, bootstrap_seed)
         am, alo, ahi = bootstrap_ci(p["auc"], ci, n_resamples, bootstrap_seed)
@@ -642,8 +643,46 @@ def verdict(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, targ
             f"{a['final_mean']:.4f} ± {a['final_std']:.4f} vs {b['final_mean']:.4f} ± {b['final_std']:.4f}, "
             f"difference {diff:+.4f}; paired over {p['pairs']} seeds {ci_text(m, lo, hi, '{:+.4f}')}; AUC "
             f"{a['auc']:.4f} vs {b['auc']:.4f}, paired {ci_text(am, alo, ahi, '{:+.4f}')}. More than 2x seed std "
-            f"(|{diff:.4f}| vs 2 × {pooled:.4f}, pooled)? {'yes' if abs(diff) > 2 * pooled else 'no'}.")
+            f"({abs(diff):.4f} vs 2 × {pooled:.4f}, pooled sample std)? {'yes' if abs(diff) > 2 * pooled else 'no'}.")
+        if target is not None:
+            out.append(_steps_against_controls(groups, g, ctl, lab, metric, target, higher_is_better, ci_text,
+                                               ci, n_resamples, bootstrap_seed))
     return "\n\n".join(out) + "\n"
+
+
+def _seed_column(runs: list[Run], metric: str, target: float | None, higher_is_better: bool, i: int) -> np.ndarray:
+    """One per-seed statistic of ``_seed_stats`` (0 final, 1 AUC, 2 steps to target) as an array over seeds."""
+    return np.array([v[i] for v in _seed_stats(runs, metric, target, higher_is_better).values()], float)
+
+
+def _pooled_sample_std(a: np.ndarray, b: np.ndarray) -> float:
+    """sqrt of the mean of the two groups' sample variances (ddof=1; nan when a group has one seed)."""
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    return math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
+
+
+def _steps_against_controls(groups, g, ctl, lab, metric, target, higher_is_better, ci_text, ci, n_resamples,
+                            bootstrap_seed) -> str:
+    """The convergence criterion: SIFT's steps to target against the fastest wrong-map control, per seed (a seed
+    that never reaches the target counts at its run length), with the 2x-seed-std test on the difference."""
+    steps = {h: _seed_column(groups[h], metric, target, higher_is_better, 2) for h in [g, *ctl]}
+    fastest = min(ctl, key=lambda h: steps[h].mean())
+    a, b = steps[g], steps[fastest]
+    diff = a.mean() - b.mean()
+    pooled = _pooled_sample_std(a, b)
+    p = paired_differences(groups[g], groups[fastest], metric, target, higher_is_better)
+    m, lo, hi = bootstrap_ci(p["steps"], ci, n_resamples, bootstrap_seed)
+
+    def sd(x):
+        return f" ± {x.std(ddof=1):.0f}" if len(x) > 1 else ""
+    beats = "n/a (needs 2 seeds each)" if math.isnan(pooled) else (
+        "yes" if -diff > 2 * pooled else "no")  # fewer steps is better
+    return (f"Steps to target {target:.4f}, SIFT vs the fastest wrong-map control: `{lab[g]}` {a.mean():.0f}{sd(a)} "
+            f"vs `{lab[fastest]}` {b.mean():.0f}{sd(b)} (per seed, mean ± sample std; a seed that does not reach "
+            f"the target counts at its run length), difference {diff:+.0f}; paired over {p['pairs']} seeds "
+            f"{ci_text(m, lo, hi, '{:+.0f}')}. Fewer by more than 2x seed std ({abs(diff):.0f} vs 2 × {pooled:.0f}, "
+            f"pooled sample std)? {beats}.")
 
 
 def plot(groups: dict[str, list[Run]], metric: str, target: float | None, path: Path,
