@@ -8,6 +8,9 @@
 #   bash scripts/location_study.sh screen_mae     MAE (kNN), translated: masking, recon_weight, attention, 2 seeds
 #   bash scripts/location_study.sh screen_clut    supervised, cluttered: 4 modes + main control, 2 seeds
 #   bash scripts/location_study.sh centred        supervised, the centred default: $BEST + controls, 3 seeds
+#   bash scripts/location_study.sh report         the published tables: compare over the finished runs of each
+#                                                 part into docs/results/location/<table>/ (table.md, curves.png,
+#                                                 verdict.md); a run still training is left out
 # Env: OUT (logs/location_study), JOBS (2: two 1-thread runs on 2 cores), STEPS (300), BEST (interrelation: the
 # screen's best SIFT setting), CONTROLS (main: its main wrong-map control; auto: shuffled, rolled, mean), SEEDS (5).
 set -euo pipefail
@@ -25,7 +28,7 @@ COMMON=(logger=csv trainer.enable_progress_bar=false trainer.max_steps=$STEPS tr
         data.val_subset=2000 scheduler.warmup_steps=30)
 SUP=("${COMMON[@]}" knn.enabled=false)
 MAE=("${COMMON[@]}" objective=mae knn.query_size=2000)
-part=${1:?part: screen_sup | confirm_sup | screen_mae | screen_clut | centred}; shift  # the rest goes to the study
+part=${1:?part: screen_sup | confirm_sup | screen_mae | screen_clut | centred | report}; shift  # the rest goes to the study
 study() { $PY -m siftguide.study --jobs "$JOBS" "$@" "${EXTRA[@]}"; }
 EXTRA=("$@")
 case "$part" in
@@ -38,5 +41,25 @@ case "$part" in
   screen_clut) study data=fashion_mnist_cluttered "${SUP[@]}" --modes attention interrelation prior token_drop \
                  --controls main --seeds 2 --out "$OUT/screen_clut" ;;
   centred)     study "${SUP[@]}" --modes "$BEST" --controls auto --seeds 3 --out "$OUT/centred" ;;
-  *) echo "unknown part $1" >&2; exit 2 ;;
+  report)
+    # table NAME METRIC RUN_DIR_GLOB...: compare the finished runs (results.json status finished) matching the globs
+    table() {
+      local name=$1 metric=$2; shift 2
+      local runs=() d
+      for d in "$@"; do
+        grep -qs '"status": "finished"' "$d/results.json" && runs+=("$d")
+      done
+      if [ ${#runs[@]} -eq 0 ]; then echo "$name: no finished runs yet"; return; fi
+      echo "== $name: ${#runs[@]} runs"
+      $PY -m siftguide.compare "${runs[@]}" --metric "$metric" --verdict --out "docs/results/location/$name" | tail -n 3
+    }
+    S=$OUT/screen_sup
+    table screen val/acc $S/baseline/none/s* $S/{attention,interrelation,token_drop}/*/s* $S/prior/{sift,shuffled}/s*
+    table prior val/acc $S/baseline/none/s* $S/prior/*/s*
+    table prior_beta2 val/acc $S/baseline/none/s* $S/prior_beta2/*/s*
+    table interrelation val/acc $S/baseline/none/s* $S/interrelation/*/s*
+    table mae val/knn_acc $OUT/screen_mae/*/*/s*
+    table cluttered val/acc $OUT/screen_clut/*/*/s*
+    table centred val/acc $OUT/centred/*/*/s* ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
 esac
