@@ -58,7 +58,8 @@ case "$part" in
     table prior val/acc $S/baseline/none/s* $S/prior/*/s*
     table prior_beta2 val/acc $S/baseline/none/s* $S/prior_beta2/*/s*
     table interrelation val/acc $S/baseline/none/s* $S/interrelation/*/s*
-    table mae val/knn_acc $OUT/screen_mae/*/*/s*
+    table mae val/knn_acc_cls $OUT/screen_mae/*/*/s*       # kNN on the class token
+    table mae_mean val/knn_acc_mean $OUT/screen_mae/*/*/s*  # ... and on the mean of the patch tokens
     table cluttered val/acc $OUT/screen_clut/*/*/s*
     table centred val/acc $OUT/centred/*/*/s* ;;
   *) echo "unknown part $part" >&2; exit 2 ;;

@@ -60,11 +60,15 @@ def unshard_rows(gathered: Tensor, n: int) -> Tensor:
 
 
 class KNNEvaluator(L.Callback):
-    """Logs ``val/knn_acc`` after each validation.
+    """Logs ``val/knn_acc`` after each validation, and beside it ``val/knn_acc_cls`` and ``val/knn_acc_mean``
+    (class token and mean of the patch tokens, from one forward pass): guidance on CLS attention shapes the class
+    token directly while MAE trains it only through the decoder, so a comparison of one pooling alone may
+    measure the pooling.
 
     Args:
         bank_size / query_size: images used (fixed subsets: the first of the training / validation sets).
-        k, temperature: kNN parameters. pool: ``cls`` or ``mean`` (falls back to ``mean`` without a class token).
+        k, temperature: kNN parameters. pool: the pooling reported as ``val/knn_acc``, ``cls`` or ``mean`` (falls
+            back to ``mean`` without a class token; such a model logs only ``val/knn_acc_mean``).
         batch_size: feature extraction batch size.
     """
 
@@ -75,25 +79,32 @@ class KNNEvaluator(L.Callback):
         self.bank_size, self.query_size, self.k, self.temperature = bank_size, query_size, k, temperature
         self.pool, self.batch_size = pool, batch_size
 
+    @staticmethod
+    def pools(module) -> tuple[str, ...]:
+        """The poolings a model offers: ``("cls", "mean")``, or ``("mean",)`` without a class token."""
+        return ("cls", "mean") if getattr(module.net, "cls_token", None) is not None else ("mean",)
+
     @torch.no_grad()
-    def features(self, module, images: Tensor) -> Tensor:
+    def features(self, module, images: Tensor, pools: tuple[str, ...] | None = None) -> Tensor:
+        """``(N, len(pools) * D)``: each pooling's features side by side (default: ``self.pool`` only)."""
+        pools = pools or ((self.pool,) if self.pool in self.pools(module) else ("mean",))
         n_prefix = int(getattr(module.net, "num_prefix_tokens", 1))
-        has_cls = getattr(module.net, "cls_token", None) is not None
         out = []
         for i in range(0, len(images), self.batch_size):
             x = module.transform(images[i : i + self.batch_size].to(module.device), train=False)
             tokens = module.objective.tokens(module.net, module.transform.normalize(x))
-            pooled = tokens[:, 0] if (self.pool == "cls" and has_cls) else tokens[:, n_prefix:].mean(1)
-            out.append(pooled.float())
+            out.append(torch.cat([tokens[:, 0] if p == "cls" else tokens[:, n_prefix:].mean(1) for p in pools],
+                                 dim=1).float())
         return torch.cat(out)
 
-    def all_features(self, trainer: L.Trainer, module, images: Tensor) -> Tensor:
-        """Features ``(N, D)`` of all ``images``; under DDP each rank computes its share and the shares are
-        all-gathered (a collective: every rank must call it)."""
+    def all_features(self, trainer: L.Trainer, module, images: Tensor,
+                     pools: tuple[str, ...] | None = None) -> Tensor:
+        """Features (see :meth:`features`) of all ``images``; under DDP each rank computes its share and the shares
+        are all-gathered (a collective: every rank must call it)."""
         world = trainer.world_size
         if world == 1:
-            return self.features(module, images)
-        local = self.features(module, images[shard_rows(len(images), trainer.global_rank, world)])  # (per, D)
+            return self.features(module, images, pools)
+        local = self.features(module, images[shard_rows(len(images), trainer.global_rank, world)], pools)
         return unshard_rows(module.all_gather(local), len(images))  # (world, per, D) -> (N, D)
 
     @staticmethod
@@ -120,13 +131,17 @@ class KNNEvaluator(L.Callback):
         else:
             half = len(qy) // 2
             bx, by, qx, qy = qx[:half], qy[:half], qx[half:], qy[half:]
+        pools = self.pools(module)
         was_training = module.training
         module.eval()
         try:
-            bank, queries = self.all_features(trainer, module, bx), self.all_features(trainer, module, qx)
+            bank, queries = self.all_features(trainer, module, bx, pools), self.all_features(trainer, module, qx, pools)
         finally:
             module.train(was_training)
         num_classes = int(max(by.max(), qy.max())) + 1
-        pred = knn_predict(bank, by.to(bank.device), queries, num_classes, self.k, self.temperature)
-        acc = (pred == qy.to(pred.device)).float().mean()
-        module.log("val/knn_acc", acc, sync_dist=True)  # the same on every rank: the mean changes nothing
+        accs = {}
+        for p, b, q in zip(pools, bank.chunk(len(pools), dim=1), queries.chunk(len(pools), dim=1)):
+            pred = knn_predict(b, by.to(b.device), q, num_classes, self.k, self.temperature)
+            accs[p] = (pred == qy.to(pred.device)).float().mean()
+            module.log(f"val/knn_acc_{p}", accs[p], sync_dist=True)  # the same on every rank
+        module.log("val/knn_acc", accs.get(self.pool, accs["mean"]), sync_dist=True)

@@ -1,6 +1,6 @@
 import torch
 
-from siftguide.eval import knn_predict
+from siftguide.eval import KNNEvaluator, knn_predict
 
 
 def test_knn_separable_clusters():
@@ -22,3 +22,17 @@ def test_knn_weights_votes_by_similarity():
     labels = torch.tensor([0, 1, 1])
     # two weak votes for class 1 vs one near-identical vote for class 0: the temperature makes similarity win
     assert knn_predict(bank, labels, torch.tensor([[1.0, 0.05]]), 2, k=3, temperature=0.05).item() == 0
+
+
+def test_knn_features_of_both_poolings_in_one_pass(tiny_cfg):
+    from train import build_module
+
+    module = build_module(tiny_cfg()).eval()
+    images = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    cls_only = KNNEvaluator(pool="cls", batch_size=4).features(module, images)
+    mean_only = KNNEvaluator(pool="mean", batch_size=4).features(module, images)
+    both = KNNEvaluator(batch_size=4).features(module, images, pools=("cls", "mean"))
+    assert cls_only.shape == mean_only.shape == (6, module.net.embed_dim)
+    torch.testing.assert_close(both, torch.cat([cls_only, mean_only], dim=1))
+    assert not torch.allclose(cls_only, mean_only)
+    assert KNNEvaluator.pools(module) == ("cls", "mean")

@@ -199,6 +199,9 @@ def test_mae_run_writes_knn_and_guidance(tiny_cfg):
     m = metrics(Path(cfg.paths.output_dir))
     assert m["val/knn_acc"].notna().any() and m["train/guidance_loss"].notna().sum() == 4
     assert m["val/acc"].notna().any() and m["train/mae_loss"].notna().sum() == 4
+    # both poolings from one pass; val/knn_acc is the configured one (cls)
+    assert m["val/knn_acc_mean"].notna().any()
+    assert (m["val/knn_acc"].dropna() == m["val/knn_acc_cls"].dropna()).all()
 
 
 def _png_folder(root: Path, labelled: bool, n: int = 24):
