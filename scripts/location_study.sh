@@ -42,13 +42,13 @@ case "$part" in
                  --controls main --seeds 2 --out "$OUT/screen_clut" ;;
   centred)     study "${SUP[@]}" --modes "$BEST" --controls auto --seeds 3 --out "$OUT/centred" ;;
   report)
-    # table NAME METRIC RUN_DIR_GLOB...: compare the finished runs (results.json status finished) matching the globs
+    # table NAME METRIC RUN_DIR_GLOB...: compare the finished runs (siftguide.study.is_finished) matching the globs
+    finished() { $PY -c 'import sys; from pathlib import Path; from siftguide.study import is_finished
+print("\n".join(d for d in sys.argv[1:] if is_finished(Path(d))))' "$@"; }
     table() {
       local name=$1 metric=$2; shift 2
-      local runs=() d
-      for d in "$@"; do
-        grep -qs '"status": "finished"' "$d/results.json" && runs+=("$d")
-      done
+      local runs=()
+      mapfile -t runs < <(finished "$@" | sed '/^$/d')
       if [ ${#runs[@]} -eq 0 ]; then echo "$name: no finished runs yet"; return; fi
       echo "== $name: ${#runs[@]} runs"
       $PY -m siftguide.compare "${runs[@]}" --metric "$metric" --verdict --out "docs/results/location/$name" | tail -n 3

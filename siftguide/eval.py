@@ -84,10 +84,14 @@ class KNNEvaluator(L.Callback):
         """The poolings a model offers: ``("cls", "mean")``, or ``("mean",)`` without a class token."""
         return ("cls", "mean") if getattr(module.net, "cls_token", None) is not None else ("mean",)
 
+    def primary_pool(self, module) -> str:
+        """The pooling reported as ``val/knn_acc``: ``self.pool``, or ``mean`` where the model has no class token."""
+        return self.pool if self.pool in self.pools(module) else "mean"
+
     @torch.no_grad()
     def features(self, module, images: Tensor, pools: tuple[str, ...] | None = None) -> Tensor:
         """``(N, len(pools) * D)``: each pooling's features side by side (default: ``self.pool`` only)."""
-        pools = pools or ((self.pool,) if self.pool in self.pools(module) else ("mean",))
+        pools = pools or (self.primary_pool(module),)
         n_prefix = int(getattr(module.net, "num_prefix_tokens", 1))
         out = []
         for i in range(0, len(images), self.batch_size):
@@ -144,4 +148,4 @@ class KNNEvaluator(L.Callback):
             pred = knn_predict(b, by.to(b.device), q, num_classes, self.k, self.temperature)
             accs[p] = (pred == qy.to(pred.device)).float().mean()
             module.log(f"val/knn_acc_{p}", accs[p], sync_dist=True)  # the same on every rank
-        module.log("val/knn_acc", accs.get(self.pool, accs["mean"]), sync_dist=True)
+        module.log("val/knn_acc", accs[self.primary_pool(module)], sync_dist=True)

@@ -359,7 +359,8 @@ def test_verdict_reports_ratios_cis_and_the_best_wrong_map_control(tmp_path):
 
 
 def test_steps_criterion_says_no_when_seeds_overlap(tmp_path):
-    # SIFT is 20 steps faster on average, but its seeds spread over 100 steps (target 0.8, the baseline's final): not more than 2x the seed std
+    # SIFT is 20 steps faster on average, but its seeds spread over 100 steps (target 0.8, the baseline's final):
+    # not more than 2x the seed std
     for s, (sift, ctl) in enumerate([(210, 250), (250, 270), (310, 310)]):
         make_run(tmp_path, f"b{s}", 0.0, s, [0.5, 0.6, 0.7, 0.8])
         for name, at, kind in ((f"s{s}", sift, "sift"), (f"sh{s}", ctl, "shuffled")):

@@ -122,7 +122,7 @@ def _worker(rank: int, world: int, init_file: str, images: torch.Tensor, directo
         # the second call finds rank 0's file: nobody detects; the ranks get it by broadcast
         loaded = KeypointCache.load_or_build(images, tf.resize, SIFT, tf.size, directory, batch_size=4)
         knn = KNNEvaluator()
-        knn.features = lambda module, x, pools=None: x.flatten(1).float() * 2  # a stand-in network: the gather is tested
+        knn.features = lambda module, x, pools=None: x.flatten(1).float() * 2  # stand-in network: the gather is tested
         feats = knn.all_features(_Trainer(rank, world), _Module(), images)
         torch.save({"built": built._tensors(), "loaded": loaded._tensors(), "n_built": n_built,
                     "n_loaded": sum(detected), "feats": feats}, Path(out) / f"{rank}.pt")
