@@ -6,13 +6,16 @@
 #   bash scripts/location_study.sh confirm_sup    supervised, translated: $BEST, its controls ($CONTROLS) and the
 #                                                 baseline over $SEEDS seeds, in the screen's directory (its runs reused)
 #   bash scripts/location_study.sh screen_mae     MAE (kNN), translated: masking, recon_weight, attention, 2 seeds
+#   bash scripts/location_study.sh mae_long       MAE (kNN), translated, a long schedule ($MAE_STEPS, validation every
+#                                                 100 steps): baseline and SIFT masking, 1 seed (does kNN climb?)
 #   bash scripts/location_study.sh screen_clut    supervised, cluttered: 4 modes + main control, 2 seeds
 #   bash scripts/location_study.sh centred        supervised, the centred default: $BEST + controls, 3 seeds
 #   bash scripts/location_study.sh report         the published tables: compare over the finished runs of each
 #                                                 part into docs/results/location/<table>/ (table.md, curves.png,
 #                                                 verdict.md); a run still training is left out
 # Env: OUT (logs/location_study), JOBS (2: two 1-thread runs on 2 cores), STEPS (300), BEST (interrelation: the
-# screen's best SIFT setting), CONTROLS (main: its main wrong-map control; auto: shuffled, rolled, mean), SEEDS (5).
+# screen's best SIFT setting), CONTROLS (main: its main wrong-map control; auto: shuffled, rolled, mean), SEEDS (5),
+# MAE_STEPS (2000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -22,13 +25,15 @@ STEPS=${STEPS:-300}
 BEST=${BEST:-interrelation}
 CONTROLS=${CONTROLS:-main}
 SEEDS=${SEEDS:-5}
+MAE_STEPS=${MAE_STEPS:-2000}
 export WANDB_MODE=offline WANDB_SILENT=true
 # dense validation on a fixed 2,000-image subset every 25 steps; short warm-up for the short schedule
 COMMON=(logger=csv trainer.enable_progress_bar=false trainer.max_steps=$STEPS trainer.val_check_interval=25
         data.val_subset=2000 scheduler.warmup_steps=30)
 SUP=("${COMMON[@]}" knn.enabled=false)
 MAE=("${COMMON[@]}" objective=mae knn.query_size=2000)
-part=${1:?part: screen_sup | confirm_sup | screen_mae | screen_clut | centred | report}; shift  # the rest goes to the study
+# the part, then arguments for the study
+part=${1:?part: screen_sup | confirm_sup | screen_mae | mae_long | screen_clut | centred | report}; shift
 study() { $PY -m siftguide.study --jobs "$JOBS" "$@" "${EXTRA[@]}"; }
 EXTRA=("$@")
 case "$part" in
@@ -38,6 +43,8 @@ case "$part" in
                  --seeds "$SEEDS" --out "$OUT/screen_sup" ;;
   screen_mae)  study data=fashion_mnist_translated "${MAE[@]}" --modes masking recon_weight attention \
                  --controls main --seeds 2 --out "$OUT/screen_mae" ;;
+  mae_long)    study data=fashion_mnist_translated "${MAE[@]}" trainer.max_steps="$MAE_STEPS" \
+                 trainer.val_check_interval=100 --modes masking --controls none --seeds 1 --out "$OUT/mae_long" ;;
   screen_clut) study data=fashion_mnist_cluttered "${SUP[@]}" --modes attention interrelation prior token_drop \
                  --controls main --seeds 2 --out "$OUT/screen_clut" ;;
   centred)     study "${SUP[@]}" --modes "$BEST" --controls auto --seeds 3 --out "$OUT/centred" ;;
@@ -60,6 +67,8 @@ print("\n".join(d for d in sys.argv[1:] if is_finished(Path(d))))' "$@"; }
     table interrelation val/acc $S/baseline/none/s* $S/interrelation/*/s*
     table mae val/knn_acc_cls $OUT/screen_mae/*/*/s*       # kNN on the class token
     table mae_mean val/knn_acc_mean $OUT/screen_mae/*/*/s*  # ... and on the mean of the patch tokens
+    table mae_long val/knn_acc_cls $OUT/mae_long/*/*/s*
+    table mae_long_mean val/knn_acc_mean $OUT/mae_long/*/*/s*
     table cluttered val/acc $OUT/screen_clut/*/*/s*
     table centred val/acc $OUT/centred/*/*/s* ;;
   *) echo "unknown part $part" >&2; exit 2 ;;

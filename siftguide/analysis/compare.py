@@ -6,7 +6,7 @@ above run directories (a multirun sweep). Runs are grouped by the config values 
 (``baseline``, ``sift w=1``, ``shuffled w=1 steps=350``; see ``group_labels``), and its full ``key=value``
 description is kept beside it. For each group:
 
-* final metric (mean and std over seeds);
+* final metric (mean and sample std over seeds, ddof=1, as everywhere in this module);
 * steps-to-target and time-to-target of the group's seed-averaged curve (mean metric and mean training
   wall-clock ``val/elapsed_s`` at each validation step): the first point where it reaches the target, linearly
   interpolated between validations. With the default target the baseline's mean curve reaches it at the latest
@@ -452,8 +452,8 @@ def summarize(groups: dict[str, list[Run]], metric: str, target: float | None = 
         aucs = np.array([auc(r.curve(metric)) for r in rs])
         row = {
             "group": g, "label": labels[g], "seeds": len(rs), "final_mean": finals[g].mean(),
-            "final_std": finals[g].std(ddof=0), "auc": auc(mc), "auc_seed_mean": aucs.mean(),
-            "auc_seed_std": aucs.std(ddof=0), "steps_to_target": step, "time_to_target_s": time,
+            "final_std": _sample_std(finals[g]), "auc": auc(mc), "auc_seed_mean": aucs.mean(),
+            "auc_seed_std": _sample_std(aucs), "steps_to_target": step, "time_to_target_s": time,
             "seeds_reached": f"{len(hit)}/{len(rs)}",
             "seed_steps_min": hit.min() if len(hit) else math.nan,
             "seed_steps_max": hit.max() if len(hit) else math.nan,
@@ -510,7 +510,7 @@ def to_markdown(table: pd.DataFrame, metric: str, target: float | None, base: st
     head = (f"metric `{metric}`, target {target:.4f}" if target is not None else f"metric `{metric}`, no target") \
         + (f", baseline group `{_label_of(table, base)}`" if base else ", no baseline")
 
-    lines = [head, "", "| group | seeds | final (mean ± std) | AUC (mean curve) | AUC per seed (mean ± std) "
+    lines = [head, "", "| group | seeds | final (mean ± sample std) | AUC (mean curve) | AUC per seed (mean ± sample std) "
              "| steps to target (mean curve) | time to target (s) | steps ratio | time ratio "
              "| seeds reaching target (steps min..max) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -655,6 +655,11 @@ def _seed_column(runs: list[Run], metric: str, target: float | None, higher_is_b
     return np.array([v[i] for v in _seed_stats(runs, metric, target, higher_is_better).values()], float)
 
 
+def _sample_std(x: np.ndarray) -> float:
+    """Sample std over seeds (ddof=1), the spread every table and criterion uses; 0 for a single seed."""
+    return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+
+
 def _pooled_sample_std(a: np.ndarray, b: np.ndarray) -> float:
     """sqrt of the mean of the two groups' sample variances (ddof=1; nan when a group has one seed)."""
     if len(a) < 2 or len(b) < 2:
@@ -675,7 +680,7 @@ def _steps_against_controls(groups, g, ctl, lab, metric, target, higher_is_bette
     m, lo, hi = bootstrap_ci(p["steps"], ci, n_resamples, bootstrap_seed)
 
     def sd(x):
-        return f" ± {x.std(ddof=1):.0f}" if len(x) > 1 else ""
+        return f" ± {_sample_std(x):.0f}" if len(x) > 1 else ""
     beats = "n/a (needs 2 seeds each)" if math.isnan(pooled) else (
         "yes" if -diff > 2 * pooled else "no")  # fewer steps is better
     return (f"Steps to target {target:.4f}, SIFT vs the fastest wrong-map control: `{lab[g]}` {a.mean():.0f}{sd(a)} "
