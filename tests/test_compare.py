@@ -66,6 +66,17 @@ def test_steps_and_time_to_target_and_ratios(tmp_path):
     assert (g["seeds_reached"], g["seed_steps_min"], g["seed_steps_max"]) == ("2/2", 200, 300)
 
 
+def test_a_mode_seed_that_follows_the_run_seed_does_not_split_groups(tmp_path):
+    # token_drop's config has `seed: ${seed}`: runs of one setting over seeds are one group, not one per seed
+    for seed in (0, 1, 2):
+        make_run(tmp_path, f"td{seed}", 1.0, seed, [0.5, 0.6, 0.7, 0.8], extra={"guidance": {"token_drop": {
+            "keep": 0.5, "seed": seed}}})
+    make_run(tmp_path, "fixed", 1.0, 0, [0.5, 0.6, 0.7, 0.8], extra={"guidance": {"token_drop": {
+        "keep": 0.5, "seed": 7}}})  # a mode seed set apart from the run seed does define a group
+    groups = group_runs(load_runs([tmp_path]))
+    assert sorted(len(rs) for rs in groups.values()) == [1, 3]
+
+
 def test_group_that_never_reaches_and_explicit_target(tmp_path):
     make_run(tmp_path, "b0", 0.0, 0, [0.5, 0.6, 0.7, 0.8])
     make_run(tmp_path, "g0", 1.0, 0, [0.5, 0.55, 0.6, 0.65])

@@ -127,8 +127,17 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
         if not files:
             raise FileNotFoundError(f"no metrics.csv at or below {p}")
         for f in files:
-            runs.append(Run(f.parent, _with_modes(_flatten(_read_config(f.parent))), pd.read_csv(f)))
+            runs.append(Run(f.parent, _with_modes(_with_run_seed(_flatten(_read_config(f.parent)))), pd.read_csv(f)))
     return runs
+
+
+def _with_run_seed(config: dict) -> dict:
+    """A nested ``*.seed`` that holds the run's own seed (``seed: ${seed}`` in a mode's config, resolved when the
+    config was saved) reads ``${seed}`` again, so runs of one setting over seeds stay one group; a nested seed
+    set apart from the run's seed keeps its value and defines a group."""
+    seed = config.get("seed")
+    return {k: "${seed}" if k != "seed" and k.endswith(".seed") and seed is not None and v == seed else v
+            for k, v in config.items()}
 
 
 def _with_modes(config: dict) -> dict:
@@ -510,8 +519,9 @@ def to_markdown(table: pd.DataFrame, metric: str, target: float | None, base: st
     head = (f"metric `{metric}`, target {target:.4f}" if target is not None else f"metric `{metric}`, no target") \
         + (f", baseline group `{_label_of(table, base)}`" if base else ", no baseline")
 
-    lines = [head, "", "| group | seeds | final (mean ± sample std) | AUC (mean curve) | AUC per seed (mean ± sample std) "
-             "| steps to target (mean curve) | time to target (s) | steps ratio | time ratio "
+    lines = [head, "", "| group | seeds | final (mean ± sample std) | AUC (mean curve) "
+             "| AUC per seed (mean ± sample std) | steps to target (mean curve) | time to target (s) "
+             "| steps ratio | time ratio "
              "| seeds reaching target (steps min..max) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 
