@@ -97,6 +97,16 @@ class PretrainModule(L.LightningModule):
             self.relevance.setup(self.trainer.datamodule, self.transform, self.patch_size, self.device)
         self._relevance_ready = True
 
+    _skipped_resumed = 0.0  # data/skipped at the checkpoint this run resumed from
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        total = getattr(self, "_skipped_total", None)  # one host sync per checkpoint, not per step
+        checkpoint["data_skipped"] = float(total) if total is not None else self._skipped_resumed
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._skipped_resumed = float(checkpoint.get("data_skipped", 0.0))
+        self._skipped_total = None
+
     def on_fit_start(self) -> None:
         self._setup_relevance()
 
@@ -144,14 +154,15 @@ class PretrainModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def _count_skipped(self, batch: dict, stage: str) -> bool:
         """Samples the loader dropped as unreadable (``batch["skipped"]``, image folders): logs ``data/skipped``
-        (training samples skipped since this process started; a device tensor, no host sync) or ``<stage>/skipped``
+        (training samples skipped in the whole run, resumes included: the count travels in the checkpoint; a
+        device tensor, no host sync) or ``<stage>/skipped``
         (per evaluation pass). True when the batch is empty (every file unreadable): the step then has no loss and
         changes no weight (Lightning still counts it and the LR schedule advances), and ``max_empty_batches``
         empty training batches in a row stop the run with an error, not with an untrained model."""
         n = batch.get("skipped")
         if n is not None and stage == "train":
             total = getattr(self, "_skipped_total", None)
-            self._skipped_total = n.float() if total is None else total + n
+            self._skipped_total = n.float() + self._skipped_resumed if total is None else total + n
             self.log("data/skipped", self._skipped_total, batch_size=1)
         elif n is not None:
             self.log(f"{stage}/skipped", n.float(), reduce_fx="sum", batch_size=1, sync_dist=True)  # all ranks

@@ -13,6 +13,7 @@ from PIL import Image
 from siftguide.checks import validate_config
 from siftguide.data import ImageFolderDataModule, _FolderImages, collate_skipping
 from siftguide.eval import KNNEvaluator
+from tests.test_resume import _killed_at
 from train import build, build_module, train
 
 S = 32  # decoded image side in these tests
@@ -205,6 +206,22 @@ def test_run_with_bad_files_finishes_and_logs_skips(tiny_cfg, tmp_path, caplog):
     assert np.isfinite(m["train/loss"].dropna()).all() and m["train/loss"].notna().sum() == 5
     text = caplog.text
     assert "truncated.png" in text and "empty.png" in text and "broken.png" in text
+
+
+def test_skipped_count_survives_a_resume(tiny_cfg, tmp_path, monkeypatch):
+    # killed after step 3 (checkpoint at step 2), resumed with ckpt_path=last: data/skipped ends at the whole
+    # run's count, as in the uninterrupted run, not at the count since the resume
+    root = _folder(tmp_path / "imgs", bad=True)
+    _good(root / "train" / "c1" / "extra.png", 7)
+    over = ["trainer.max_steps=5", "trainer.val_check_interval=2"]
+    cfg = _folder_cfg(tiny_cfg, root, over, name="killed")
+    with monkeypatch.context() as m:
+        _killed_at(m, 3)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(cfg)
+    train(_folder_cfg(tiny_cfg, root, [*over, "ckpt_path=last"], name="killed"))
+    skipped = _metrics(cfg)["data/skipped"].dropna()
+    assert skipped.iloc[-1] == 3 and skipped.is_monotonic_increasing
 
 
 def test_an_unreadable_dataset_stops_with_a_clear_error(tiny_cfg, tmp_path):
