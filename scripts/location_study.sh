@@ -4,10 +4,13 @@
 # with its compare report in $OUT/<part>/report/ (table.md, curves.png, verdict.md).
 #   bash scripts/location_study.sh screen_sup     supervised, translated: 4 modes + main wrong-map control, 2 seeds
 #   bash scripts/location_study.sh confirm_sup    supervised, translated: $BEST, its controls ($CONTROLS) and the
-#                                                 baseline over $SEEDS seeds, in the screen's directory (its runs reused)
+#                                                 baseline over $SEEDS seeds, in the screen's directory (reused)
 #   bash scripts/location_study.sh screen_mae     MAE (kNN), translated: masking, recon_weight, attention, 2 seeds
 #   bash scripts/location_study.sh mae_long       MAE (kNN), translated, a long schedule ($MAE_STEPS, validation every
 #                                                 100 steps): baseline and SIFT masking, 1 seed (does kNN climb?)
+#   bash scripts/location_study.sh knobs_sup      supervised, translated, 2 seeds with the main control: prior on
+#                                                 every block, prior's beta decayed over the first half, prior also
+#                                                 at evaluation; token_drop for 540 steps (the baseline's compute)
 #   bash scripts/location_study.sh screen_clut    supervised, cluttered: 4 modes + main control, 2 seeds
 #   bash scripts/location_study.sh centred        supervised, the centred default: $BEST + controls, 3 seeds
 #   bash scripts/location_study.sh report         the published tables: compare over the finished runs of each
@@ -33,7 +36,7 @@ COMMON=(logger=csv trainer.enable_progress_bar=false trainer.max_steps=$STEPS tr
 SUP=("${COMMON[@]}" knn.enabled=false)
 MAE=("${COMMON[@]}" objective=mae knn.query_size=2000)
 # the part, then arguments for the study
-part=${1:?part: screen_sup | confirm_sup | screen_mae | mae_long | screen_clut | centred | report}; shift
+part=${1:?part: screen_sup | confirm_sup | knobs_sup | screen_mae | mae_long | screen_clut | centred | report}; shift
 study() { $PY -m siftguide.study --jobs "$JOBS" "$@" "${EXTRA[@]}"; }
 EXTRA=("$@")
 case "$part" in
@@ -41,6 +44,13 @@ case "$part" in
                  --controls main --seeds 2 --out "$OUT/screen_sup" ;;
   confirm_sup) study data=fashion_mnist_translated "${SUP[@]}" --modes "$BEST" --controls "$CONTROLS" \
                  --seeds "$SEEDS" --out "$OUT/screen_sup" ;;
+  knobs_sup)
+    for m in 'prior guidance.prior.layers=[0,1,2,3,4,5]' 'prior guidance.prior.schedule.total_steps=150' \
+             'prior guidance.prior.at_eval=true'; do
+      study data=fashion_mnist_translated "${SUP[@]}" --modes "$m" --controls main --seeds 2 --out "$OUT/screen_sup"
+    done
+    study data=fashion_mnist_translated "${SUP[@]}" --modes 'token_drop trainer.max_steps=540' --controls main \
+      --seeds 2 --no-baseline --out "$OUT/screen_sup" ;;
   screen_mae)  study data=fashion_mnist_translated "${MAE[@]}" --modes masking recon_weight attention \
                  --controls main --seeds 2 --out "$OUT/screen_mae" ;;
   mae_long)    study data=fashion_mnist_translated "${MAE[@]}" trainer.max_steps="$MAE_STEPS" \
@@ -65,6 +75,11 @@ print("\n".join(d for d in sys.argv[1:] if is_finished(Path(d))))' "$@"; }
     table prior val/acc $S/baseline/none/s* $S/prior/*/s*
     table prior_beta2 val/acc $S/baseline/none/s* $S/prior_beta2/*/s*
     table interrelation val/acc $S/baseline/none/s* $S/interrelation/*/s*
+    # prior's knobs (2 seeds each: which blocks, a faster beta decay, evaluated with its bias) beside beta=1
+    table prior_knobs val/acc $S/baseline/none/s* $S/prior/{sift,shuffled}/s* \
+      $S/prior_{layers012345,totalsteps150,atevaltrue}/*/s*
+    # token dropping at the baseline's compute: 540 steps of keep 0.5 cost about 300 baseline steps
+    table token_drop_540 val/acc $S/baseline/none/s* $S/token_drop/*/s* $S/token_drop_maxsteps540/*/s*
     table mae val/knn_acc_cls $OUT/screen_mae/*/*/s*       # kNN on the class token
     table mae_mean val/knn_acc_mean $OUT/screen_mae/*/*/s*  # ... and on the mean of the patch tokens
     table mae_long val/knn_acc_cls $OUT/mae_long/*/*/s*
