@@ -7,7 +7,7 @@
 #                                                 baseline over $SEEDS seeds, in the screen's directory (reused)
 #   bash scripts/location_study.sh screen_mae     MAE (kNN), translated: masking, recon_weight, attention, 2 seeds
 #   bash scripts/location_study.sh mae_long       MAE (kNN), translated, a long schedule ($MAE_STEPS, validation every
-#                                                 100 steps): baseline and SIFT masking, 1 seed (does kNN climb?)
+#                                                 100 steps): baseline and SIFT masking, $MAE_SEEDS seeds (1)
 #   bash scripts/location_study.sh knobs_sup      supervised, translated, 2 seeds with the main control: prior on
 #                                                 every block, prior's beta decayed over the first half, prior also
 #                                                 at evaluation; token_drop for 540 steps (the baseline's compute)
@@ -18,7 +18,7 @@
 #                                                 verdict.md); a run still training is left out
 # Env: OUT (logs/location_study), JOBS (2: two 1-thread runs on 2 cores), STEPS (300), BEST (interrelation: the
 # screen's best SIFT setting), CONTROLS (main: its main wrong-map control; auto: shuffled, rolled, mean), SEEDS (5),
-# MAE_STEPS (2000).
+# MAE_STEPS (2000), MAE_SEEDS (1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -29,6 +29,7 @@ BEST=${BEST:-interrelation}
 CONTROLS=${CONTROLS:-main}
 SEEDS=${SEEDS:-5}
 MAE_STEPS=${MAE_STEPS:-2000}
+MAE_SEEDS=${MAE_SEEDS:-1}
 export WANDB_MODE=offline WANDB_SILENT=true
 # dense validation on a fixed 2,000-image subset every 25 steps; short warm-up for the short schedule
 COMMON=(logger=csv trainer.enable_progress_bar=false trainer.max_steps=$STEPS trainer.val_check_interval=25
@@ -54,7 +55,8 @@ case "$part" in
   screen_mae)  study data=fashion_mnist_translated "${MAE[@]}" --modes masking recon_weight attention \
                  --controls main --seeds 2 --out "$OUT/screen_mae" ;;
   mae_long)    study data=fashion_mnist_translated "${MAE[@]}" trainer.max_steps="$MAE_STEPS" \
-                 trainer.val_check_interval=100 --modes masking --controls none --seeds 1 --out "$OUT/mae_long" ;;
+                 trainer.val_check_interval=100 --modes masking --controls none --seeds "$MAE_SEEDS" \
+                 --out "$OUT/mae_long" ;;
   screen_clut) study data=fashion_mnist_cluttered "${SUP[@]}" --modes attention interrelation prior token_drop \
                  --controls main --seeds 2 --out "$OUT/screen_clut" ;;
   centred)     study "${SUP[@]}" --modes "$BEST" --controls auto --seeds 3 --out "$OUT/centred" ;;
