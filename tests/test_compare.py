@@ -77,6 +77,15 @@ def test_a_mode_seed_that_follows_the_run_seed_does_not_split_groups(tmp_path):
     assert sorted(len(rs) for rs in groups.values()) == [1, 3]
 
 
+def test_one_mode_against_the_baseline_is_labelled_with_the_mode(tmp_path):
+    # only the guided runs have a mode node: the mode still names their group ("masking w=1", not "w=1")
+    make_run(tmp_path, "base", 0.0, 0, [0.5, 0.6, 0.7, 0.8])
+    make_run(tmp_path, "mask", 1.0, 0, [0.5, 0.6, 0.7, 0.8],
+             extra={"guidance": {"masking": {"_target_": "siftguide.guidance.KeypointMasking"}}})
+    groups = group_runs(load_runs([tmp_path]))
+    assert sorted(group_labels(groups).values()) == ["baseline", "masking w=1"]
+
+
 def test_group_that_never_reaches_and_explicit_target(tmp_path):
     make_run(tmp_path, "b0", 0.0, 0, [0.5, 0.6, 0.7, 0.8])
     make_run(tmp_path, "g0", 1.0, 0, [0.5, 0.55, 0.6, 0.65])

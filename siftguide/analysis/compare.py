@@ -158,7 +158,8 @@ def _varying_keys(runs: list[Run]) -> list[str]:
     for k in keys:
         if k.startswith(IGNORED_PREFIXES):
             continue
-        values = {repr(r.config[k]) for r in runs if k in r.config}
+        # guidance.modes is derived (``_with_modes``): a run without it uses no mode, which is a value of its own
+        values = {repr(r.config.get(k)) for r in runs if k in r.config or k == "guidance.modes"}
         if len(values) > 1:
             varying.append(k)
     return varying
