@@ -155,9 +155,10 @@ class PretrainModule(L.LightningModule):
     def _count_skipped(self, batch: dict, stage: str) -> bool:
         """Samples the loader dropped as unreadable (``batch["skipped"]``, image folders): logs ``data/skipped``
         (training samples skipped in the whole run, resumes included: the count travels in the checkpoint; a
-        device tensor, no host sync) or ``<stage>/skipped`` (per evaluation pass). True when the batch is empty (every file unreadable): the step then has no loss and
-        changes no weight (Lightning still counts it and the LR schedule advances), and ``max_empty_batches``
-        empty training batches in a row stop the run with an error, not with an untrained model."""
+        device tensor, no host sync) or ``<stage>/skipped`` (per evaluation pass). True when the batch is empty
+        (every file unreadable): the step then has no loss and changes no weight (Lightning still counts it and the
+        LR schedule advances), and ``max_empty_batches`` empty training batches in a row stop the run with an
+        error, not with an untrained model."""
         n = batch.get("skipped")
         if n is not None and stage == "train":
             total = getattr(self, "_skipped_total", None)
