@@ -87,7 +87,9 @@ print("\n".join(d for d in sys.argv[1:] if is_finished(Path(d))))' "$@"; }
       $S/prior_{layers012345,totalsteps100,atevaltrue}/*/s*
     table prior_decay150 val/acc $S/baseline/none/s* $S/prior_totalsteps150/*/s*
     # token dropping at the baseline's compute: 540 steps of keep 0.5 cost about 300 baseline steps
-    table token_drop_540 val/acc $S/baseline/none/s* $S/token_drop/*/s* $S/token_drop_maxsteps540/*/s*
+    if [ -d "$S/token_drop_maxsteps540" ]; then
+      table token_drop_540 val/acc $S/baseline/none/s* $S/token_drop/*/s* $S/token_drop_maxsteps540/*/s*
+    fi
     table mae val/knn_acc_cls $OUT/screen_mae/*/*/s*       # kNN on the class token
     table mae_mean val/knn_acc_mean $OUT/screen_mae/*/*/s*  # ... and on the mean of the patch tokens
     table mae_long val/knn_acc_cls $OUT/mae_long/*/*/s*
