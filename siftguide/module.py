@@ -97,15 +97,12 @@ class PretrainModule(L.LightningModule):
             self.relevance.setup(self.trainer.datamodule, self.transform, self.patch_size, self.device)
         self._relevance_ready = True
 
-    _skipped_resumed = 0.0  # data/skipped at the checkpoint this run resumed from
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         total = getattr(self, "_skipped_total", None)  # one host sync per checkpoint, not per step
-        checkpoint["data_skipped"] = float(total) if total is not None else self._skipped_resumed
+        checkpoint["data_skipped"] = float(total) if total is not None else 0.0
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._skipped_resumed = float(checkpoint.get("data_skipped", 0.0))
-        self._skipped_total = None
+        self._skipped_total = float(checkpoint.get("data_skipped", 0.0))  # the next batch's count adds on the device
 
     def on_fit_start(self) -> None:
         self._setup_relevance()
@@ -162,7 +159,7 @@ class PretrainModule(L.LightningModule):
         n = batch.get("skipped")
         if n is not None and stage == "train":
             total = getattr(self, "_skipped_total", None)
-            self._skipped_total = n.float() + self._skipped_resumed if total is None else total + n
+            self._skipped_total = n.float() if total is None else total + n
             self.log("data/skipped", self._skipped_total, batch_size=1)
         elif n is not None:
             self.log(f"{stage}/skipped", n.float(), reduce_fx="sum", batch_size=1, sync_dist=True)  # all ranks
