@@ -8,6 +8,9 @@
 #   bash scripts/location_study.sh screen_mae     MAE (kNN), translated: masking, recon_weight, attention, 2 seeds
 #   bash scripts/location_study.sh mae_long       MAE (kNN), translated, a long schedule ($MAE_STEPS, validation every
 #                                                 100 steps): baseline and SIFT masking, $MAE_SEEDS seeds (1)
+#   bash scripts/location_study.sh mae_long_ctrl  the same long schedule with each mode's main control: masking
+#                                                 (random masking) and recon_weight (shuffled), $MAE_SEEDS seeds; sized
+#                                                 for a GPU: PY=python3 JOBS=8 MAE_SEEDS=5 ... data.root=<.gz folder>
 #   bash scripts/location_study.sh knobs_sup      supervised, translated, 2 seeds with the main control: prior on
 #                                                 every block, prior's beta decayed over the first half or third,
 #                                                 prior also at evaluation; the first half at 5 seeds (+ mean map,
@@ -38,7 +41,7 @@ COMMON=(logger=csv trainer.enable_progress_bar=false trainer.max_steps=$STEPS tr
 SUP=("${COMMON[@]}" knn.enabled=false)
 MAE=("${COMMON[@]}" objective=mae knn.query_size=2000)
 # the part, then arguments for the study
-part=${1:?part: screen_sup | confirm_sup | knobs_sup | screen_mae | mae_long | screen_clut | centred | report}; shift
+part=${1:?part: screen_sup | confirm_sup | knobs_sup | screen_mae | mae_long | mae_long_ctrl | screen_clut | centred | report}; shift
 study() { $PY -m siftguide.study --jobs "$JOBS" "$@" "${EXTRA[@]}"; }
 EXTRA=("$@")
 case "$part" in
@@ -62,6 +65,9 @@ case "$part" in
   mae_long)    study data=fashion_mnist_translated "${MAE[@]}" trainer.max_steps="$MAE_STEPS" \
                  trainer.val_check_interval=100 --modes masking --controls none --seeds "$MAE_SEEDS" \
                  --out "$OUT/mae_long" ;;
+  mae_long_ctrl) study data=fashion_mnist_translated "${MAE[@]}" trainer.max_steps="$MAE_STEPS" \
+                 trainer.val_check_interval=100 --modes masking recon_weight --controls main --seeds "$MAE_SEEDS" \
+                 --out "$OUT/mae_long_ctrl" ;;
   screen_clut) study data=fashion_mnist_cluttered "${SUP[@]}" --modes attention interrelation prior token_drop \
                  --controls main --seeds 2 --out "$OUT/screen_clut" ;;
   centred)     study "${SUP[@]}" --modes "$BEST" --controls auto --seeds 3 --out "$OUT/centred" ;;

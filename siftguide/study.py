@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="only write the report of the finished runs")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--train-script", default=str(TRAIN_SCRIPT))
-    args = ap.parse_args(argv)
+    # intermixed: overrides may also follow the options (scripts append a user's extra overrides at the end)
+    args = ap.parse_intermixed_args(argv)
     if args.seeds < 1:
         ap.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.jobs < 1:

@@ -82,6 +82,15 @@ def test_study_runs_skips_finished_reports_failures(tmp_path, capsys):
     assert "8 runs, 6 finished, 2 to run" in capsys.readouterr().out
 
 
+def test_overrides_may_follow_the_options(tmp_path, capsys):
+    # scripts append a user's overrides after the study's options (location_study.sh PART data.root=...)
+    rc = study.main(["trainer.max_steps=7", "--modes", "prior", "--seeds", "1", "--out", str(tmp_path), "--dry-run",
+                     "data.root=/somewhere", "knn.enabled=false"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("[todo]")]
+    assert rc == 0 and len(lines) == 3  # baseline, sift, shuffled
+    assert all("trainer.max_steps=7" in l and "data.root=/somewhere" in l and "knn.enabled=false" in l for l in lines)
+
+
 def test_study_rejects_settings_it_owns(tmp_path):
     with pytest.raises(SystemExit):
         study.main(["guidance=attention", "--out", str(tmp_path)])
