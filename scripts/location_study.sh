@@ -13,7 +13,7 @@
 #                                                 for a GPU: PY=python3 JOBS=8 MAE_SEEDS=5 ... data.root=<.gz folder>
 #   bash scripts/location_study.sh knobs_sup      supervised, translated, 2 seeds with the main control: prior on
 #                                                 every block, prior's beta decayed over the first half or third,
-#                                                 prior also at evaluation; the first half at 5 seeds (+ mean map,
+#                                                 prior also at evaluation; both decays at 5 seeds (+ mean map,
 #                                                 3); token_drop for 540 steps (the baseline's compute)
 #   bash scripts/location_study.sh screen_clut    supervised, cluttered: 4 modes + main control, 2 seeds
 #   bash scripts/location_study.sh centred        supervised, the centred default: $BEST + controls, 3 seeds
@@ -54,10 +54,13 @@ case "$part" in
              'prior guidance.prior.at_eval=true' 'prior guidance.prior.schedule.total_steps=100'; do
       study data=fashion_mnist_translated "${SUP[@]}" --modes "$m" --controls main --seeds 2 --out "$OUT/screen_sup"
     done
-    # the best knob (beta decayed over the first half) confirmed: 5 seeds with shuffled, 3 with the mean map
-    m='prior guidance.prior.schedule.total_steps=150'
-    study data=fashion_mnist_translated "${SUP[@]}" --modes "$m" --controls main --seeds 5 --out "$OUT/screen_sup"
-    study data=fashion_mnist_translated "${SUP[@]}" --modes "$m" --controls mean --seeds 3 --out "$OUT/screen_sup"
+    # the best knobs (beta decayed over the first half, then over the first third) confirmed: 5 seeds with
+    # shuffled, 3 with the mean map
+    for n in 150 100; do
+      m="prior guidance.prior.schedule.total_steps=$n"
+      study data=fashion_mnist_translated "${SUP[@]}" --modes "$m" --controls main --seeds 5 --out "$OUT/screen_sup"
+      study data=fashion_mnist_translated "${SUP[@]}" --modes "$m" --controls mean --seeds 3 --out "$OUT/screen_sup"
+    done
     study data=fashion_mnist_translated "${SUP[@]}" --modes 'token_drop trainer.max_steps=540' --controls main \
       --seeds 2 --no-baseline --out "$OUT/screen_sup" ;;
   screen_mae)  study data=fashion_mnist_translated "${MAE[@]}" --modes masking recon_weight attention \
