@@ -394,6 +394,20 @@ def test_steps_criterion_says_no_when_seeds_overlap(tmp_path):
     assert "`sift w=1` 254 ± 50 vs `shuffled w=1` 274 ± 31" in last and last.endswith("? no.")
 
 
+
+def test_steps_criterion_says_so_when_neither_reaches_the_target(tmp_path):
+    # the baseline ends at 0.8 (the target); SIFT and its control stay below it in every seed
+    for s in range(2):
+        make_run(tmp_path, f"b{s}", 0.0, s, [0.5, 0.6, 0.7, 0.8])
+        make_run(tmp_path, f"s{s}", 1.0, s, [0.5, 0.6, 0.7, 0.75 + 0.01 * s])
+        make_run(tmp_path, f"sh{s}", 1.0, s, [0.5, 0.6, 0.7, 0.7], kind="shuffled")
+    groups = group_runs(load_runs([tmp_path]))
+    table, target, base, _ = summarize(groups, "val/acc")
+    last = verdict(table, groups, "val/acc", target, base).strip().split("\n\n")[-1]
+    assert last == ("Steps to target 0.8000, SIFT vs the fastest wrong-map control: neither `sift w=1` nor "
+                    "`shuffled w=1` reaches the target in any seed, so there are no steps to compare.")
+
+
 def test_old_import_path_is_a_shim():
     import siftguide.analysis.compare as new
     import siftguide.compare as old

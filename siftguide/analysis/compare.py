@@ -685,6 +685,9 @@ def _steps_against_controls(groups, g, ctl, lab, metric, target, higher_is_bette
     steps = {h: _seed_column(groups[h], metric, target, higher_is_better, 2) for h in [g, *ctl]}
     fastest = min(ctl, key=lambda h: steps[h].mean())
     a, b = steps[g], steps[fastest]
+    if all(_seed_column(groups[h], metric, target, higher_is_better, 3).all() for h in (g, fastest)):
+        return (f"Steps to target {target:.4f}, SIFT vs the fastest wrong-map control: neither `{lab[g]}` nor "
+                f"`{lab[fastest]}` reaches the target in any seed, so there are no steps to compare.")
     diff = a.mean() - b.mean()
     pooled = _pooled_sample_std(a, b)
     p = paired_differences(groups[g], groups[fastest], metric, target, higher_is_better)
