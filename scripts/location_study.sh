@@ -22,7 +22,8 @@
 #                                                 verdict.md); a run still training is left out
 # Env: OUT (logs/location_study), JOBS (2: two 1-thread runs on 2 cores), STEPS (300), BEST (interrelation: the
 # screen's best SIFT setting), CONTROLS (main: its main wrong-map control; auto: shuffled, rolled, mean), SEEDS (5),
-# MAE_STEPS (2000), MAE_SEEDS (1).
+# MAE_STEPS (2000), MAE_SEEDS (1), GPU_OUT (logs/location_study_gpu: the $OUT of the parts run on a GPU
+# machine, copied back).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -34,6 +35,7 @@ CONTROLS=${CONTROLS:-main}
 SEEDS=${SEEDS:-5}
 MAE_STEPS=${MAE_STEPS:-2000}
 MAE_SEEDS=${MAE_SEEDS:-1}
+GPU_OUT=${GPU_OUT:-logs/location_study_gpu}
 export WANDB_MODE=offline WANDB_SILENT=true
 # dense validation on a fixed 2,000-image subset every 25 steps; short warm-up for the short schedule
 COMMON=(logger=csv trainer.enable_progress_bar=false trainer.max_steps=$STEPS trainer.val_check_interval=25
@@ -95,6 +97,7 @@ print("\n".join(d for d in sys.argv[1:] if is_finished(Path(d))))' "$@"; }
     table prior_knobs val/acc $S/baseline/none/s* $S/prior/{sift,shuffled}/s* \
       $S/prior_{layers012345,totalsteps100,atevaltrue}/*/s*
     table prior_decay150 val/acc $S/baseline/none/s* $S/prior_totalsteps150/*/s*
+    table prior_decay100 val/acc $S/baseline/none/s* $S/prior_totalsteps100/*/s*
     # token dropping at the baseline's compute: 540 steps of keep 0.5 cost about 300 baseline steps
     if [ -d "$S/token_drop_maxsteps540" ]; then
       table token_drop_540 val/acc $S/baseline/none/s* $S/token_drop/*/s* $S/token_drop_maxsteps540/*/s*
@@ -103,6 +106,11 @@ print("\n".join(d for d in sys.argv[1:] if is_finished(Path(d))))' "$@"; }
     table mae_mean val/knn_acc_mean $OUT/screen_mae/*/*/s*  # ... and on the mean of the patch tokens
     table mae_long val/knn_acc_cls $OUT/mae_long/*/*/s*
     table mae_long_mean val/knn_acc_mean $OUT/mae_long/*/*/s*
+    # the long MAE schedule with controls, run on a GPU machine (GPU_OUT: its $OUT, copied back)
+    if [ -d "$GPU_OUT/mae_long_ctrl" ]; then
+      table mae_long_gpu val/knn_acc_cls $GPU_OUT/mae_long_ctrl/*/*/s*
+      table mae_long_gpu_mean val/knn_acc_mean $GPU_OUT/mae_long_ctrl/*/*/s*
+    fi
     table cluttered val/acc $OUT/screen_clut/*/*/s*
     table centred val/acc $OUT/centred/*/*/s* ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
