@@ -77,13 +77,16 @@ case "$part" in
                  --controls main --seeds 2 --out "$OUT/screen_clut" ;;
   centred)     study "${SUP[@]}" --modes "$BEST" --controls auto --seeds 3 --out "$OUT/centred" ;;
   report)
-    # table NAME METRIC RUN_DIR_GLOB...: compare the finished runs (siftguide.study.is_finished) matching the globs
-    finished() { $PY -c 'import sys; from pathlib import Path; from siftguide.study import is_finished
-print("\n".join(d for d in sys.argv[1:] if is_finished(Path(d))))' "$@"; }
+    # the finished runs (siftguide.study.is_finished) of every part, found once: <part>/<label>/<kind>/s<seed>
+    declare -A DONE=()
+    while read -r d; do [ -n "$d" ] && DONE[$d]=1; done < <($PY -c 'import sys; from pathlib import Path
+from siftguide.study import is_finished
+print("\n".join(d for d in sys.argv[1:] if is_finished(Path(d))))' "$OUT"/*/*/*/s* "$GPU_OUT"/*/*/*/s*)
+    # table NAME METRIC RUN_DIR_GLOB...: compare the finished runs matching the globs
     table() {
-      local name=$1 metric=$2; shift 2
+      local name=$1 metric=$2 d; shift 2
       local runs=()
-      mapfile -t runs < <(finished "$@" | sed '/^$/d')
+      for d in "$@"; do [ -n "${DONE[$d]:-}" ] && runs+=("$d"); done
       if [ ${#runs[@]} -eq 0 ]; then echo "$name: no finished runs yet"; return; fi
       echo "== $name: ${#runs[@]} runs"
       $PY -m siftguide.compare "${runs[@]}" --metric "$metric" --verdict --out "docs/results/location/$name" | tail -n 3
