@@ -204,6 +204,13 @@ def test_schedules():
     assert warm(0) == pytest.approx(0.1) and warm(9) == 1.0
     with pytest.raises(ValueError):
         GuidanceSchedule("linear")
+    # fraction: the decay ends at fraction * total_steps, then stays at end_factor
+    half = GuidanceSchedule("cosine", total_steps=300, fraction=0.5)
+    assert half(75) == pytest.approx(0.5) and half(150) == 0.0 and half(299) == 0.0
+    assert GuidanceSchedule("cosine", total_steps=150)(75) == pytest.approx(half(75))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="fraction"):
+            GuidanceSchedule("cosine", total_steps=300, fraction=bad)
     model = make("vit_tiny_patch16_224", dict(img_size=32, patch_size=8))
     g = SiftGuidance(model, weight=2.0, schedule=dict(kind="linear", total_steps=10))
     assert g.current_weight(5) == pytest.approx(1.0)

@@ -204,6 +204,16 @@ def test_prior_schedule_decays_and_is_off_at_eval():
     assert AttentionPrior(net, at_eval=True).needs_relevance("val")
 
 
+def test_prior_decays_over_a_fraction_of_the_run_from_the_config(tiny_cfg):
+    from hydra.utils import instantiate
+
+    cfg = tiny_cfg(["guidance=prior", "trainer.max_steps=300", "guidance.prior.schedule.fraction=0.5"])
+    prior = instantiate(cfg.guidance.prior)(vit())
+    assert prior.current_beta(75) == pytest.approx(0.5) and prior.current_beta(150) == 0.0
+    assert instantiate(tiny_cfg(["guidance=prior", "trainer.max_steps=300"], name="full").guidance.prior)(
+        vit()).current_beta(150) == pytest.approx(0.5)  # default: over the whole run
+
+
 # ------------------------------------------------------------------------------------------------ interrelation
 def test_interrelation_target_and_gradients():
     rel = corner_relevance(2)

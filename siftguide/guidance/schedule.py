@@ -11,20 +11,31 @@ __all__ = ["GuidanceSchedule"]
 class GuidanceSchedule:
     """Multiplier of the guidance weight over optimizer steps.
 
-    kind: ``constant``; ``linear`` / ``cosine``: decay from 1 to ``end_factor`` over ``total_steps``;
-    every kind first ramps up linearly over ``warmup_steps``. Steps past ``total_steps`` keep ``end_factor``.
+    kind: ``constant``; ``linear`` / ``cosine``: decay from 1 to ``end_factor`` over the first ``fraction`` of
+    ``total_steps`` (``total_steps`` is usually the run's length, ``trainer.max_steps``: ``fraction=0.5`` decays
+    over the first half of any run); every kind first ramps up linearly over ``warmup_steps``. Later steps keep
+    ``end_factor``.
     """
 
     kind: str = "constant"
     total_steps: int = 0
     warmup_steps: int = 0
     end_factor: float = 0.0
+    fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("constant", "linear", "cosine"):
             raise ValueError(f"unknown guidance schedule {self.kind!r}; expected constant, linear or cosine")
         if self.kind != "constant" and self.total_steps <= 0:
             raise ValueError(f"schedule {self.kind!r} needs total_steps > 0 (got {self.total_steps})")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"schedule fraction must be in (0, 1] (the share of total_steps the decay takes), "
+                             f"got {self.fraction}")
+
+    @property
+    def decay_steps(self) -> float:
+        """Steps over which the decay runs: ``fraction * total_steps``."""
+        return self.fraction * self.total_steps
 
     @classmethod
     def make(cls, schedule: "GuidanceSchedule | dict | None") -> "GuidanceSchedule":
@@ -36,7 +47,7 @@ class GuidanceSchedule:
     def __call__(self, step: int) -> float:
         f = 1.0
         if self.kind != "constant":
-            t = min(max(step, 0) / self.total_steps, 1.0)
+            t = min(max(step, 0) / self.decay_steps, 1.0)
             decay = 1 - t if self.kind == "linear" else 0.5 * (1 + math.cos(math.pi * t))
             f = self.end_factor + (1 - self.end_factor) * decay
         if self.warmup_steps > 0 and step < self.warmup_steps:
