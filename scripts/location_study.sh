@@ -79,9 +79,10 @@ case "$part" in
   report)
     # the finished runs (siftguide.study.is_finished) of every part, found once: <part>/<label>/<kind>/s<seed>
     declare -A DONE=()
-    while read -r d; do [ -n "$d" ] && DONE[$d]=1; done < <($PY -c 'import sys; from pathlib import Path
+    done_list=$($PY -c 'import sys; from pathlib import Path
 from siftguide.study import is_finished
 print("\n".join(d for d in sys.argv[1:] if is_finished(Path(d))))' "$OUT"/*/*/*/s* "$GPU_OUT"/*/*/*/s*)
+    while read -r d; do [ -n "$d" ] && DONE[$d]=1; done <<< "$done_list"
     # table NAME METRIC RUN_DIR_GLOB...: compare the finished runs matching the globs
     table() {
       local name=$1 metric=$2 d; shift 2
@@ -98,7 +99,7 @@ print("\n".join(d for d in sys.argv[1:] if is_finished(Path(d))))' "$OUT"/*/*/*/
     table interrelation val/acc $S/baseline/none/s* $S/interrelation/*/s*
     # prior's knobs (2 seeds each: which blocks, a faster beta decay, evaluated with its bias) beside beta=1
     table prior_knobs val/acc $S/baseline/none/s* $S/prior/{sift,shuffled}/s* \
-      $S/prior_{layers012345,totalsteps100,atevaltrue}/*/s*
+      $S/prior_{layers012345,atevaltrue}/*/s* $S/prior_totalsteps100/{sift,shuffled}/s[01]
     table prior_decay150 val/acc $S/baseline/none/s* $S/prior_totalsteps150/*/s*
     table prior_decay100 val/acc $S/baseline/none/s* $S/prior_totalsteps100/*/s*
     # token dropping at the baseline's compute: 540 steps of keep 0.5 cost about 300 baseline steps

@@ -65,6 +65,9 @@ def _mode_label(spec: str) -> tuple[str, str, list[str]]:
     if not parts:
         raise ValueError("empty --modes entry")
     name, extra = parts[0], parts[1:]
+    if "=" in name:
+        raise ValueError(f"--modes entry {spec!r} is an override, not a guidance config name: put overrides "
+                         f"before --modes, or inside a mode ('NAME key=value')")
     for o in extra:
         if "=" not in o:
             raise ValueError(f"mode {spec!r}: {o!r} is not a key=value override")

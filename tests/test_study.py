@@ -40,6 +40,8 @@ def test_mode_specs_carry_overrides_and_labels():
         study.plan(["attention", "attention"], seeds=[0])
     with pytest.raises(ValueError, match="not a key=value"):
         study.plan(["prior beta"], seeds=[0])
+    with pytest.raises(ValueError, match="is an override, not a guidance config name"):
+        study.plan(["prior", "data.root=/x"], seeds=[0])  # an override swallowed by --modes NAME ...
 
 
 FAKE_TRAIN = textwrap.dedent("""

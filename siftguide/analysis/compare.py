@@ -662,7 +662,8 @@ def verdict(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, targ
 
 
 def _seed_column(runs: list[Run], metric: str, target: float | None, higher_is_better: bool, i: int) -> np.ndarray:
-    """One per-seed statistic of ``_seed_stats`` (0 final, 1 AUC, 2 steps to target) as an array over seeds."""
+    """One per-seed statistic of ``_seed_stats`` (0 final, 1 AUC, 2 steps to target, 3 target not reached: 1.0 when
+    a run of that seed never reaches it) as an array over seeds."""
     return np.array([v[i] for v in _seed_stats(runs, metric, target, higher_is_better).values()], float)
 
 
@@ -685,7 +686,8 @@ def _steps_against_controls(groups, g, ctl, lab, metric, target, higher_is_bette
     steps = {h: _seed_column(groups[h], metric, target, higher_is_better, 2) for h in [g, *ctl]}
     fastest = min(ctl, key=lambda h: steps[h].mean())
     a, b = steps[g], steps[fastest]
-    if all(_seed_column(groups[h], metric, target, higher_is_better, 3).all() for h in (g, fastest)):
+    if all(len(c) and c.all() for c in (_seed_column(groups[h], metric, target, higher_is_better, 3)
+                                         for h in (g, fastest))):
         return (f"Steps to target {target:.4f}, SIFT vs the fastest wrong-map control: neither `{lab[g]}` nor "
                 f"`{lab[fastest]}` reaches the target in any seed, so there are no steps to compare.")
     diff = a.mean() - b.mean()
