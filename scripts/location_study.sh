@@ -14,7 +14,7 @@
 #   bash scripts/location_study.sh knobs_sup      supervised, translated, 2 seeds with the main control: prior on
 #                                                 every block, prior's beta decayed over the first half or third,
 #                                                 prior also at evaluation; both decays at 5 seeds (+ mean map,
-#                                                 3); token_drop for 540 steps (the baseline's compute)
+#                                                 3); token_drop for 540 steps (the baseline's compute), 5 seeds
 #   bash scripts/location_study.sh screen_clut    supervised, cluttered: 4 modes + main control, 2 seeds
 #   bash scripts/location_study.sh centred        supervised, the centred default: $BEST + controls, 3 seeds
 #   bash scripts/location_study.sh report         the published tables: compare over the finished runs of each
@@ -64,7 +64,7 @@ case "$part" in
       study data=fashion_mnist_translated "${SUP[@]}" --modes "$m" --controls mean --seeds 3 --out "$OUT/screen_sup"
     done
     study data=fashion_mnist_translated "${SUP[@]}" --modes 'token_drop trainer.max_steps=540' --controls main \
-      --seeds 2 --no-baseline --out "$OUT/screen_sup" ;;
+      --seeds 5 --no-baseline --out "$OUT/screen_sup" ;;
   screen_mae)  study data=fashion_mnist_translated "${MAE[@]}" --modes masking recon_weight attention \
                  --controls main --seeds 2 --out "$OUT/screen_mae" ;;
   mae_long)    study data=fashion_mnist_translated "${MAE[@]}" trainer.max_steps="$MAE_STEPS" \
