@@ -16,6 +16,8 @@
 #                                                 prior also at evaluation; both decays at 5 seeds (+ mean map,
 #                                                 3); token_drop for 540 steps (the baseline's compute), 5 seeds
 #   bash scripts/location_study.sh screen_clut    supervised, cluttered: 4 modes + main control, 2 seeds
+#   bash scripts/location_study.sh confirm_clut   supervised, cluttered: as confirm_sup, in the cluttered screen's
+#                                                 directory
 #   bash scripts/location_study.sh centred        supervised, the centred default: $BEST + controls, 3 seeds
 #   bash scripts/location_study.sh report         the published tables: compare over the finished runs of each
 #                                                 part into docs/results/location/<table>/ (table.md, curves.png,
@@ -43,7 +45,7 @@ COMMON=(logger=csv trainer.enable_progress_bar=false trainer.max_steps=$STEPS tr
 SUP=("${COMMON[@]}" knn.enabled=false)
 MAE=("${COMMON[@]}" objective=mae knn.query_size=2000)
 # the part, then arguments for the study
-part=${1:?part: screen_sup | confirm_sup | knobs_sup | screen_mae | mae_long | mae_long_ctrl | screen_clut | centred | report}; shift
+part=${1:?part: screen_sup | confirm_sup | confirm_clut | knobs_sup | screen_mae | mae_long | mae_long_ctrl | screen_clut | centred | report}; shift
 study() { $PY -m siftguide.study --jobs "$JOBS" "$@" "${EXTRA[@]}"; }
 EXTRA=("$@")
 case "$part" in
@@ -51,6 +53,8 @@ case "$part" in
                  --controls main --seeds 2 --out "$OUT/screen_sup" ;;
   confirm_sup) study data=fashion_mnist_translated "${SUP[@]}" --modes "$BEST" --controls "$CONTROLS" \
                  --seeds "$SEEDS" --out "$OUT/screen_sup" ;;
+  confirm_clut) study data=fashion_mnist_cluttered "${SUP[@]}" --modes "$BEST" --controls "$CONTROLS" \
+                 --seeds "$SEEDS" --out "$OUT/screen_clut" ;;
   knobs_sup)
     for m in 'prior guidance.prior.layers=[0,1,2,3,4,5]' 'prior guidance.prior.schedule.total_steps=150' \
              'prior guidance.prior.at_eval=true' 'prior guidance.prior.schedule.total_steps=100'; do
