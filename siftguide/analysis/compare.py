@@ -661,10 +661,15 @@ def verdict(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, targ
     return "\n\n".join(out) + "\n"
 
 
+def _seed_table(runs: list[Run], metric: str, target: float | None, higher_is_better: bool) -> np.ndarray:
+    """``_seed_stats`` as an array (seeds, 4): columns 0 final, 1 AUC, 2 steps to target, 3 target not reached (1.0
+    when a run of that seed never reaches it)."""
+    return np.array(list(_seed_stats(runs, metric, target, higher_is_better).values()), float).reshape(-1, 4)
+
+
 def _seed_column(runs: list[Run], metric: str, target: float | None, higher_is_better: bool, i: int) -> np.ndarray:
-    """One per-seed statistic of ``_seed_stats`` (0 final, 1 AUC, 2 steps to target, 3 target not reached: 1.0 when
-    a run of that seed never reaches it) as an array over seeds."""
-    return np.array([v[i] for v in _seed_stats(runs, metric, target, higher_is_better).values()], float)
+    """Column ``i`` of :func:`_seed_table`: one per-seed statistic as an array over seeds."""
+    return _seed_table(runs, metric, target, higher_is_better)[:, i]
 
 
 def _sample_std(x: np.ndarray) -> float:
@@ -683,11 +688,11 @@ def _steps_against_controls(groups, g, ctl, lab, metric, target, higher_is_bette
                             bootstrap_seed) -> str:
     """The convergence criterion: SIFT's steps to target against the fastest wrong-map control, per seed (a seed
     that never reaches the target counts at its run length), with the 2x-seed-std test on the difference."""
-    steps = {h: _seed_column(groups[h], metric, target, higher_is_better, 2) for h in [g, *ctl]}
-    fastest = min(ctl, key=lambda h: steps[h].mean())
-    a, b = steps[g], steps[fastest]
-    if all(len(c) and c.all() for c in (_seed_column(groups[h], metric, target, higher_is_better, 3)
-                                         for h in (g, fastest))):
+    # per seed: (final, AUC, steps to target, not reached), computed once per group
+    stats = {h: _seed_table(groups[h], metric, target, higher_is_better) for h in [g, *ctl]}
+    fastest = min(ctl, key=lambda h: stats[h][:, 2].mean())
+    a, b = stats[g][:, 2], stats[fastest][:, 2]
+    if all(len(stats[h]) and stats[h][:, 3].all() for h in (g, fastest)):
         return (f"Steps to target {target:.4f}, SIFT vs the fastest wrong-map control: neither `{lab[g]}` nor "
                 f"`{lab[fastest]}` reaches the target in any seed, so there are no steps to compare.")
     diff = a.mean() - b.mean()
