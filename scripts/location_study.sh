@@ -47,35 +47,33 @@ MAE=("${COMMON[@]}" objective=mae knn.query_size=2000)
 # the part, then arguments for the study
 part=${1:?part: screen_sup | confirm_sup | confirm_clut | knobs_sup | screen_mae | mae_long | mae_long_ctrl | screen_clut | centred | report}; shift
 study() { $PY -m siftguide.study --jobs "$JOBS" "$@" "${EXTRA[@]}"; }
+sup_translated() { study data=fashion_mnist_translated "${SUP[@]}" "$@"; }
+mae_long_translated() { study data=fashion_mnist_translated "${MAE[@]}" trainer.max_steps="$MAE_STEPS" \
+                          trainer.val_check_interval=100 "$@"; }
 EXTRA=("$@")
 case "$part" in
-  screen_sup)  study data=fashion_mnist_translated "${SUP[@]}" --modes attention interrelation prior token_drop \
-                 --controls main --seeds 2 --out "$OUT/screen_sup" ;;
-  confirm_sup) study data=fashion_mnist_translated "${SUP[@]}" --modes "$BEST" --controls "$CONTROLS" \
-                 --seeds "$SEEDS" --out "$OUT/screen_sup" ;;
+  screen_sup)  sup_translated --modes attention interrelation prior token_drop --controls main --seeds 2 \
+                 --out "$OUT/screen_sup" ;;
+  confirm_sup) sup_translated --modes "$BEST" --controls "$CONTROLS" --seeds "$SEEDS" --out "$OUT/screen_sup" ;;
   confirm_clut) study data=fashion_mnist_cluttered "${SUP[@]}" --modes "$BEST" --controls "$CONTROLS" \
                  --seeds "$SEEDS" --out "$OUT/screen_clut" ;;
   knobs_sup)
-    for m in 'prior guidance.prior.layers=[0,1,2,3,4,5]' 'prior guidance.prior.schedule.total_steps=150' \
-             'prior guidance.prior.at_eval=true' 'prior guidance.prior.schedule.total_steps=100'; do
-      study data=fashion_mnist_translated "${SUP[@]}" --modes "$m" --controls main --seeds 2 --out "$OUT/screen_sup"
+    for m in 'prior guidance.prior.layers=[0,1,2,3,4,5]' 'prior guidance.prior.at_eval=true'; do
+      sup_translated --modes "$m" --controls main --seeds 2 --out "$OUT/screen_sup"
     done
-    # the best knobs (beta decayed over the first half, then over the first third) confirmed: 5 seeds with
-    # shuffled, 3 with the mean map
+    # beta decayed over the first half, and over the first third: 5 seeds with shuffled (the first 2 are the
+    # screen beside the knobs above), 3 with the mean map
     for n in 150 100; do
       m="prior guidance.prior.schedule.total_steps=$n"
-      study data=fashion_mnist_translated "${SUP[@]}" --modes "$m" --controls main --seeds 5 --out "$OUT/screen_sup"
-      study data=fashion_mnist_translated "${SUP[@]}" --modes "$m" --controls mean --seeds 3 --out "$OUT/screen_sup"
+      sup_translated --modes "$m" --controls main --seeds 5 --out "$OUT/screen_sup"
+      sup_translated --modes "$m" --controls mean --seeds 3 --out "$OUT/screen_sup"
     done
-    study data=fashion_mnist_translated "${SUP[@]}" --modes 'token_drop trainer.max_steps=540' --controls main \
-      --seeds 5 --no-baseline --out "$OUT/screen_sup" ;;
+    sup_translated --modes 'token_drop trainer.max_steps=540' --controls main --seeds 5 --no-baseline \
+      --out "$OUT/screen_sup" ;;
   screen_mae)  study data=fashion_mnist_translated "${MAE[@]}" --modes masking recon_weight attention \
                  --controls main --seeds 2 --out "$OUT/screen_mae" ;;
-  mae_long)    study data=fashion_mnist_translated "${MAE[@]}" trainer.max_steps="$MAE_STEPS" \
-                 trainer.val_check_interval=100 --modes masking --controls none --seeds "$MAE_SEEDS" \
-                 --out "$OUT/mae_long" ;;
-  mae_long_ctrl) study data=fashion_mnist_translated "${MAE[@]}" trainer.max_steps="$MAE_STEPS" \
-                 trainer.val_check_interval=100 --modes masking recon_weight --controls main --seeds "$MAE_SEEDS" \
+  mae_long)    mae_long_translated --modes masking --controls none --seeds "$MAE_SEEDS" --out "$OUT/mae_long" ;;
+  mae_long_ctrl) mae_long_translated --modes masking recon_weight --controls main --seeds "$MAE_SEEDS" \
                  --out "$OUT/mae_long_ctrl" ;;
   screen_clut) study data=fashion_mnist_cluttered "${SUP[@]}" --modes attention interrelation prior token_drop \
                  --controls main --seeds 2 --out "$OUT/screen_clut" ;;
