@@ -394,7 +394,6 @@ def test_steps_criterion_says_no_when_seeds_overlap(tmp_path):
     assert "`sift w=1` 254 ± 50 vs `shuffled w=1` 274 ± 31" in last and last.endswith("? no.")
 
 
-
 def test_steps_criterion_says_so_when_neither_reaches_the_target(tmp_path):
     # the baseline ends at 0.8 (the target); SIFT and its control stay below it in every seed
     for s in range(2):
