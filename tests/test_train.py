@@ -148,6 +148,27 @@ def test_elapsed_time_includes_the_device_pipeline(tiny_cfg, monkeypatch):
     train(cfg)
     m = metrics(Path(cfg.paths.output_dir))
     assert m["train/elapsed_s"].max() >= 4 * 0.2
+    # the cost axis counts compute, not waiting: the 0.8 s of sleep are wall-clock only
+    cost, wall = m["train/cost_s"].max(), m["train/elapsed_s"].max()
+    assert 0 < cost < wall - 0.5
+    assert m["val/cost_s"].dropna().is_monotonic_increasing and m["val/cost_s"].max() <= cost + 1e-6
+
+
+def test_cost_clock_counts_cpu_work_not_waiting():
+    import time as _time
+
+    from siftguide.callbacks import CostClock
+
+    clock, cpu = CostClock(), torch.device("cpu")
+    clock.start(cpu)
+    _time.sleep(0.3)
+    clock.mark(cpu)
+    assert clock.total() < 0.1
+    t0 = _time.perf_counter()
+    while _time.perf_counter() - t0 < 0.3:  # busy: 0.3 s of CPU
+        pass
+    clock.mark(cpu)
+    assert 0.2 < clock.total() < 0.6
 
 
 def test_multirun_sweep_then_compare(tmp_path):
