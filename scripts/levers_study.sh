@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Issue 24's experiment: combine the keypoint levers (where attention looks: prior; how many tokens a step pays
+# for: token_drop) and measure time to accuracy on the cost axis (val/cost_s: process CPU time here, GPU time on
+# CUDA), at about the baseline's compute. Each part is one `python -m siftguide.study` (finished runs are skipped:
+# rerun a part to resume it) and ends with its compare report in $OUT/<part>/report/.
+#   bash scripts/levers_study.sh screen    translated, supervised: the baseline and every combination with SIFT
+#                                          maps, 2 seeds (no controls: the screen picks what to confirm)
+#   bash scripts/levers_study.sh confirm   translated: $BEST with its wrong-map controls (shuffled, the dataset-mean
+#                                          map, random dropping where tokens are dropped) and the baseline, $SEEDS
+#                                          seeds, in the screen's directory (its runs reused)
+#   bash scripts/levers_study.sh clutter   cluttered, supervised: the baseline, $BEST and prior, 3 seeds, with $BEST's
+#                                          main controls
+#   bash scripts/levers_study.sh report    the published tables: docs/results/levers/<table>/ (table.md, curves.png,
+#                                          verdict.md); runs still training are left out
+# Step budgets: a keep-0.5 step costs about 0.54 of a baseline step (bench/throughput.py), so token dropping runs 540
+# steps (about the baseline's 300 in compute) and with full_after=0.8 (all tokens for the last 20 %) 475 steps.
+# Env: OUT (logs/levers_study), JOBS (2: two 1-thread runs on 2 cores), SEEDS (5), BEST (the screen's best arm).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-logs/levers_study}
+JOBS=${JOBS:-2}
+SEEDS=${SEEDS:-5}
+export WANDB_MODE=offline WANDB_SILENT=true
+SUP=(logger=csv trainer.enable_progress_bar=false trainer.max_steps=300 trainer.val_check_interval=25
+     data.val_subset=2000 scheduler.warmup_steps=30 knn.enabled=false)
+PRIOR="guidance.prior.schedule.fraction=0.5"
+DROP540="trainer.max_steps=540"
+FLIP="guidance.token_drop.full_after=0.8 trainer.max_steps=475"
+ARMS=(
+  "prior $PRIOR"
+  "token_drop $DROP540"
+  "[prior,token_drop] $PRIOR $DROP540"
+  "token_drop $FLIP"
+  "[prior,token_drop] $PRIOR $FLIP"
+  "[prior,interrelation] $PRIOR"
+)
+BEST=${BEST:-"[prior,token_drop] $PRIOR $FLIP"}
+part=${1:?part: screen | confirm | clutter | report}; shift
+study() { $PY -m siftguide.study --jobs "$JOBS" "${SUP[@]}" "$@"; }
+case "$part" in
+  screen)  study data=fashion_mnist_translated --modes "${ARMS[@]}" --controls none --seeds 2 --out "$OUT/screen" "$@" ;;
+  confirm) study data=fashion_mnist_translated --modes "$BEST" --controls shuffled,mean,random --seeds "$SEEDS" \
+             --out "$OUT/screen" "$@" ;;
+  clutter) study data=fashion_mnist_cluttered --modes "$BEST" "prior $PRIOR" --controls main --seeds 3 \
+             --out "$OUT/clutter" "$@" ;;
+  report)
+    table() {  # table NAME METRIC DIR...: compare the finished runs below the directories
+      local name=$1 metric=$2; shift 2
+      local runs
+      mapfile -t runs < <($PY -c 'import sys; from pathlib import Path
+from siftguide.study import is_finished
+print("\n".join(str(d) for a in sys.argv[1:] for d in sorted(Path(a).glob("*/*/s*")) if is_finished(d)))' "$@")
+      if [ ${#runs[@]} -eq 0 ]; then echo "$name: no finished runs yet"; return; fi
+      echo "== $name: ${#runs[@]} runs"
+      $PY -m siftguide.compare "${runs[@]}" --metric "$metric" --verdict --out "docs/results/levers/$name" | tail -n 3
+    }
+    table translated val/acc "$OUT/screen"
+    table cluttered val/acc "$OUT/clutter" ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac
