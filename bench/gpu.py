@@ -61,9 +61,9 @@ if str(ROOT) not in sys.path:
 
 from bench.sift import timeit  # noqa: E402
 from siftguide import SiftGuidance, relevance_from_keypoints  # noqa: E402
-from siftguide.cache import KeypointCache  # noqa: E402
+from siftguide.relevance import KeypointCache  # noqa: E402
 from siftguide.data import DeviceTransform  # noqa: E402
-from siftguide.sift import compiled_detect_keypoints, detect_keypoints  # noqa: E402
+from siftguide.relevance import compiled_detect_keypoints, detect_keypoints  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from siftguide.sift import Keypoints, compiled_detect_keypoints, detect_keypoints
+from siftguide.relevance import Keypoints, compiled_detect_keypoints, detect_keypoints
 from siftguide.testing import agreement, opencv_keypoints, photo_batch
 
 

@@ -45,7 +45,7 @@ def opencv_detect_seconds(module, batch: dict, dev: torch.device, repeats: int =
     except ImportError:
         return None
     from bench.sift import timeit
-    from siftguide.sift import rgb_to_gray
+    from siftguide.relevance import rgb_to_gray
 
     with torch.no_grad():
         x = module.transform(batch["image"].to(dev), train=True)
@@ -66,7 +66,7 @@ def main() -> None:
     dev = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
 
-    from siftguide.cache import KeypointCache
+    from siftguide.relevance import KeypointCache
 
     C = "relevance.cache=true"
     variants = {

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from siftguide import SiftGuidance
-from siftguide.source import RelevanceTarget
+from siftguide.relevance import RelevanceTarget
 
 
 class MyClassifier(L.LightningModule):

@@ -4,9 +4,10 @@ Public API (stable)::
 
     from siftguide import detect_keypoints, keypoint_patch_counts, patch_relevance, SiftGuidance
 """
+from . import compat  # noqa: F401 - old import paths (siftguide.sift, .source, .cache)
 from .guidance import GuidanceSchedule, SiftGuidance
-from .relevance import patch_relevance, relevance_from_keypoints
-from .sift import Keypoints, SIFTDetector, detect_keypoints, keypoint_patch_counts
+from .relevance import (Keypoints, SIFTDetector, detect_keypoints, keypoint_patch_counts, patch_relevance,
+                        relevance_from_keypoints)
 
 __all__ = [
     "detect_keypoints", "keypoint_patch_counts", "patch_relevance", "relevance_from_keypoints", "SiftGuidance",

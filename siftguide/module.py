@@ -4,7 +4,7 @@ and the guidance modes.
 Per batch (already on the device):
 
 1. ``on_after_batch_transfer``: :class:`~siftguide.data.DeviceTransform` (resize + kornia augmentation) and, when
-   any guidance mode needs it at this stage, ``batch["relevance"]`` from the :class:`~siftguide.source.RelevanceSource`
+   any guidance mode needs it at this stage, ``batch["relevance"]`` from the :class:`~siftguide.relevance.stage.RelevanceStage`
    (SIFT on the device or through the keypoint cache, or a control), once;
 2. ``training_step``: token selection (``token_drop``), the objective's forward inside the guidance context
    (attention prior, attention capture), loss = task loss + the loss modes' weighted terms.
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .data import DeviceTransform
 from .guidance import Guidance, SiftGuidance
 from .objectives.base import Objective
-from .source import RelevanceSource
+from .relevance import RelevanceStage
 
 __all__ = ["PretrainModule", "warmup_cosine", "RANK_SEED_STRIDE"]
 RANK_SEED_STRIDE = 1_000_003  # seed offset between data-parallel ranks (PretrainModule.decorrelate_ranks)
@@ -66,7 +66,7 @@ class PretrainModule(L.LightningModule):
     """
 
     def __init__(
-        self, net: nn.Module, objective: Objective, transform: DeviceTransform, relevance: RelevanceSource,
+        self, net: nn.Module, objective: Objective, transform: DeviceTransform, relevance: RelevanceStage,
         guidance: Guidance, optimizer: Callable[..., torch.optim.Optimizer], warmup_steps: int = 0,
         min_lr_factor: float = 0.0, align_batches: int = 2, align_layers: int | list[int] = -1,
         config: dict | None = None,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .sift import Keypoints, counts_from_keypoints
+from .relevance import Keypoints, counts_from_keypoints
 
 # real photographs bundled inside the scikit-image wheel (no download needed)
 PHOTOS = (

@@ -17,7 +17,7 @@ from siftguide.analysis.analyze import (
     concentration_bins, concentration_thresholds, kl_divergence, main, mean_attention_distance, patch_distances,
     poor_share, spearman, split_attention,
 )
-from siftguide.sift import keypoint_patch_counts
+from siftguide.relevance import keypoint_patch_counts
 from tests.conftest import blob_image, compose_cfg
 
 nan = float("nan")

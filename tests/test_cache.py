@@ -1,9 +1,9 @@
 import torch
 
-from siftguide.cache import KeypointCache, transform_keypoints
+from siftguide.relevance import KeypointCache, transform_keypoints
 from siftguide.data import DeviceTransform, load_fashion_mnist
-from siftguide.source import RelevanceTarget
-from siftguide.sift import detect_keypoints
+from siftguide.relevance import RelevanceTarget
+from siftguide.relevance import detect_keypoints
 from siftguide.testing import spearman
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from siftguide.cache import KeypointCache
+from siftguide.relevance import KeypointCache
 from siftguide.data import DeviceTransform, load_fashion_mnist
 from siftguide.eval import KNNEvaluator, shard_rows, unshard_rows
 from tests.conftest import ROOT, TINY
@@ -105,7 +105,7 @@ def _worker(rank: int, world: int, init_file: str, images: torch.Tensor, directo
     torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        import siftguide.cache as cache_mod
+        import siftguide.relevance.cache as cache_mod
 
         detected: list[int] = []
         real = cache_mod.detect_keypoints

@@ -12,7 +12,7 @@ from siftguide.guidance import (AttentionPrior, BackgroundSuppression, Guidance,
                                 interrelation_target, keypoint_weights, select_tokens, weighted_patch_loss)
 from siftguide.objectives import MAEObjective, SupervisedObjective
 from siftguide.relevance import foreground_relevance, roll_relevance
-from siftguide.source import RelevanceSource
+from siftguide.relevance import RelevanceSource
 from tests.conftest import blob_image
 
 

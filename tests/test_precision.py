@@ -12,7 +12,7 @@ import torch
 
 from siftguide.guidance import AttentionLoss, PatchInterrelation, SiftGuidance
 from siftguide.precision import fp32_region
-from siftguide.source import RelevanceSource
+from siftguide.relevance import RelevanceSource
 from tests.conftest import blob_image
 from train import train
 

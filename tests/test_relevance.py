@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from siftguide import patch_relevance
-from siftguide.source import RelevanceTarget
+from siftguide.relevance import RelevanceTarget
 from siftguide.relevance import (MODES, gradient_relevance, normalize_relevance,
                                  relevance_from_keypoints, shuffle_relevance)
-from siftguide.sift import Keypoints, detect_keypoints
+from siftguide.relevance import Keypoints, detect_keypoints
 from tests.conftest import blob_image
 
 
@@ -111,3 +111,15 @@ def test_fallbacks_are_counted():
     target = RelevanceTarget("sift")
     target(imgs, 8)
     assert float(target.last_fallback) == 0.75  # 3 of 4 images have no keypoint
+
+
+def test_old_import_paths_still_work():
+    """siftguide.sift / .source / .cache moved into siftguide.relevance; users' imports keep working."""
+    import siftguide.relevance as rel
+    from siftguide.cache import KeypointCache
+    from siftguide.sift import counts_from_keypoints, detect_keypoints, keypoint_patch_counts
+    from siftguide.source import RelevanceSource, RelevanceTarget
+
+    assert detect_keypoints is rel.detect_keypoints and counts_from_keypoints is rel.counts_from_keypoints
+    assert keypoint_patch_counts is rel.keypoint_patch_counts and KeypointCache is rel.KeypointCache
+    assert RelevanceSource is rel.RelevanceStage and RelevanceTarget is rel.RelevanceStage

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from siftguide import detect_keypoints, keypoint_patch_counts
-from siftguide.sift import SIFTDetector, counts_from_keypoints, gaussian_blur
+from siftguide.relevance import SIFTDetector, counts_from_keypoints, gaussian_blur
 from siftguide.testing import agreement, opencv_keypoints, photo_batch
 from tests.conftest import blob_image
 
@@ -148,7 +148,7 @@ def test_candidate_budget_caps_refinement_and_checks_its_arguments():
 
 @pytest.mark.parametrize("size", [64, 128])
 def test_step_budget_gives_the_keypoints_of_full_refinement(size, monkeypatch):
-    import siftguide.sift as sift
+    import siftguide.relevance.detector as sift
 
     x = photo_batch(size, crops_per_photo=1).float() / 255
     budgeted = detect_keypoints(x, max_keypoints=1024)
@@ -165,7 +165,7 @@ def test_step_budget_gives_the_keypoints_of_full_refinement(size, monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_detector_gives_the_same_keypoints():  # compiling takes ~2 minutes on 2 CPU cores
-    from siftguide.sift import compiled_detect_keypoints
+    from siftguide.relevance import compiled_detect_keypoints
 
     x = photo_batch(64, crops_per_photo=1)[:8].float() / 255
     a, b = detect_keypoints(x, max_keypoints=128), compiled_detect_keypoints()(x, max_keypoints=128)
@@ -218,7 +218,7 @@ def test_cuda_matches_cpu():
 
 @CUDA
 def test_no_host_sync_in_the_hot_path():
-    from siftguide.source import RelevanceTarget
+    from siftguide.relevance import RelevanceTarget
 
     x = (photo_batch(64, crops_per_photo=1)[:8].float() / 255).cuda()
     target = RelevanceTarget(sift=dict(max_keypoints=64))

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from kornia.filters import get_gaussian_kernel1d
 from torch import Tensor
 
-__all__ = ["Keypoints", "SIFTDetector", "detect_keypoints", "keypoint_patch_counts", "counts_from_keypoints",
-           "compiled_detect_keypoints", "detector"]
+__all__ = ["Keypoints", "SIFTDetector", "detect_keypoints", "compiled_detect_keypoints", "detector", "gaussian_blur",
+           "rgb_to_gray", "check_images"]
 
 _BORDER = 5  # OpenCV's SIFT_IMG_BORDER
 _MAX_INTERP_STEPS = 5  # OpenCV's SIFT_MAX_INTERP_STEPS
@@ -67,7 +67,7 @@ class Keypoints:
         return self.valid.sum(dim=1)
 
 
-def _check_images(images: Tensor, name: str = "images") -> None:
+def check_images(images: Tensor, name: str = "images") -> None:
     if not isinstance(images, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] not in (1, 3):
@@ -400,7 +400,7 @@ def detect_keypoints(
         >>> bool(kp.valid.any())
         True
     """
-    _check_images(images)
+    check_images(images)
     if max_keypoints < 1:
         raise ValueError(f"max_keypoints must be >= 1, got {max_keypoints}")
     if not candidate_density > 0 or (max_candidates is not None and max_candidates < 1):
@@ -460,35 +460,6 @@ def detect_keypoints(
                 F.pad(out.valid, (0, p)), F.pad(out.octave, (0, p)),
             )
         return out
-
-
-def counts_from_keypoints(kp: Keypoints, grid: tuple[int, int], patch_size: int | tuple[int, int],
-                          weights: Tensor | None = None) -> Tensor:
-    """``(B, Gh, Gw)`` number of valid keypoints whose location falls in each patch (or the sum of their
-    ``weights`` ``(B, N)``).
-
-    A keypoint at ``(x, y)`` (pixel centres at integers) belongs to patch ``floor((y + 0.5) / ph),
-    floor((x + 0.5) / pw)``, clamped to the grid.
-    """
-    gh, gw = grid
-    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
-    px = ((kp.xy[..., 0] + 0.5) / pw).floor().long().clamp(0, gw - 1)
-    py = ((kp.xy[..., 1] + 0.5) / ph).floor().long().clamp(0, gh - 1)
-    flat = py * gw + px
-    counts = torch.zeros(kp.valid.shape[0], gh * gw, device=kp.valid.device, dtype=torch.float32)
-    w = kp.valid.float() if weights is None else kp.valid.float() * weights.float()
-    counts.scatter_add_(1, flat, w)
-    return counts.view(-1, gh, gw)
-
-
-def keypoint_patch_counts(images: Tensor, patch_size: int = 16, **detector_kwargs) -> Tensor:
-    """``(B, H // patch_size, W // patch_size)`` valid SIFT keypoints per patch of each image."""
-    _check_images(images)
-    h, w = images.shape[-2:]
-    if h % patch_size or w % patch_size:
-        raise ValueError(f"image size {h}x{w} is not divisible by patch_size={patch_size}")
-    kp = detect_keypoints(images, **detector_kwargs)
-    return counts_from_keypoints(kp, (h // patch_size, w // patch_size), patch_size)
 
 
 @functools.lru_cache(maxsize=1)

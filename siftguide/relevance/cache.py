@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .sift import Keypoints, detect_keypoints
+from .detector import Keypoints, detect_keypoints
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ import math
 import torch
 from torch import Tensor
 
-from .precision import fp32_region
-from .sift import Keypoints, _check_images, counts_from_keypoints, detect_keypoints, detector, gaussian_blur, rgb_to_gray
+from ..precision import fp32_region
+from .detector import Keypoints, check_images, detect_keypoints, gaussian_blur, rgb_to_gray
 
-__all__ = ["MODES", "patch_relevance", "relevance_from_keypoints", "normalize_relevance", "shuffle_relevance",
-           "uniform_relevance", "gradient_relevance", "roll_relevance", "random_relevance", "foreground_relevance",
+__all__ = ["MODES", "counts_from_keypoints", "keypoint_patch_counts", "patch_relevance", "relevance_from_keypoints",
+           "normalize_relevance", "shuffle_relevance", "uniform_relevance", "gradient_relevance", "roll_relevance", "random_relevance", "foreground_relevance",
            "patch_positions"]
 
 MODES = ("count", "response", "gaussian")
@@ -38,6 +38,35 @@ def patch_positions(grid: tuple[int, int], device=None) -> Tensor:
     gh, gw = grid
     yy, xx = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
     return torch.stack([yy.flatten(), xx.flatten()], dim=1).float()
+
+
+def counts_from_keypoints(kp: Keypoints, grid: tuple[int, int], patch_size: int | tuple[int, int],
+                          weights: Tensor | None = None) -> Tensor:
+    """``(B, Gh, Gw)`` number of valid keypoints whose location falls in each patch (or the sum of their
+    ``weights`` ``(B, N)``).
+
+    A keypoint at ``(x, y)`` (pixel centres at integers) belongs to patch ``floor((y + 0.5) / ph),
+    floor((x + 0.5) / pw)``, clamped to the grid.
+    """
+    gh, gw = grid
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    px = ((kp.xy[..., 0] + 0.5) / pw).floor().long().clamp(0, gw - 1)
+    py = ((kp.xy[..., 1] + 0.5) / ph).floor().long().clamp(0, gh - 1)
+    flat = py * gw + px
+    counts = torch.zeros(kp.valid.shape[0], gh * gw, device=kp.valid.device, dtype=torch.float32)
+    w = kp.valid.float() if weights is None else kp.valid.float() * weights.float()
+    counts.scatter_add_(1, flat, w)
+    return counts.view(-1, gh, gw)
+
+
+def keypoint_patch_counts(images: Tensor, patch_size: int = 16, **detector_kwargs) -> Tensor:
+    """``(B, H // patch_size, W // patch_size)`` valid SIFT keypoints per patch of each image."""
+    check_images(images)
+    h, w = images.shape[-2:]
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch_size={patch_size}")
+    kp = detect_keypoints(images, **detector_kwargs)
+    return counts_from_keypoints(kp, (h // patch_size, w // patch_size), patch_size)
 
 
 def _splat(kp: Keypoints, grid: tuple[int, int], patch: tuple[int, int], width: float) -> Tensor:
@@ -114,7 +143,7 @@ def patch_relevance(
         >>> rel.shape, round(float(rel.sum()), 4), int(rel.flatten().argmax())
         (torch.Size([1, 4, 4]), 1.0, 2)
     """
-    _check_images(images)
+    check_images(images)
     ph, pw = _pair(patch_size)
     h, w = images.shape[-2:]
     if h % ph or w % pw:
@@ -148,7 +177,7 @@ def gradient_relevance(images: Tensor, patch_size: int | tuple[int, int], temper
     """Non-SIFT saliency control: per-patch mean Sobel gradient magnitude of the grey image ``(B, Gh, Gw)``."""
     import kornia
 
-    _check_images(images)
+    check_images(images)
     ph, pw = _pair(patch_size)
     g = kornia.filters.spatial_gradient(rgb_to_gray(images.float()), mode="sobel")  # (B, 1, 2, H, W)
     mag = g.pow(2).sum(2).sqrt()  # no eps floor: flat regions get exactly no mass
@@ -179,7 +208,7 @@ def foreground_relevance(images: Tensor, patch_size: int | tuple[int, int], thre
     border pixels) by more than ``threshold``. Exact for objects on a plain background (Fashion-MNIST and its
     generated variants); an upper bound on what a perfect saliency map could give, labelled as such.
     """
-    _check_images(images)
+    check_images(images)
     ph, pw = _pair(patch_size)
     g = rgb_to_gray(images.float())  # (B, 1, H, W)
     border = torch.cat([g[..., 0, :], g[..., -1, :], g[..., :, 0], g[..., :, -1]], dim=-1)  # (B, 1, 2H + 2W)

@@ -15,7 +15,7 @@ their set-up from the datamodule. Kinds (each map ``(B, Gh, Gw)``, >= 0, summing
 | ``foreground`` | share of non-background pixels per patch: an **oracle, not SIFT** | an upper bound |
 
 With ``cache=True`` keypoints are detected once per training (and validation) image and mapped through each
-batch's augmentation (:class:`~siftguide.cache.KeypointCache`); otherwise SIFT runs on the device on the fly.
+batch's augmentation (:class:`~siftguide.relevance.cache.KeypointCache`); otherwise SIFT runs on the device on the fly.
 """
 from __future__ import annotations
 
@@ -25,24 +25,24 @@ import torch
 from torch import Tensor, nn
 
 from .cache import KeypointCache
-from .relevance import (MODES, _pair, foreground_relevance, gradient_relevance, random_relevance,
-                        relevance_from_keypoints, roll_relevance, shuffle_relevance)
-from .sift import Keypoints, _check_images, detector
+from .detector import Keypoints, check_images, detector
+from .maps import (MODES, _pair, foreground_relevance, gradient_relevance, random_relevance, relevance_from_keypoints,
+                   roll_relevance, shuffle_relevance)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RelevanceSource", "RelevanceTarget", "KINDS"]
+__all__ = ["RelevanceStage", "RelevanceSource", "RelevanceTarget", "KINDS"]
 
 KINDS = ("sift", "shuffled", "rolled", "mean", "uniform", "random", "gradient", "foreground")
 _SIFT_KINDS = ("sift", "shuffled", "rolled", "mean")
 
 
-class RelevanceSource(nn.Module):
+class RelevanceStage(nn.Module):
     """Images -> relevance ``(B, Gh, Gw)``, computed once per batch (see the module docstring).
 
     Args:
         kind: see the table above. mode / temperature / smoothing / uniform_mix / splat: how keypoints become
-            relevance (:func:`~siftguide.relevance.relevance_from_keypoints`).
+            relevance (:func:`~siftguide.relevance.maps.relevance_from_keypoints`).
         sift: detector settings (``cv2.SIFT_create`` names + ``max_keypoints``). compile: torch.compile the
             detector. seed: of the shuffled / random draws.
         cache: detect once per image (needs a datamodule whose sets hold their images in memory), kept on disk
@@ -159,7 +159,7 @@ class RelevanceSource(nn.Module):
                 matrix: Tensor | None = None, stage: str = "train") -> Tensor:
         """``(B, C, H, W)`` images in [0, 1] -> ``(B, H // ph, W // pw)`` relevance of this source's kind.
         ``index (B,)`` / ``matrix (B, 3, 3)``: dataset indices and augmentation, for cached keypoints."""
-        _check_images(images)
+        check_images(images)
         ph, pw = _pair(patch_size)
         h, w = images.shape[-2:]
         if h % ph or w % pw:
@@ -192,4 +192,5 @@ class RelevanceSource(nn.Module):
         return f"kind={self.kind}, mode={self.mode}, {self.norm}, sift={self.sift}, cache={self.use_cache}"
 
 
-RelevanceTarget = RelevanceSource  # the name before the relevance stage had its own config group
+RelevanceSource = RelevanceStage  # earlier names, kept for users' scripts and configs
+RelevanceTarget = RelevanceStage
