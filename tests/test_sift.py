@@ -228,3 +228,28 @@ def test_no_host_sync_in_the_hot_path():
         target(x, 8)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_detector_computes_in_fp32_whatever_the_matmul_precision(precision):
+    """set_float32_matmul_precision("medium") makes CPU matmuls bf16 (oneDNN), "high" makes CUDA ones TF32: the
+    banded-matmul blurs would then lose the keypoints (issue 21: rho 0.55-0.82). The detector forces fp32 and
+    restores the user's setting."""
+    from siftguide.precision import fp32_math
+
+    x = photo_batch(64, crops_per_photo=1)[:8].float() / 255
+    ref = detect_keypoints(x, max_keypoints=128)
+    before = torch.get_float32_matmul_precision()
+    a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    exact = a @ a
+    try:
+        torch.set_float32_matmul_precision(precision)
+        reduced = a @ a
+        got = detect_keypoints(x, max_keypoints=128)
+        assert torch.equal(a @ a, reduced)  # the global setting is back after the call
+        with fp32_math():
+            assert torch.equal(a @ a, exact)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(got.valid, ref.valid)
+    torch.testing.assert_close(got.xy, ref.xy, atol=0, rtol=0)

@@ -22,6 +22,15 @@ need a budget: each octave refines its strongest ``candidate_density`` (1 %) of 
 OpenCV finds on natural photos and Fashion-MNIST (measured: at most ~0.8 % in the large octaves), and Newton
 steps after the first run only on the strongest half, then quarter, of the slots (``_STEP_BUDGET``; candidates that
 still move after one step are rarer than that, and the refined keypoints are the same, tested).
+
+Built for accelerators, where the cost is the number of kernels more than their work (issue 21): static shapes, no
+host sync, so the whole call can be captured in a CUDA graph (:mod:`siftguide.relevance.graph`); each octave's DoG
+is written into one ``(B, T)`` buffer and the candidates of all octaves are refined together, one Newton step for
+all of them (derivatives as one ``(27, 10)`` matmul on the 3x3x3 cube, the 3x3 solve by cross products); extrema are
+compacted into fixed slots by a cumulative count and ``searchsorted`` instead of a ``topk`` over the DoG plane. About
+900 top-level aten ops per call at 64 px and 1,400 at 224 px (batch 8), was 5,500 and 8,500
+(``python bench/sift.py --ops``), with the same keypoints (within 2e-5 px). Everything runs in fp32 whatever the
+global matmul precision (:func:`~siftguide.precision.fp32_math`).
 """
 from __future__ import annotations
 
@@ -34,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from kornia.filters import get_gaussian_kernel1d
 from torch import Tensor
+
+from ..precision import fp32_math
 
 __all__ = ["Keypoints", "SIFTDetector", "detect_keypoints", "compiled_detect_keypoints", "detector", "gaussian_blur",
            "rgb_to_gray", "check_images"]
@@ -162,71 +173,69 @@ def _layer_sigmas(sigma: float, n_layers: int) -> list[float]:
     return sig
 
 
-def _solve3(h: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Solve ``h x = b`` for batches of 3x3 systems by the adjugate; singular systems give ``x = 0``.
+def _solve3(h: Tensor, b: Tensor) -> Tensor:
+    """Solve ``h x = b`` for batches of symmetric 3x3 systems by the adjugate; singular systems give ``x = 0``.
 
-    h: (..., 3, 3) symmetric, b: (..., 3). Returns x (..., 3) and the determinant (...).
+    h: ``(..., 3, 3)`` symmetric, b: ``(..., 3)``. The adjugate's rows are cross products of h's rows (for a
+    symmetric matrix the cofactor matrix is its own transpose): ``adj = [r1 x r2, r2 x r0, r0 x r1]``,
+    ``det = r0 . (r1 x r2)``.
     """
-    a, bb, c = h[..., 0, 0], h[..., 0, 1], h[..., 0, 2]
-    d, e, f = h[..., 1, 1], h[..., 1, 2], h[..., 2, 2]
-    # cofactors of a symmetric matrix [[a, bb, c], [bb, d, e], [c, e, f]]
-    c00 = d * f - e * e
-    c01 = c * e - bb * f
-    c02 = bb * e - c * d
-    c11 = a * f - c * c
-    c12 = bb * c - a * e
-    c22 = a * d - bb * bb
-    det = a * c00 + bb * c01 + c * c02
-    adj = torch.stack(
-        [torch.stack([c00, c01, c02], -1), torch.stack([c01, c11, c12], -1), torch.stack([c02, c12, c22], -1)], -2
-    )
+    r0, r1, r2 = h.unbind(-2)
+    adj = torch.stack([torch.linalg.cross(r1, r2), torch.linalg.cross(r2, r0), torch.linalg.cross(r0, r1)], -2)
+    det = (r0 * adj[..., 0, :]).sum(-1, keepdim=True)
     safe = det.abs() > 1e-20
-    x = (adj @ b.unsqueeze(-1)).squeeze(-1) / torch.where(safe, det, torch.ones_like(det)).unsqueeze(-1)
-    return torch.where(safe.unsqueeze(-1), x, torch.zeros_like(x)), det
+    x = (adj @ b.unsqueeze(-1)).squeeze(-1) / torch.where(safe, det, 1.0)
+    return torch.where(safe, x, 0.0)
 
 
-# (dl, dr, dc) offsets of the 3x3x3 neighbourhood, in a fixed order used by _gather_cube
+# (dl, dr, dc) offsets of the 3x3x3 neighbourhood, in the order of a sample's 27-value cube
 _OFFSETS = [(dl, dr, dc) for dl in (-1, 0, 1) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
 
 
-@functools.lru_cache(maxsize=16)
-def _offsets(device: str) -> Tensor:
-    """``(27, 3)`` neighbourhood offsets on ``device``, created once (no host -> device copy per call)."""
-    return torch.tensor(_OFFSETS, device=device)
+def _cube_index(dl: int, dr: int, dc: int) -> int:
+    return (dl + 1) * 9 + (dr + 1) * 3 + (dc + 1)
 
 
-def _gather_cube(dog_flat: Tensor, layer: Tensor, r: Tensor, c: Tensor, h: int, w: int) -> Tensor:
-    """Values of the 3x3x3 neighbourhoods around (layer, r, c): ``(B, K)`` indices -> ``(B, K, 3, 3, 3)``."""
-    off = _offsets(str(dog_flat.device))  # (27, 3)
-    ll = layer.unsqueeze(-1) + off[:, 0]
-    rr = r.unsqueeze(-1) + off[:, 1]
-    cc = c.unsqueeze(-1) + off[:, 2]
-    n_layers = dog_flat.shape[1] // (h * w)
-    # clamp so that rejected candidates still index in range; their values are masked out later
-    idx = (ll.clamp(0, n_layers - 1) * h + rr.clamp(0, h - 1)) * w + cc.clamp(0, w - 1)  # (B, K, 27)
-    vals = dog_flat.gather(1, idx.flatten(1)).view(*idx.shape)
-    return vals.view(*idx.shape[:2], 3, 3, 3)
-
-
-def _derivatives(cube: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradient ``(B, K, 3)`` as (dx, dy, ds) and Hessian ``(B, K, 3, 3)`` by central differences on the cube
-    (in 0..255 grey-level units, scaled to [0, 1] units like OpenCV's ``img_scale``)."""
+def _derivative_matrix() -> list[list[float]]:
+    """``(27, 10)``: a cube of DoG values times it gives, per sample, ``v, dx, dy, ds, dxx, dyy, dss, dxy, dxs,
+    dys``: the value (grey levels) and OpenCV's central differences (scaled to [0, 1] intensity units like its
+    ``img_scale``). One matmul instead of ~40 elementwise ops per Newton step."""
     s = 1.0 / 255.0
-    v = cube[..., 1, 1, 1]
-    dx = (cube[..., 1, 1, 2] - cube[..., 1, 1, 0]) * 0.5 * s
-    dy = (cube[..., 1, 2, 1] - cube[..., 1, 0, 1]) * 0.5 * s
-    ds = (cube[..., 2, 1, 1] - cube[..., 0, 1, 1]) * 0.5 * s
-    dxx = (cube[..., 1, 1, 2] + cube[..., 1, 1, 0] - 2 * v) * s
-    dyy = (cube[..., 1, 2, 1] + cube[..., 1, 0, 1] - 2 * v) * s
-    dss = (cube[..., 2, 1, 1] + cube[..., 0, 1, 1] - 2 * v) * s
-    dxy = (cube[..., 1, 2, 2] - cube[..., 1, 2, 0] - cube[..., 1, 0, 2] + cube[..., 1, 0, 0]) * 0.25 * s
-    dxs = (cube[..., 2, 1, 2] - cube[..., 2, 1, 0] - cube[..., 0, 1, 2] + cube[..., 0, 1, 0]) * 0.25 * s
-    dys = (cube[..., 2, 2, 1] - cube[..., 2, 0, 1] - cube[..., 0, 2, 1] + cube[..., 0, 0, 1]) * 0.25 * s
-    grad = torch.stack([dx, dy, ds], -1)
-    hess = torch.stack(
-        [torch.stack([dxx, dxy, dxs], -1), torch.stack([dxy, dyy, dys], -1), torch.stack([dxs, dys, dss], -1)], -2
-    )
-    return grad, hess
+    m = [[0.0] * 10 for _ in range(27)]
+
+    def put(col: int, terms: list[tuple[tuple[int, int, int], float]]) -> None:
+        for off, w in terms:
+            m[_cube_index(*off)][col] += w
+
+    z = (0, 0, 0)
+    put(0, [(z, 1.0)])
+    axes = {1: (0, 0, 1), 2: (0, 1, 0), 3: (1, 0, 0)}  # dx (columns), dy (rows), ds (layers)
+    for col, (dl, dr, dc) in axes.items():
+        put(col, [((dl, dr, dc), 0.5 * s), ((-dl, -dr, -dc), -0.5 * s)])
+        put(col + 3, [((dl, dr, dc), s), ((-dl, -dr, -dc), s), (z, -2.0 * s)])
+    for col, (a, b) in ((7, (1, 2)), (8, (1, 3)), (9, (2, 3))):  # dxy, dxs, dys
+        ua, ub = axes[a], axes[b]
+        for sa in (1, -1):
+            for sb in (1, -1):
+                off = tuple(sa * p + sb * q for p, q in zip(ua, ub))
+                put(col, [(off, 0.25 * s * sa * sb)])
+    return m
+
+
+_HESSIAN = [4, 7, 8, 7, 5, 9, 8, 9, 6]  # derivative columns of [[dxx, dxy, dxs], [dxy, dyy, dys], [dxs, dys, dss]]
+_KEEP = [1, 2, 3, 0, 4, 5, 7]  # columns kept per converged sample: gradient, value, dxx, dyy, dxy
+
+
+@functools.lru_cache(maxsize=16)
+def _constants(device: str) -> tuple[Tensor, ...]:
+    """Device constants, created once (a CUDA graph captures no host -> device copy): the derivative matrix
+    ``(27, 10)``, the neighbourhood offsets ``(27, 3)`` as (dl, dr, dc), the Hessian and kept-column indices, and
+    the lowest (column, row, layer) of an octave's interior."""
+    return (torch.tensor(_derivative_matrix(), dtype=torch.float32, device=device),
+            torch.tensor(_OFFSETS, dtype=torch.long, device=device),
+            torch.tensor(_HESSIAN, dtype=torch.long, device=device),
+            torch.tensor(_KEEP, dtype=torch.long, device=device),
+            torch.tensor([_BORDER, _BORDER, 1], dtype=torch.long, device=device))
 
 
 def _max3x3_interior(x: Tensor, op) -> Tensor:
@@ -239,127 +248,247 @@ def _max3x3_interior(x: Tensor, op) -> Tensor:
     return op(op(m[..., :-2, :], m[..., 1:-1, :]), m[..., 2:, :])
 
 
-# Share of an octave's candidates that each Newton step can still work on. Steps are cheap, but five of them over
+# Share of the candidate slots that each Newton step can still work on. Steps are cheap, but five of them over
 # every candidate slot took up to ~30 % of the detector's time; a candidate that has not converged after step 1 (2) is
 # rare: measured per image at most 28 % (16 %) of the slots on photos at 64-224 px and Fashion-MNIST at 64 px
-# (bench/sift.py images), so later steps run on the strongest half (quarter) of the slots only. A candidate that
-# would need a later step but is not among them is rejected, like one that never converges.
+# (bench/sift.py images), so later steps run on the strongest half (quarter) of the slots only, the slots of all
+# octaves together. A candidate that would need a later step but is not among them is rejected, like one that never
+# converges.
 _STEP_BUDGET = (1.0, 0.5, 0.25, 0.25, 0.25)
 assert len(_STEP_BUDGET) == _MAX_INTERP_STEPS
 
 
-def _refine(dog_flat: Tensor, layer: Tensor, r: Tensor, c: Tensor, active: Tensor, h: int, w: int,
-            n_layers: int) -> tuple[Tensor, ...]:
-    """Quadratic sub-pixel/sub-scale refinement of ``(B, K)`` candidates (sorted strongest first), OpenCV's
-    ``adjustLocalExtrema`` up to its contrast and edge tests.
+def _octave_candidates(dog: Tensor, n_layers: int, threshold: float, k: int, cap: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` strongest 3x3x3 DoG extrema of one octave, in fixed slots.
 
-    Returns ``off (B, K, 3)`` (dx, dy, ds), ``grad (B, K, 3)``, ``center (B, K)`` (DoG at the final sample),
-    ``hess2 (B, K, 3)`` (dxx, dyy, dxy there), ``converged (B, K)`` and the final ``layer, r, c``.
+    dog: ``(B, n_layers + 2, h, w)`` in grey levels. A sample is an extremum iff it equals the max (min) of its
+    27-neighbourhood and exceeds OpenCV's pre-threshold. Extrema are compacted into ``cap >= k`` slots in raster
+    order (a cumulative count and a ``searchsorted`` per slot: no pass over the plane beyond the count, no host
+    sync), and the ``k`` of largest ``|DoG|`` kept: the strongest ``k`` of the octave unless it has more than
+    ``cap`` extrema.
+
+    Returns ``pos (B, k, 3)`` long as (column, row, layer) and ``score (B, k)`` (``|DoG|``, -1 for empty slots).
     """
-    b, k = layer.shape
-    dev, dt = dog_flat.device, dog_flat.dtype
-    # per slot: floats (off 3, grad 3, center 1, hess2 3), ints (c, r, layer), flags (active, converged)
-    fstate = torch.zeros(b, k, 10, device=dev, dtype=dt)
-    istate = torch.stack([c, r, layer], -1)
-    flags = torch.stack([active, torch.zeros_like(active)], -1)
+    b, _, h, w = dog.shape
+    ih, iw = h - 2 * _BORDER, w - 2 * _BORDER
+    mid = dog[:, 1 : n_layers + 1, _BORDER : h - _BORDER, _BORDER : w - _BORDER]  # (B, L, ih, iw)
+    # max (min) over the layer below/itself/above first, then 3x3 spatial shifts, for the interior only
+    mx = _max3x3_interior(torch.maximum(torch.maximum(dog[:, :-2], dog[:, 1:-1]), dog[:, 2:]), torch.maximum)
+    mn = _max3x3_interior(torch.minimum(torch.minimum(dog[:, :-2], dog[:, 1:-1]), dog[:, 2:]), torch.minimum)
+    ext = ((mid > threshold) & (mid >= mx)) | ((mid < -threshold) & (mid <= mn))
+    m = n_layers * ih * iw
+    count = ext.flatten(1).cumsum(1, dtype=torch.int32)  # (B, m): extrema up to each sample
+    rank = torch.arange(1, cap + 1, dtype=torch.int32, device=dog.device).repeat(b, 1)
+    idx = torch.searchsorted(count, rank)  # (B, cap): sample of the j-th extremum, m when there are fewer
+    found = idx < m
+    idx = idx.clamp_max(m - 1)
+    layer, rest = idx.div(ih * iw, rounding_mode="floor") + 1, idx.remainder(ih * iw)
+    r, c = rest.div(iw, rounding_mode="floor") + _BORDER, rest.remainder(iw) + _BORDER
+    pos = torch.stack([c, r, layer], -1)
+    score = torch.where(found, dog.flatten(1).gather(1, (layer * h + r) * w + c).abs(), -1.0)
+    if cap > k:
+        score, sel = score.topk(k, dim=1)
+        pos = pos.gather(1, sel.unsqueeze(-1).expand(-1, -1, 3))
+    return pos, score
+
+
+def _newton_step(dog: Tensor, fstate: Tensor, istate: Tensor, flags: Tensor,
+                 n_layers: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of OpenCV's ``adjustLocalExtrema`` for every slot of every octave at once.
+
+    dog: ``(B, T)`` the DoG of all octaves, flattened and concatenated. Per slot ``(B, K, .)``: ``fstate`` (offset 3,
+    gradient 3, value 1, dxx dyy dxy 3) of the sample it converged at; ``istate`` long (column, row, layer, octave
+    offset in ``dog``, octave width, octave height); ``flags`` bool (active, converged).
+    """
+    deriv, nb, hidx, keep, lo = _constants(str(dog.device))
+    c, r, layer, off, w, h = istate.unbind(-1)
+    active, converged = flags.unbind(-1)
+    lin = off + (layer * h + r) * w + c  # (B, K) sample in dog
+    # (B, K, 27) samples of the 3x3x3 neighbourhood (integer index arithmetic: no integer matmul on CUDA)
+    idx = lin.unsqueeze(-1) + (h * w).unsqueeze(-1) * nb[:, 0] + w.unsqueeze(-1) * nb[:, 1] + nb[:, 2]
+    cube = dog.gather(1, idx.flatten(1)).view(*lin.shape, 27)
+    d = cube @ deriv  # (B, K, 10): value and derivatives
+    x = -_solve3(d[..., hidx].unflatten(-1, (3, 3)), d[..., 1:4])
+    small = (x.abs() < 0.5).all(-1)
+    now = active & small
+    fstate = torch.where(now.unsqueeze(-1), torch.cat([x, d[..., keep]], -1), fstate)
+    converged = converged | now
+    # OpenCV rejects numerically exploding offsets before moving; a move out of the octave's interior (or of
+    # layers 1..n_layers) rejects the candidate: it keeps its last sample, inactive and unconverged
+    active = active & ~small & (x.abs() < 1e9).all(-1)
+    moved = istate[..., :3] + torch.where(active.unsqueeze(-1), x.round(), 0.0).long()
+    inside = ((moved >= lo).all(-1) & (moved[..., :2] < istate[..., 4:6] - _BORDER).all(-1)
+              & (moved[..., 2] <= n_layers))
+    active = active & inside
+    istate = torch.cat([torch.where(active.unsqueeze(-1), moved, istate[..., :3]), istate[..., 3:]], -1)
+    return fstate, istate, torch.stack([active, converged], -1)
+
+
+def _refine(dog: Tensor, pos: Tensor, score: Tensor, layout: Tensor, n_layers: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Up to ``_MAX_INTERP_STEPS`` Newton steps for the candidate slots of all octaves together.
+
+    dog ``(B, T)``; pos ``(B, K, 3)`` (column, row, layer); score ``(B, K)`` (``|DoG|``, <= 0 for empty slots);
+    layout ``(K, 3)`` long: each slot's octave offset in ``dog``, width and height. Steps after the first work on
+    the strongest active slots only (``_STEP_BUDGET``). Returns ``fstate (B, K, 10)``, ``istate (B, K, 6)`` and
+    ``converged (B, K)`` (see :func:`_newton_step`).
+    """
+    b, k, _ = pos.shape
+    fstate = pos.new_zeros(b, k, 10, dtype=dog.dtype)
+    istate = torch.cat([pos, layout.expand(b, -1, -1)], -1)
+    valid = score > 0
+    flags = torch.stack([valid, torch.zeros_like(valid)], -1)
     full: tuple[Tensor, ...] = ()  # every slot's state, kept once the steps work on a subset
     ids: Tensor | None = None  # slots the steps work on (None: all)
     for frac in _STEP_BUDGET:
         kk = max(1, min(k, math.ceil(frac * k)))
         if kk < fstate.shape[1]:  # keep the strongest kk slots that are still active
             if ids is None:
-                full = (fstate, istate, flags)  # every slot's state so far
+                full = (fstate, istate, flags)
             else:
                 _scatter_state(full, ids, (fstate, istate, flags))
-            rank = torch.arange(fstate.shape[1], 0, -1, device=dev)  # earlier slots are stronger
-            _, sel = torch.where(flags[..., 0], rank, 0).topk(kk, dim=1)
+            _, sel = torch.where(flags[..., 0], score, -2.0).topk(kk, dim=1)
             ids = sel if ids is None else ids.gather(1, sel)
+            score = score.gather(1, sel)
             fstate, istate, flags = (t.gather(1, sel.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
                                      for t in (fstate, istate, flags))
-        c, r, layer = istate.unbind(-1)
-        active, converged = flags.unbind(-1)
-        cube = _gather_cube(dog_flat, layer, r, c, h, w)
-        g, hs = _derivatives(cube)
-        x = -_solve3(hs, g)[0]
-        small = (x.abs() < 0.5).all(-1)
-        now = active & small
-        new = torch.cat([x, g, cube[..., 1, 1, 1, None], hs[..., 0, 0, None], hs[..., 1, 1, None],
-                         hs[..., 0, 1, None]], -1)
-        fstate = torch.where(now.unsqueeze(-1), new, fstate)
-        converged = converged | now
-        # OpenCV rejects numerically exploding offsets before moving
-        active = active & ~small & (x.abs() < 1e9).all(-1)
-        step = torch.where(active.unsqueeze(-1), torch.round(x), torch.zeros_like(x)).long()
-        istate = istate + step
-        c, r, layer = istate.unbind(-1)
-        inside = (layer >= 1) & (layer <= n_layers) & (c >= _BORDER) & (c < w - _BORDER)
-        active = active & inside & (r >= _BORDER) & (r < h - _BORDER)
-        flags = torch.stack([active, converged], -1)
+        fstate, istate, flags = _newton_step(dog, fstate, istate, flags, n_layers)
     if ids is not None:
         _scatter_state(full, ids, (fstate, istate, flags))
         fstate, istate, flags = full
-    off, grad, center, hess2 = fstate.split([3, 3, 1, 3], -1)
-    c, r, layer = istate.unbind(-1)
-    return off, grad, center.squeeze(-1), hess2, flags[..., 1], layer, r, c
+    return fstate, istate, flags[..., 1]
 
 
 def _scatter_state(full: tuple[Tensor, ...], ids: Tensor, part: tuple[Tensor, ...]) -> None:
     """Write the state of the slots ``ids (B, k)`` back into the full ``(B, K, ...)`` state, in place."""
     for t, p in zip(full, part):
         t.scatter_(1, ids.unsqueeze(-1).expand(-1, -1, t.shape[-1]), p)
+@functools.lru_cache(maxsize=1)
+def compiled_detect_keypoints():
+    """:func:`detect_keypoints` compiled with ``torch.compile`` (created once, shared), for static shapes.
 
-
-def _octave_keypoints(
-    dog: Tensor, octave: int, n_layers: int, threshold: float, contrast_threshold: float, edge_threshold: float,
-    sigma: float, coord_scale: float, max_candidates: int, refine: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Keypoints of one octave. dog: ``(B, n_layers + 2, h, w)`` in grey levels (0..255).
-
-    Returns xy (B, K, 2), scale (B, K), response (B, K), valid (B, K), K = min(max_candidates, candidates).
+    Same keypoints (tested), fused elementwise passes: see ``python bench/sift.py --compile`` for its speed.
+    Compiling takes minutes on a small CPU, once per process and input shape (inductor's on-disk cache makes later
+    processes faster), so it pays off in long runs at a fixed image and batch size (training drops the last
+    incomplete batch), not in short tests. Each new shape compiles its own graph: static-shape code is faster
+    than the dynamic-shape graph torch would otherwise build on the second shape.
     """
-    b, n_dog, h, w = dog.shape
-    # 3x3x3 extrema: a sample is an extremum iff it equals the max (min) of its 27-neighbourhood. Max over the
-    # layer below/itself/above first, then 3x3 spatial shifts computed only for the interior (no padding needed)
-    mid = dog[:, 1 : n_layers + 1, _BORDER : h - _BORDER, _BORDER : w - _BORDER]  # (B, L, ih, iw)
-    mx = _max3x3_interior(torch.maximum(torch.maximum(dog[:, :-2], dog[:, 1:-1]), dog[:, 2:]), torch.maximum)
-    mn = _max3x3_interior(torch.minimum(torch.minimum(dog[:, :-2], dog[:, 1:-1]), dog[:, 2:]), torch.minimum)
-    ext = ((mid > threshold) & (mid >= mx)) | ((mid < -threshold) & (mid <= mn))
-    score = torch.where(ext, mid.abs(), -1.0)
-    ih, iw = h - 2 * _BORDER, w - 2 * _BORDER
-    k = min(max_candidates, score[0].numel())
-    top, idx = score.flatten(1).topk(k, dim=1)  # strongest candidates when there are more than k
-    valid = top > 0
-    layer = idx // (ih * iw) + 1
-    r = (idx // iw) % ih + _BORDER
-    c = idx % iw + _BORDER
+    # dynamo traces through the lru_cache'd helpers (blur matrices, offsets) and warns that it ignores the cache;
+    # they are pure functions of their arguments, so tracing them is exact: silence that one warning
+    warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function")
+    return torch.compile(detect_keypoints, dynamic=False)
 
-    dog_flat = dog.flatten(1)
-    if refine:
-        off, grad, center, hess2, converged, layer, r, c = _refine(dog_flat, layer, r, c, valid, h, w, n_layers)
-        valid = converged  # never-converged candidates are rejected, as in OpenCV
-        contr = center / 255.0 + 0.5 * (grad * off).sum(-1)
-        dxx, dyy, dxy = hess2.unbind(-1)
-        tr = dxx + dyy
-        det = dxx * dyy - dxy * dxy
-        valid &= contr.abs() * n_layers >= contrast_threshold
-        valid &= (det > 0) & (tr * tr * edge_threshold < (edge_threshold + 1) ** 2 * det)
+
+@functools.lru_cache(maxsize=64)
+def _slot_layout(octaves: tuple[tuple[int, int, int, int], ...], coord_scale: float,
+                 device: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Per candidate slot, for octaves given as (offset in the concatenated DoG, width, height, slots): ``(K, 3)``
+    long (offset, width, height), ``(K,)`` long octave index and ``(K,)`` float octave pixel size in input pixels.
+    Created once per image size and settings, on the device."""
+    rows = [(off, w, h, o) for o, (off, w, h, k) in enumerate(octaves) for _ in range(k)]
+    t = torch.tensor(rows, dtype=torch.long)
+    return (t[:, :3].to(device), t[:, 3].to(device), (coord_scale * 2.0 ** t[:, 3].double()).float().to(device))
+
+
+def _octave_sizes(h: int, w: int, n_octaves: int) -> list[tuple[int, int]]:
+    """(height, width) of each octave that has samples away from the border (the next octave takes every second
+    pixel: ``ceil(n / 2)``)."""
+    sizes = []
+    for _ in range(max(n_octaves, 1)):
+        if min(h, w) <= 2 * _BORDER:
+            break  # no sample left away from the border, nor in any smaller octave
+        sizes.append((h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return sizes
+
+
+def _detect(images: Tensor, max_keypoints: int, max_candidates: int | None, candidate_density: float,
+            n_octave_layers: int, sigma: float, contrast_threshold: float, edge_threshold: float, upsample: bool,
+            refine: bool) -> Keypoints:
+    """:func:`detect_keypoints` without the checks and the fp32 context: the traceable, capturable core."""
+    # work in grey levels 0..255 so OpenCV's integer pre-threshold applies unchanged
+    gray = rgb_to_gray(images.float()) * 255.0
+    b = gray.shape[0]
+    if upsample:
+        gray = F.interpolate(gray, scale_factor=2.0, mode="bilinear", align_corners=False)
+        init = _INIT_SIGMA * 2
     else:
-        off = torch.zeros(b, k, 3, device=dog.device, dtype=dog.dtype)
-        contr = dog_flat.gather(1, (layer * h + r) * w + c) / 255.0
-        valid &= contr.abs() * n_layers >= contrast_threshold
-
+        init = _INIT_SIGMA
+    n_layers = n_octave_layers
+    g = gaussian_blur(gray, math.sqrt(max(sigma**2 - init**2, 0.01)))
+    n_octaves = int(round(math.log2(min(g.shape[-2:])) - 2)) + (1 if upsample else 0)
+    sizes = _octave_sizes(*g.shape[-2:], n_octaves)
+    if not sizes:
+        raise ValueError(f"images of size {tuple(images.shape[-2:])} are too small for SIFT: need more than "
+                         f"{2 * _BORDER} pixels per side (after the optional 2x up-sampling)")
+    threshold = math.floor(0.5 * contrast_threshold / n_layers * 255)
+    sig = _layer_sigmas(sigma, n_layers)
+    # per octave: offset of its DoG in the concatenated (B, T) buffer, width, height, candidate slots; and the
+    # compaction's capacity, twice the uncapped slots (max_candidates keeps the strongest of all of those)
+    octaves, caps, t = [], [], 0
+    for h, w in sizes:
+        area = (h - 2 * _BORDER) * (w - 2 * _BORDER)
+        k = max(_MIN_CANDIDATES, math.ceil(candidate_density * area))
+        octaves.append((t, w, h, min(k, max_candidates or k, n_layers * area)))
+        caps.append(min(2 * k, n_layers * area))
+        t += (n_layers + 2) * h * w
+    dog = gray.new_empty(b, t)  # every octave's DoG, written in place: one buffer for the merged refinement
+    pos, score = [], []
+    for o, (off, w, h, k) in enumerate(octaves):
+        if o > 0:  # next octave: layer n_layers of the previous one, every second pixel
+            g = gauss[n_layers][..., ::2, ::2]
+        gauss = [g]
+        for i in range(1, n_layers + 3):
+            gauss.append(gaussian_blur(gauss[-1], sig[i]))
+        stack = torch.cat(gauss, dim=1)  # (B, L + 3, h, w)
+        d = dog[:, off : off + (n_layers + 2) * h * w].view(b, n_layers + 2, h, w)
+        torch.sub(stack[:, 1:], stack[:, :-1], out=d)
+        p, s = _octave_candidates(d, n_layers, threshold, k, caps[o])
+        pos.append(p)
+        score.append(s)
+    pos, score = torch.cat(pos, 1), torch.cat(score, 1)  # (B, K, 3), (B, K)
+    layout, octave, px = _slot_layout(tuple(octaves), 0.5 if upsample else 1.0, str(dog.device))
+    if refine:
+        fstate, istate, valid = _refine(dog, pos, score, layout, n_layers)  # never-converged: rejected (OpenCV)
+        off, grad, center, hess2 = fstate.split([3, 3, 1, 3], -1)
+        contr = center.squeeze(-1) / 255.0 + 0.5 * (grad * off).sum(-1)
+        dxx, dyy, dxy = hess2.unbind(-1)
+        tr, det = dxx + dyy, dxx * dyy - dxy * dxy
+        valid = valid & (det > 0) & (tr * tr * edge_threshold < (edge_threshold + 1) ** 2 * det)
+        pos = istate[..., :3]
+    else:
+        valid = score > 0
+        off = torch.zeros_like(pos, dtype=dog.dtype)
+    c, r, layer = pos.unbind(-1)
+    lin = layout[:, 0] + (layer * layout[:, 2] + r) * layout[:, 1] + c  # (B, K) sample in dog: unique per octave
+    if not refine:
+        contr = dog.gather(1, lin) / 255.0
+    valid = valid & (contr.abs() * n_layers >= contrast_threshold)
     # refinement may bring two candidates to the same sample: keep one (OpenCV's removeDuplicated)
-    key = torch.where(valid, (layer * h + r) * w + c, -1 - torch.arange(k, device=dog.device))
-    sorted_key, order = key.sort(dim=1)
-    dup_sorted = torch.zeros_like(valid)
-    dup_sorted[:, 1:] = sorted_key[:, 1:] == sorted_key[:, :-1]
-    dup = torch.zeros_like(valid).scatter(1, order, dup_sorted)
-    valid &= ~dup
+    k = lin.shape[1]
+    key, order = torch.where(valid, lin, -1 - torch.arange(k, device=lin.device)).sort(dim=1)
+    dup = torch.zeros_like(valid)
+    dup[:, 1:] = key[:, 1:] == key[:, :-1]
+    valid = valid & ~torch.zeros_like(valid).scatter(1, order, dup)
+    xy = (pos[..., :2] + off[..., :2]) * px.unsqueeze(-1)
+    scale = sigma * torch.pow(2.0, (layer + off[..., 2]) / n_layers) * px
+    # the strongest max_keypoints, padded to that fixed size
+    n = min(max_keypoints, k)
+    _, idx = torch.where(valid, contr.abs(), -1.0).topk(n, dim=1)
+    out = Keypoints(xy.gather(1, idx.unsqueeze(-1).expand(-1, -1, 2)), scale.gather(1, idx),
+                    contr.abs().gather(1, idx), valid.gather(1, idx), octave.expand(b, -1).gather(1, idx))
+    if n < max_keypoints:
+        p = max_keypoints - n
+        out = Keypoints(F.pad(out.xy, (0, 0, 0, p)), F.pad(out.scale, (0, p)), F.pad(out.response, (0, p)),
+                        F.pad(out.valid, (0, p)), F.pad(out.octave, (0, p)))
+    return out
 
-    octave_size = coord_scale * 2.0**octave
-    xy = torch.stack([c + off[..., 0], r + off[..., 1]], -1) * octave_size
-    scale = sigma * torch.pow(2.0, (layer + off[..., 2]) / n_layers) * octave_size
-    return xy, scale, contr.abs(), valid
+
+def _check_settings(max_keypoints: int, max_candidates: int | None, candidate_density: float) -> None:
+    if max_keypoints < 1:
+        raise ValueError(f"max_keypoints must be >= 1, got {max_keypoints}")
+    if not candidate_density > 0 or (max_candidates is not None and max_candidates < 1):
+        raise ValueError(f"candidate_density must be > 0 and max_candidates >= 1 (or None), got "
+                         f"{candidate_density} and {max_candidates}")
 
 
 @torch.no_grad()
@@ -377,6 +506,9 @@ def detect_keypoints(
     refine: bool = True,
 ) -> Keypoints:
     """Detect SIFT keypoints in a batch of images.
+
+    Computed in full fp32 whatever the surrounding precision: autocast off, and TF32 / bf16 matmuls off even where
+    ``torch.set_float32_matmul_precision`` allowed them (:func:`~siftguide.precision.fp32_math`).
 
     Args:
         images: ``(B, C, H, W)`` float images, ``C`` 1 or 3 (RGB), values in ``[0, 1]``, any device and dtype
@@ -401,65 +533,10 @@ def detect_keypoints(
         True
     """
     check_images(images)
-    if max_keypoints < 1:
-        raise ValueError(f"max_keypoints must be >= 1, got {max_keypoints}")
-    if not candidate_density > 0 or (max_candidates is not None and max_candidates < 1):
-        raise ValueError(f"candidate_density must be > 0 and max_candidates >= 1 (or None), got "
-                         f"{candidate_density} and {max_candidates}")
-    device_type = images.device.type
-    with torch.autocast(device_type=device_type, enabled=False):
-        # work in grey levels 0..255 so OpenCV's integer pre-threshold applies unchanged
-        gray = rgb_to_gray(images.float()) * 255.0
-        b, _, h, w = gray.shape
-        if upsample:
-            gray = F.interpolate(gray, scale_factor=2.0, mode="bilinear", align_corners=False)
-            init = _INIT_SIGMA * 2
-        else:
-            init = _INIT_SIGMA
-        base = gaussian_blur(gray, math.sqrt(max(sigma**2 - init**2, 0.01)))
-        n_octaves = int(round(math.log2(min(base.shape[-2:])) - 2)) + (1 if upsample else 0)
-        coord_scale = 0.5 if upsample else 1.0
-        threshold = math.floor(0.5 * contrast_threshold / n_octave_layers * 255)
-        sig = _layer_sigmas(sigma, n_octave_layers)
-
-        outs = []
-        g = base
-        gauss: list[Tensor] = []
-        for o in range(max(n_octaves, 1)):
-            if o > 0:  # next octave: layer n_octave_layers of the previous one, every second pixel
-                g = gauss[n_octave_layers][..., ::2, ::2]
-            if min(g.shape[-2:]) <= 2 * _BORDER:
-                break  # no sample left away from the border, nor in any smaller octave
-            gauss = [g]
-            for i in range(1, n_octave_layers + 3):
-                gauss.append(gaussian_blur(gauss[-1], sig[i]))
-            stack = torch.cat(gauss, dim=1)  # (B, L + 3, h, w)
-            dog = stack[:, 1:] - stack[:, :-1]  # (B, L + 2, h, w)
-            area = (g.shape[-2] - 2 * _BORDER) * (g.shape[-1] - 2 * _BORDER)
-            k = max(_MIN_CANDIDATES, math.ceil(candidate_density * area))
-            xy, scl, resp, val = _octave_keypoints(
-                dog, o, n_octave_layers, threshold, contrast_threshold, edge_threshold, sigma, coord_scale,
-                min(k, max_candidates or k), refine,
-            )
-            outs.append((xy, scl, resp, val, torch.full_like(val, o, dtype=torch.long)))
-        if not outs:
-            raise ValueError(
-                f"images of size {h}x{w} are too small for SIFT: need more than {2 * _BORDER} pixels per side "
-                f"(after the optional 2x up-sampling)"
-            )
-        xy, scl, resp, val, octv = (torch.cat(t, dim=1) for t in zip(*outs))
-        n = min(max_keypoints, val.shape[1])
-        key = torch.where(val, resp, -1.0)
-        _, idx = key.topk(n, dim=1)
-        xy = xy.gather(1, idx.unsqueeze(-1).expand(-1, -1, 2))
-        out = Keypoints(xy, scl.gather(1, idx), resp.gather(1, idx), val.gather(1, idx), octv.gather(1, idx))
-        if n < max_keypoints:  # pad to the fixed size
-            p = max_keypoints - n
-            out = Keypoints(
-                F.pad(out.xy, (0, 0, 0, p)), F.pad(out.scale, (0, p)), F.pad(out.response, (0, p)),
-                F.pad(out.valid, (0, p)), F.pad(out.octave, (0, p)),
-            )
-        return out
+    _check_settings(max_keypoints, max_candidates, candidate_density)
+    with fp32_math():
+        return _detect(images, max_keypoints, max_candidates, candidate_density, n_octave_layers, sigma,
+                       contrast_threshold, edge_threshold, upsample, refine)
 
 
 @functools.lru_cache(maxsize=1)
