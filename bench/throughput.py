@@ -71,18 +71,18 @@ def main() -> None:
     C = "relevance.cache=true"
     variants = {
         "baseline": ["guidance=none"],
-        "guided": ["guidance=attention"],
+        "guided": ["guidance=attention", "relevance.cache=false"],  # SIFT on the fly
         "guided+cache": ["guidance=attention", C],
         "interrelation": ["guidance=interrelation", C],
         "background": ["guidance=background", C],
         "prior": ["guidance=prior", C],
         "token_drop": ["guidance=token_drop", C],
-        "token_drop_rand": ["guidance=token_drop", "relevance.kind=random"],
+        "token_drop_rand": ["guidance=token_drop", "relevance.kind=random", "relevance.cache=false"],
     }
     if args.modes:
         variants = {k: v for k, v in variants.items() if k in ("baseline", "guided", "guided+cache", *args.modes)}
     if args.compile:
-        variants["guided+compile"] = ["guidance=attention", "relevance.compile=true"]
+        variants["guided+compile"] = ["guidance=attention", "relevance.cache=false", "relevance.backend=compile"]
     built = {k: make_module(args.overrides + v, dev) for k, v in variants.items()}
     cfg = built["baseline"][0]
     from hydra.utils import instantiate
@@ -97,7 +97,7 @@ def main() -> None:
     cache = KeypointCache.build(dm.train_set.images, cm.transform.resize, cm.relevance.sift, device=dev).to(dev)
     build_s = time.perf_counter() - t0
     for _, m in built.values():
-        if m.relevance.use_cache:
+        if m.relevance.use_cache == "true":
             m.relevance.caches["train"] = cache
 
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (_, m) in built.items()}

@@ -106,6 +106,21 @@ class PretrainModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._setup_relevance()
+        if self._trainer is not None and self.guidance.needs_relevance("train") \
+                and self.relevance.prefetching(self.device):
+            from .relevance.prefetch import DevicePrefetcher, attach
+
+            attach(self.trainer.datamodule, lambda loader: DevicePrefetcher(loader, self._prefetch, self.device))
+
+    @torch.no_grad()
+    def _prefetch(self, batch: dict) -> dict:
+        """A training batch's work done ahead on a side stream (:mod:`siftguide.relevance.prefetch`): the
+        deterministic resize and the keypoints of the un-augmented images (no random draw)."""
+        batch = dict(batch)
+        if batch["image"].shape[0]:
+            batch["image"] = self.transform.resize(batch["image"])
+            batch["keypoints"], batch["keypoint_count"] = self.relevance.batch_keypoints(batch["image"])
+        return batch
 
     def on_train_start(self) -> None:
         if self._trainer is not None and self.trainer.world_size > 1:
@@ -145,7 +160,8 @@ class PretrainModule(L.LightningModule):
             return batch
         batch["image"], matrix = self.transform(batch["image"], train=stage == "train", return_matrix=True)
         if self.guidance.needs_relevance(stage):
-            batch["relevance"] = self.relevance(batch["image"], self.patch_size, batch.get("index"), matrix, stage)
+            batch["relevance"] = self.relevance(batch["image"], self.patch_size, batch.get("index"), matrix, stage,
+                                                self.relevance.keypoints_of(batch))
         return batch
 
     # ------------------------------------------------------------------ steps
@@ -220,7 +236,8 @@ class PretrainModule(L.LightningModule):
         with self.guidance.forward(batch.get("relevance"), stage), self.monitor.capture(force=align):
             out = self.objective(self.net, images, batch, stage)
         if align:
-            rel = self.relevance.sift_relevance(batch["image"], self.patch_size, batch.get("index"), None, stage)
+            rel = self.relevance.sift_relevance(batch["image"], self.patch_size, batch.get("index"), None, stage,
+                                                self.relevance.keypoints_of(batch))
             self.log(f"{stage}/attn_div", self.monitor.divergence_value(rel, out.ids_keep), batch_size=bs,
                      sync_dist=True)
             self.monitor.clear()

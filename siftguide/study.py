@@ -111,9 +111,9 @@ def plan(modes: list[str], seeds: list[int], controls: str = "main", oracle: boo
         kinds = ["sift"] + controls_for(guidance, controls) + (["foreground"] if oracle else [])
         for kind in dict.fromkeys(kinds):
             per_seed.append((label, kind, [f"guidance={guidance}", f"relevance.kind={kind}", *extra]))
-    # the keypoint cache for every run (runs without keypoints ignore it), so that it is not a compared setting;
-    # a user's relevance.cache=false (image folders) comes later and wins
-    return [StudyRun(label, kind, s, ["relevance.cache=true", *common, *ovr, f"seed={s}"])
+    # the keypoint cache wherever the data allows it (in-memory images, image folders), for every run (runs without
+    # keypoints ignore it), so that it is not a compared setting; a user's relevance.cache=... comes later and wins
+    return [StudyRun(label, kind, s, ["relevance.cache=auto", *common, *ovr, f"seed={s}"])
             for s in seeds for label, kind, ovr in per_seed]
 
 

@@ -28,7 +28,10 @@ def compose_cfg(output_dir: Path, overrides: list[str] = (), fashion_mnist: bool
     tiny = TINY if fashion_mnist else [o for o in TINY if o not in TINY_DATA]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train.yaml", overrides=[*tiny, f"paths.output_dir={output_dir}", *overrides])
+        # keypoint caches of each test's own (tmp) directory: tests never write into the checkout's data/
+        cfg = compose("train.yaml", overrides=[*tiny, f"paths.output_dir={output_dir}",
+                                               f"relevance.cache_dir={Path(output_dir).parent / 'keypoint_cache'}",
+                                               *overrides])
     GlobalHydra.instance().clear()
     return cfg
 

@@ -20,8 +20,8 @@ def test_plan_orders_seed_by_seed_with_controls_per_mode():
     assert [r.seed for r in runs] == [0] * 7 + [1] * 7  # a study cut short after one seed is balanced
     base = runs[0].overrides
     assert "guidance=none" in base and base[-1] == "seed=0" and "data=fashion_mnist_translated" in base
-    # the cache setting comes first, so a user's relevance.cache=false (image folders) wins
-    assert runs[1].overrides[0] == "relevance.cache=true"
+    # the cache setting comes first, so a user's relevance.cache=... wins
+    assert runs[1].overrides[0] == "relevance.cache=auto"
     assert "relevance.kind=shuffled" in runs[2].overrides and "guidance=attention" in runs[2].overrides
     auto = study.plan(["masking"], seeds=[0], controls="auto", baseline=False)
     assert [r.kind for r in auto] == ["sift", "random", "shuffled", "rolled", "mean"]

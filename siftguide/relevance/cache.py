@@ -33,7 +33,7 @@ from .detector import Keypoints, detect_keypoints
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KeypointCache", "transform_keypoints"]
+__all__ = ["KeypointCache", "transform_keypoints", "pack_keypoints", "unpack_keypoints"]
 
 _VERSION = 2  # part of the on-disk key: bump whenever the detector's output changes (2: adaptive candidates)
 
@@ -48,10 +48,27 @@ def transform_keypoints(kp: Keypoints, matrix: Tensor | None, size: tuple[int, i
     xy1 = torch.cat([kp.xy, torch.ones_like(kp.xy[..., :1])], dim=-1)  # (B, N, 3)
     p = xy1 @ m.transpose(1, 2)
     xy = p[..., :2] / p[..., 2:3]
-    zoom = torch.linalg.det(m[:, :2, :2]).abs().sqrt().unsqueeze(1)  # (B, 1)
+    # 2x2 determinant by hand: torch.linalg.det may synchronise with the host on CUDA
+    zoom = (m[:, 0, 0] * m[:, 1, 1] - m[:, 0, 1] * m[:, 1, 0]).abs().sqrt().unsqueeze(1)  # (B, 1)
     h, w = size
     inside = (xy[..., 0] >= -0.5) & (xy[..., 0] < w - 0.5) & (xy[..., 1] >= -0.5) & (xy[..., 1] < h - 0.5)
     return Keypoints(xy, kp.scale * zoom, kp.response, kp.valid & inside, kp.octave)
+
+
+def pack_keypoints(kp: Keypoints, dtype: torch.dtype = torch.float16) -> tuple[Tensor, Tensor]:
+    """``(B, N, 4)`` (x, y, scale, response) in ``dtype`` and ``(B,)`` int16 counts: the valid keypoints first
+    (detector output is sorted by response, valid first). How keypoints are stored on disk and carried in
+    batches."""
+    packed = torch.stack([kp.xy[..., 0], kp.xy[..., 1], kp.scale, kp.response], -1)
+    packed = torch.where(kp.valid.unsqueeze(-1), packed, 0.0).to(dtype)
+    return packed, kp.valid.sum(1).to(torch.int16)
+
+
+def unpack_keypoints(packed: Tensor, count: Tensor) -> Keypoints:
+    """Inverse of :func:`pack_keypoints` (float32 out): ``(B, N, 4)`` and ``(B,)`` -> :class:`Keypoints`."""
+    p = packed.float()
+    valid = torch.arange(p.shape[1], device=p.device) < count.to(p.device).long().unsqueeze(1)
+    return Keypoints(p[..., :2], p[..., 2], p[..., 3], valid, torch.zeros_like(valid, dtype=torch.long))
 
 
 class KeypointCache:
@@ -104,7 +121,7 @@ class KeypointCache:
         path = Path(directory) / f"keypoints-{cls.key(images, sift, image_size)}.pt" if directory else None
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
-        loaded = [cls._load(path) if rank == 0 and path is not None and path.is_file() else None]
+        loaded = [cls._load(path) if rank == 0 and path is not None and path.exists() else None]
         if world > 1:
             dist.broadcast_object_list(loaded, src=0)  # rank 0's file reaches ranks on other nodes
         if loaded[0] is not None:
@@ -133,10 +150,24 @@ class KeypointCache:
         return self.xy.cpu(), self.scale.cpu(), self.response.cpu(), self.valid.cpu()
 
     @classmethod
-    def _load(cls, path: Path) -> "KeypointCache":
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        log.info("keypoint cache: loaded %d images from %s", len(d["xy"]), path)
-        return cls(d["xy"], d["scale"], d["response"], d["valid"])
+    def _load(cls, path: Path) -> "KeypointCache | None":
+        """The cache saved at ``path``; None (and a warning naming the file, which is removed so that it is built
+        again) when the file cannot be read or does not hold a cache."""
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            cache = cls(d["xy"], d["scale"], d["response"], d["valid"])
+            if not (len(cache.xy) == len(cache.scale) == len(cache.response) == len(cache.valid)):
+                raise ValueError("its arrays have different lengths")
+        except Exception as e:  # noqa: BLE001 - torn zip, wrong content, unreadable: all mean "build it again"
+            log.warning("keypoint cache file %s is unreadable or corrupt (%s: %s): detecting the keypoints again and "
+                        "replacing it", path, type(e).__name__, str(e)[:200])
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            return None
+        log.info("keypoint cache: loaded %d images from %s", len(cache), path)
+        return cache
 
     @staticmethod
     def key(images: Tensor, sift: dict, image_size: tuple[int, int]) -> str:
