@@ -131,7 +131,7 @@ class FolderKeypointCache:
     def rows(self, index) -> tuple[np.ndarray, np.ndarray]:
         """``(n, K, 4)`` float16 and ``(n,)`` int16 (missing rows, -1, read as empty)."""
         self._open()
-        return np.asarray(self._kp[index]), np.maximum(np.asarray(self._count[index]), 0)
+        return np.array(self._kp[index]), np.maximum(np.array(self._count[index]), 0)  # copies, writable
 
     def disk_bytes(self) -> int:
         return sum((self.directory / f).stat().st_size for f in _FILES if (self.directory / f).exists())
@@ -202,21 +202,29 @@ def _read_index(directory: Path, k: int) -> tuple[list[str], np.ndarray, np.ndar
     that is there but unreadable or inconsistent is named in a warning and removed."""
     if not (directory / "meta.json").exists():
         return None
+    name = "meta.json"
     try:
-        meta = json.loads((directory / "meta.json").read_text())
-        files = (directory / "files.txt").read_text().split("\n") if meta["n"] else []
-        stat = np.load(directory / "stat.npy")
-        count = np.load(directory / "count.npy")
-        kp = np.load(directory / "keypoints.npy", mmap_mode="r")  # checks the header against the file size
+        meta = json.loads((directory / name).read_text())
         n = int(meta["n"])
+        name = "files.txt"
+        files = (directory / name).read_text().split("\n") if n else []
+        name = "stat.npy"
+        stat = np.load(directory / name)
+        name = "count.npy"
+        count = np.load(directory / name)
+        name = "keypoints.npy"
+        kp = np.load(directory / name, mmap_mode="r")  # checks the header against the file's size
+        name = "meta.json"
         if meta.get("version") != _VERSION or int(meta["max_keypoints"]) != k:
             raise ValueError(f"version {meta.get('version')} / max_keypoints {meta['max_keypoints']} differ")
         if not (len(files) == len(stat) == len(count) == len(kp) == n) or kp.shape[1:] != (k, 4):
-            raise ValueError(f"arrays of different lengths ({len(files)}, {len(stat)}, {len(count)}, {len(kp)}, "
-                             f"meta {n})")
+            name = "keypoints.npy, count.npy, stat.npy, files.txt"
+            raise ValueError(f"arrays of different lengths ({len(kp)}, {len(count)}, {len(stat)}, {len(files)}; "
+                             f"meta.json says {n})")
         return files, stat, count
     except Exception as e:  # noqa: BLE001 - truncated npy, bad json, missing file: all mean "start again"
-        log.warning("keypoint cache %s is corrupt (%s: %s): rebuilding it", directory, type(e).__name__, str(e)[:200])
+        log.warning("keypoint cache file %s is unreadable or corrupt (%s: %s): rebuilding the cache in %s",
+                    directory / name if "," not in name else name, type(e).__name__, str(e)[:200], directory)
         for f in _FILES:
             (directory / f).unlink(missing_ok=True)
         return None
