@@ -1,12 +1,12 @@
-"""One-shot GPU benchmark: SIFT speed against OpenCV, and guided vs baseline ViT-S/16 training steps.
+"""One-shot GPU benchmark (issue 21): the detector's speed, and guided vs baseline ViT-S/16 training steps.
 
     python bench/gpu.py [--smoke] [--out FILE.json] [--device cuda|cpu] [--no-compile] [--budget-s 330]
 
-Part 1, SIFT: images/s of ``detect_keypoints`` on batches of ``--sift-batch`` grey photos (the real photos bundled
-with scikit-image, random square crops, area-resized; smooth random textures if scikit-image or OpenCV is
-missing) at 64/128/224 px, eager and ``torch.compile``'d (one static-shape graph per size, compile time reported
-apart), against OpenCV's ``SIFT.detect`` on the CPU, image by image (timed with ``bench/sift.py``'s ``timeit``:
-one warm-up, best of repeats).
+Part 1, SIFT: images/s of ``detect_keypoints`` on batches of ``--sift-batch`` (256) grey photos (the real photos
+bundled with scikit-image, random square crops, area-resized; smooth random textures if scikit-image or OpenCV is
+missing) at 64/128/224 px: eager, recorded in a CUDA graph (``Captured(backend="graph")``, CUDA only) and
+``torch.compile``'d (``mode="reduce-overhead"``; compile time reported apart), against OpenCV's ``SIFT.detect`` on
+the CPU, image by image (``bench/sift.py``'s ``timeit``: one warm-up, best of repeats).
 
 Part 2, training steps: one optimizer step of timm ``vit_small_patch16_224`` (batch 256, 224 px, 3 channels,
 bf16 autocast, AdamW) = uint8 batch gathered from a fixed pool of photo crops already on the device ->
@@ -14,27 +14,27 @@ bf16 autocast, AdamW) = uint8 batch gathered from a fixed pool of photo crops al
 entropy (+ ``SiftGuidance`` loss, last block, weight 0.3) -> backward -> AdamW step, for
 
 * ``baseline``: no relevance, no guidance (fused attention everywhere);
-* ``guided``: SIFT on the fly (eager detector) on the augmented batch;
-* ``guided+compile``: the same with the ``torch.compile``'d detector (compiled before its round, untimed);
-* ``guided+cache``: keypoints detected once per pool image (``KeypointCache``, built before timing), looked up by
-  index and mapped through the augmentation matrix.
+* ``guided``: SIFT on the fly, eager detector, on the augmented batch (the old default);
+* ``guided+graph``: on the fly, the detector and the map recorded in a CUDA graph (the default on CUDA);
+* ``guided+prefetch``: the next batch's keypoints detected (graph) on a side stream during the step, on the
+  un-augmented images, mapped through the augmentation (``relevance.prefetch``, the default on CUDA on the fly);
+* ``guided+cache``: keypoints detected once per pool image (``KeypointCache``), looked up on the device;
+* ``guided+folder``: the folder cache's path: fp16 rows read on the host by index and copied with the batch;
+* ``guided+compile``: on the fly with the ``torch.compile``'d detector (round 2, when the budget allows).
 
 The variants run interleaved, step by step, so drift hits all alike. Reported: median step time, images/s, the
 guided/baseline throughput ratio, peak allocated memory (CUDA; reset before every step, max over the timed steps;
 absolute, with every variant's weights and optimizer state resident, and the step's own peak above what was
-allocated before it: activations, gradients, SIFT) and bytes saved for backward (the activation memory, any
-device; counted on one extra untimed step), with their ratios to the baseline. Data loading is not timed (the
-pool is on the device, as after the transfer).
+allocated before it) and bytes saved for backward (any device), with their ratios to the baseline. Data loading is
+not timed (the pool is on the device, as after the transfer).
+
+Part 3, the folder cache: a folder of ``--folder-images`` JPEGs (224 px) is generated and its cache built as a
+training run builds it (``FolderKeypointCache.prepare``, loader workers decoding): images/s and bytes per image.
 
 Each part prints its table and rewrites ``--out`` as soon as it ends, so a run cut short keeps what it measured.
-Order: SIFT eager and OpenCV; steps round 1 (baseline, guided, guided+cache); compile of the detector at the step's
-batch shape, then round 2 (baseline, guided+compile); compiled SIFT per size, largest first. A compile starts only
-while more of ``--budget-s`` is left than it is expected to take (``--compile-estimate-s``, or 1.2x the last
-compile), and after ``--hard-limit-s`` the process exits with what it has (a compile cannot be interrupted). A part
-that fails is recorded under ``errors`` and the next part still runs.
-Compiling the detector is slow: 282 s on an H200 machine (16 CPUs) at the step's shape, so one full run fits
-one compile in the default budget (the step's); for the compiled SIFT at every size run
-``--skip steps --budget-s 1200 --hard-limit-s 1300`` (about 15 minutes).
+A compile starts only while more of ``--budget-s`` is left than it is expected to take (``--compile-estimate-s``,
+or 1.2x the last compile), and after ``--hard-limit-s`` the process exits with what it has. A part that fails is
+recorded under ``errors`` and the next part still runs.
 ``--smoke``: tiny sizes on the CPU (32/64 px, batch 8, a 2-block ViT at 64 px, 2 steps, no compile) for the tests.
 """
 from __future__ import annotations
@@ -61,16 +61,20 @@ if str(ROOT) not in sys.path:
 
 from bench.sift import timeit  # noqa: E402
 from siftguide import SiftGuidance, relevance_from_keypoints  # noqa: E402
-from siftguide.relevance import KeypointCache  # noqa: E402
 from siftguide.data import DeviceTransform  # noqa: E402
-from siftguide.relevance import compiled_detect_keypoints, detect_keypoints  # noqa: E402
+from siftguide.relevance import KeypointCache, detect_keypoints, transform_keypoints  # noqa: E402
+from siftguide.relevance.cache import pack_keypoints, unpack_keypoints  # noqa: E402
+from siftguide.relevance.graph import Captured  # noqa: E402
+from siftguide.relevance.prefetch import DevicePrefetcher  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-FULL = dict(sizes=[64, 128, 224], sift_batch=64, repeats=10, cv_repeats=3, model="vit_small_patch16_224", depth=None,
-            img_size=224, pool_size=256, batch=256, pool=512, steps=20, warmup=3, classes=1000)
+FULL = dict(sizes=[64, 128, 224], sift_batch=256, repeats=10, cv_repeats=3, model="vit_small_patch16_224", depth=None,
+            img_size=224, pool_size=256, batch=256, pool=512, steps=20, warmup=3, classes=1000, folder_images=8192,
+            folder_workers=12)
 SMOKE = dict(sizes=[32, 64], sift_batch=8, repeats=1, cv_repeats=1, model="vit_tiny_patch16_224", depth=2,
-             img_size=64, pool_size=72, batch=8, pool=16, steps=2, warmup=1, classes=10)
+             img_size=64, pool_size=72, batch=8, pool=16, steps=2, warmup=1, classes=10, folder_images=24,
+             folder_workers=0)
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -152,8 +156,12 @@ def meta(args, dev: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ part 1: SIFT
+def _detector(kw: dict):
+    return lambda x: pack_keypoints(detect_keypoints(x, **kw), torch.float32)
+
+
 def sift_part(args, dev, sync, report: Report) -> dict[int, torch.Tensor]:
-    """Eager detector and OpenCV per size; returns the device batches for the compiled pass later."""
+    """Eager and CUDA-graph detector and OpenCV per size; returns the device batches for the compiled pass later."""
     batches = {}
     try:
         import cv2
@@ -165,23 +173,39 @@ def sift_part(args, dev, sync, report: Report) -> dict[int, torch.Tensor]:
     for size in args.sizes:
         u8, source = images(size, args.sift_batch)
         x = u8.float().div(255).to(dev)
+        if len(x) < args.sift_batch:  # fewer photos than the batch: repeat them
+            x = x.repeat(math.ceil(args.sift_batch / len(x)), 1, 1, 1)[: args.sift_batch]
         batches[size] = x
         kw = dict(max_keypoints=1024 if size > 128 else 512)  # as bench/sift.py
         t_eager = timeit(lambda: detect_keypoints(x, **kw), args.repeats, sync) / len(x)
         n_kp = float(detect_keypoints(x, **kw).valid.sum(1).float().mean())
         row = {"size": size, "batch": len(x), "images": source, "max_keypoints": kw["max_keypoints"],
-               "keypoints_per_image": n_kp, "eager_img_s": 1 / t_eager, "compiled_img_s": None, "compile_s": None,
-               "compiled_skipped": "not run yet", "opencv_img_s": None, "eager_vs_opencv": None,
-               "compiled_vs_opencv": None, "compiled_vs_eager": None}
+               "keypoints_per_image": n_kp, "eager_img_s": 1 / t_eager, "graph_img_s": None, "graph_skipped": None,
+               "graph_vs_eager": None, "compiled_img_s": None, "compile_s": None, "compiled_skipped": "not run yet",
+               "opencv_img_s": None, "eager_vs_opencv": None, "graph_vs_opencv": None, "compiled_vs_opencv": None,
+               "compiled_vs_eager": None}
+        if dev.type == "cuda":
+            graphed = Captured(_detector(kw), "graph")
+            graphed(x), graphed(x)  # eager, then recorded
+            t_graph = timeit(lambda: graphed(x), args.repeats, sync) / len(x)
+            ref, got = _detector(kw)(x), graphed(x)
+            row.update(graph_img_s=1 / t_graph, graph_vs_eager=t_eager / t_graph,
+                       graph_max_abs_diff=float((ref[0] - got[0]).abs().max()),
+                       graph_counts_equal=bool(torch.equal(ref[1], got[1])))
+        else:
+            row["graph_skipped"] = "CUDA graphs need a CUDA device"
         if sift_cv is not None:
             arr = u8[:, 0].numpy()
             t_cv = timeit(lambda: [sift_cv.detect(im, None) for im in arr], args.cv_repeats, lambda: None) / len(arr)
             row.update(opencv_img_s=1 / t_cv, eager_vs_opencv=t_cv / t_eager,
                        opencv_keypoints_per_image=sum(len(sift_cv.detect(im, None)) for im in arr) / len(arr))
+            if row["graph_img_s"]:
+                row["graph_vs_opencv"] = row["graph_img_s"] / row["opencv_img_s"]
         report.data["sift"].append(row)
         report.save()
-        print(f"  {size:4d} px  eager {row['eager_img_s']:9.1f} img/s  OpenCV {fmt(row['opencv_img_s'], '9.1f')} "
-              f"img/s  eager/OpenCV {fmt(row['eager_vs_opencv'], '6.2f')}x  ({n_kp:.0f} keypoints/image)")
+        print(f"  {size:4d} px  eager {row['eager_img_s']:9.1f} img/s  graph {fmt(row['graph_img_s'], '9.1f')} img/s  "
+              f"OpenCV {fmt(row['opencv_img_s'], '9.1f')} img/s  eager/OpenCV {fmt(row['eager_vs_opencv'], '6.2f')}x  "
+              f"({n_kp:.0f} keypoints/image)")
     return batches
 
 
@@ -197,12 +221,12 @@ def sift_compiled_part(args, dev, sync, report: Report, batches: dict[int, torch
             kw = dict(max_keypoints=row["max_keypoints"])
             try:
                 torch._dynamo.reset()  # a static-shape graph per size, as in a run at one image and batch size
-                fast = compiled_detect_keypoints()
+                fast = Captured(_detector(kw), "compile")
                 t0 = time.perf_counter()
-                fast(x, **kw)
+                fast(x)
                 sync()
                 compile_s = clock.last_compile_s = time.perf_counter() - t0
-                t = timeit(lambda: fast(x, **kw), args.repeats, sync) / len(x)
+                t = timeit(lambda: fast(x), args.repeats, sync) / len(x)
                 row.update(compiled_img_s=1 / t, compile_s=compile_s, compiled_skipped=None,
                            compiled_vs_eager=(1 / t) / row["eager_img_s"])
                 if row["opencv_img_s"]:
@@ -221,7 +245,8 @@ def sift_compiled_part(args, dev, sync, report: Report, batches: dict[int, torch
 class StepBench:
     """Same-initialised ViTs, one per variant, and the timed optimizer step; rounds of variants run interleaved."""
 
-    SOURCE = {"baseline": None, "guided": "eager", "guided+cache": "cache", "guided+compile": "compiled"}
+    SOURCE = {"baseline": None, "guided": "eager", "guided+graph": "graph", "guided+prefetch": "prefetch",
+              "guided+cache": "cache", "guided+folder": "folder", "guided+compile": "compiled"}
 
     def __init__(self, args, dev: torch.device, sync) -> None:
         import timm
@@ -244,33 +269,70 @@ class StepBench:
             self.guides[name] = SiftGuidance(net, layers=[-1], weight=0.3) if source else None
         self.patch = self.nets["baseline"].patch_embed.patch_size
         self.grid = self.nets["baseline"].patch_embed.grid_size
-        self.detectors = {"eager": detect_keypoints, "compiled": None}  # compiled: set by compile_detector()
+
+        def sift_map(x):
+            return relevance_from_keypoints(detect_keypoints(x, **self.sift_kw), self.grid, self.patch)
+
+        # on the fly: the detector alone (eager, as before), the detector and the map recorded in one CUDA graph,
+        # and the compiled detector (set by compile_detector())
+        self.maps = {"eager": sift_map, "graph": Captured(sift_map, "graph"), "compiled": None}
+        self.keypoints = Captured(_detector(self.sift_kw), "graph")  # the prefetcher's: un-augmented images
         g = torch.Generator().manual_seed(0)
         n = args.warmup + args.steps + 1
-        self.index = [torch.randint(len(self.pool), (args.batch,), generator=g).to(dev) for _ in range(n)]
+        self.index_cpu = [torch.randint(len(self.pool), (args.batch,), generator=g) for _ in range(n)]
+        self.index = [i.to(dev) for i in self.index_cpu]
         self.labels = [torch.randint(args.classes, (args.batch,), generator=g).to(dev) for _ in range(n)]
-        self.cache = None
+        self.cache = self.rows = None
+        self.ahead = None  # the prefetcher's iterator over the steps of a round
 
     def build_cache(self) -> float:
-        """Seconds to detect the keypoints of the whole pool (in training: once at fit start, or loaded)."""
+        """Seconds to detect the keypoints of the whole pool (in training: once at fit start, or loaded); also keeps
+        the pool's keypoints as the folder cache stores them (fp16 rows in host memory, pinned on CUDA)."""
         self.sync()
         t0 = time.perf_counter()
         self.cache = KeypointCache.build(self.pool, self.transform.resize, self.sift_kw, batch_size=self.args.batch,
                                          device=self.dev).to(self.dev)
         self.sync()
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        kp = self.cache.lookup(torch.arange(len(self.pool), device=self.dev))
+        rows, count = pack_keypoints(kp)
+        self.rows = (rows.cpu().pin_memory(), count.cpu().pin_memory()) if self.dev.type == "cuda" else \
+            (rows.cpu(), count.cpu())
+        return dt
 
     def compile_detector(self) -> float:
         """Seconds to compile the detector for this batch shape (the first call; untimed in the rounds)."""
-        fast = compiled_detect_keypoints()
+        fast = Captured(self.maps["eager"], "compile")
         with torch.no_grad():
             x = self.transform(self.pool[self.index[0]], train=True)
         self.sync()
         t0 = time.perf_counter()
-        fast(x, **self.sift_kw)
+        fast(x)
         self.sync()
-        self.detectors["compiled"] = fast
+        self.maps["compiled"] = fast
         return time.perf_counter() - t0
+
+    def _prefetched(self):
+        """Batches of a round as the prefetcher delivers them: resized images and their keypoints, detected on a side
+        stream one step ahead."""
+        def prepare(batch):
+            x = self.transform.resize(batch["image"])
+            batch["keypoints"], batch["keypoint_count"] = self.keypoints(x)
+            return batch
+
+        return iter(DevicePrefetcher(({"image": self.pool[idx]} for idx in self.index), prepare, self.dev))
+
+    def relevance(self, source: str, i: int, x: torch.Tensor, matrix: torch.Tensor, batch: dict | None):
+        if source == "cache":
+            kp = self.cache.lookup(self.index[i], matrix, self.size)
+        elif source == "folder":  # rows read on the host by index, copied with the batch
+            rows, count = (t[self.index_cpu[i]].to(self.dev, non_blocking=True) for t in self.rows)
+            kp = transform_keypoints(unpack_keypoints(rows, count), matrix, self.size)
+        elif source == "prefetch":
+            kp = transform_keypoints(unpack_keypoints(batch["keypoints"], batch["keypoint_count"]), matrix, self.size)
+        else:
+            return self.maps[source](x)
+        return relevance_from_keypoints(kp, self.grid, self.patch)
 
     def step(self, name: str, i: int, count_saved: bool = False) -> tuple[float, int, int, int]:
         """One optimizer step: (seconds, peak allocated bytes, peak bytes above what was allocated before the step
@@ -284,15 +346,13 @@ class StepBench:
             before = torch.cuda.memory_allocated(self.dev)
         self.sync()
         t = time.perf_counter()
-        idx = self.index[i]
-        x, matrix = self.transform(self.pool[idx], train=True, return_matrix=True)  # (B, 3, S, S), (B, 3, 3)
-        rel = None
-        if source == "cache":
-            kp = self.cache.lookup(idx, matrix, self.size)
-        elif source:
-            kp = self.detectors[source](x, **self.sift_kw)
-        if source:
-            rel = relevance_from_keypoints(kp, self.grid, self.patch)  # (B, Gh, Gw)
+        batch = None
+        if source == "prefetch":
+            batch = next(self.ahead)  # batch i, prepared during step i - 1; batch i + 1 starts on the side stream
+            x, matrix = self.transform(batch["image"], train=True, return_matrix=True)
+        else:
+            x, matrix = self.transform(self.pool[self.index[i]], train=True, return_matrix=True)  # (B, 3, S, S)
+        rel = self.relevance(source, i, x, matrix, batch) if source else None  # (B, Gh, Gw)
         nbytes = [0]
 
         def pack(v):
@@ -319,6 +379,8 @@ class StepBench:
         a = self.args
         times, saved = {k: [] for k in names}, {k: 0 for k in names}
         peak, extra = {k: 0 for k in names}, {k: 0 for k in names}
+        if "guided+prefetch" in names:
+            self.ahead = self._prefetched()
         for i in range(a.warmup + a.steps + 1):
             for name in names:
                 last = i == a.warmup + a.steps
@@ -357,8 +419,9 @@ def print_round(title: str, variants: dict[str, dict], cuda: bool) -> None:
 
 
 def steps_part(args, dev, sync, report: Report, clock: Stopwatch) -> None:
-    """Round 1: baseline, guided on the fly (eager SIFT), guided with the cache. Round 2 (when the budget allows a
-    compile): baseline again and guided on the fly with the compiled detector, so its ratio has its own baseline."""
+    """Round 1: baseline, guided on the fly (eager, graph, prefetch), guided with the caches (in memory, folder
+    rows). Round 2 (when the budget allows a compile): baseline again and guided on the fly with the compiled
+    detector, so its ratio has its own baseline."""
     a = args
     print(f"\n== part 2: training steps, {a.model} at {a.img_size} px, batch {a.batch}, bf16 autocast, AdamW, "
           f"{a.steps} timed steps per variant after {a.warmup} warm-up, interleaved ({dev})")
@@ -370,12 +433,14 @@ def steps_part(args, dev, sync, report: Report, clock: Stopwatch) -> None:
         "pool_source": bench.pool_source, "sift": bench.sift_kw, "guidance": {"layers": [-1], "weight": 0.3},
         "augmentation": "resize, RandomResizedCrop(scale 0.35-1, ratio 3/4-4/3), horizontal flip (kornia)",
         "timed_steps": a.steps, "warmup_steps": a.warmup, "cache_build_s": cache_s,
-        "cache_build_img_s": len(bench.pool) / cache_s, "variants": bench.round(["baseline", "guided", "guided+cache"]),
+        "cache_build_img_s": len(bench.pool) / cache_s,
+        "variants": bench.round(["baseline", "guided", "guided+graph", "guided+prefetch", "guided+cache",
+                                 "guided+folder"]),
         "compiled": None, "compile_s": None, "compile_skipped": "not run yet",
     }
     report.data["steps"] = res
     report.save()
-    print_round("  round 1 (eager SIFT, cache):", res["variants"], dev.type == "cuda")
+    print_round("  round 1 (SIFT on the fly: eager, graph, prefetch; caches):", res["variants"], dev.type == "cuda")
     n = len(bench.pool)
     print(f"  keypoint cache built for {n} images in {cache_s:.2f} s ({n / cache_s:.0f} img/s)")
 
@@ -397,6 +462,72 @@ def steps_part(args, dev, sync, report: Report, clock: Stopwatch) -> None:
         print(f"  guided+compile skipped: {reason}")
 
 
+# ------------------------------------------------------------------------------------------ part 3: folder cache
+def folder_part(args, dev, sync, report: Report) -> None:
+    """Build the folder cache of a generated folder of 224 px JPEGs as a training run does (loader workers decode,
+    the detector runs on ``dev``): images/s and bytes per image (first build), and the time a later run's check
+    takes."""
+    import tempfile
+
+    from bench.folder_cache import generate
+    from siftguide.data import ImageFolderDataModule
+    from siftguide.relevance.folder_cache import FolderKeypointCache
+
+    size = 224 if not args.smoke else 64
+    print(f"\n== part 3: folder cache of {args.folder_images} JPEGs ({size} px), {args.folder_workers} loader workers, "
+          f"detector on {dev}")
+    with tempfile.TemporaryDirectory(prefix="siftguide-gpu-bench-") as tmp:
+        root = Path(tmp) / "folder"
+        t0 = time.perf_counter()
+        generate(root, args.folder_images, size, val=10)
+        gen_s = time.perf_counter() - t0
+        dm = ImageFolderDataModule(str(root), img_size=size, num_workers=args.folder_workers, in_chans=3,
+                                   num_classes=10)
+        dm.setup()
+        transform = DeviceTransform(size).to(dev)
+        sift = dict(max_keypoints=512)
+        sync()
+        t0 = time.perf_counter()
+        cache = FolderKeypointCache.prepare(dm.train_set, transform.resize, sift, transform.size, Path(tmp) / "cache",
+                                            device=dev, batch_size=args.batch, num_workers=args.folder_workers,
+                                            progress=False)
+        sync()
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        FolderKeypointCache.prepare(dm.train_set, transform.resize, sift, transform.size, Path(tmp) / "cache",
+                                    device=dev, progress=False)
+        check_s = time.perf_counter() - t0
+        n, nbytes = len(cache), cache.disk_bytes()
+    res = {"images": n, "size": size, "max_keypoints": 512, "workers": args.folder_workers, "generate_s": gen_s,
+           "build_s": build_s, "build_img_s": n / build_s, "bytes_per_image": nbytes / n,
+           "gb_per_million": nbytes / n * 1e6 / 1e9, "hours_per_million": 1e6 / (n / build_s) / 3600,
+           "reuse_check_s": check_s}
+    report.data["folder_cache"] = res
+    report.save()
+    print(f"  built in {build_s:.1f} s: {res['build_img_s']:.0f} img/s ({res['hours_per_million']:.2f} h per million "
+          f"images), {res['bytes_per_image']:.0f} B/image ({res['gb_per_million']:.2f} GB per million); a later run's "
+          f"check: {check_s:.2f} s")
+
+
+def targets(report: Report) -> None:
+    """Issue 21's GPU targets, from this run's numbers (None where not measured)."""
+    d = report.data
+    sift224 = next((r for r in d["sift"] if r["size"] == 224), {})
+    best = max((v for v in (sift224.get("graph_img_s"), sift224.get("compiled_img_s"), sift224.get("eager_img_s"))
+                if v), default=None)
+    var = (d.get("steps") or {}).get("variants") or {}
+    on_the_fly = max((var[k]["throughput_ratio"] for k in ("guided+graph", "guided+prefetch") if k in var),
+                     default=None)
+    folder = var.get("guided+folder", {}).get("throughput_ratio")
+    t = {"detector_224_img_s": best, "detector_target": 30000, "on_the_fly_ratio": on_the_fly,
+         "on_the_fly_target": 0.90, "folder_cache_ratio": folder, "folder_cache_target": 0.95}
+    d["targets"] = t
+    report.save()
+    print("\n== targets (issue 21): detector at 224 px, batch 256: "
+          f"{fmt(best, '.0f')} img/s (>= 30,000); guided/baseline on the fly {fmt(on_the_fly, '.3f')} (>= 0.90); "
+          f"with the folder cache {fmt(folder, '.3f')} (>= 0.95)")
+
+
 # ------------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -410,7 +541,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="expected seconds per compile of the detector (282 s measured on an H200 at the step shape)")
     ap.add_argument("--hard-limit-s", type=float, default=None,
                     help="exit (status 3, results so far kept) after this many seconds; default 450, off with --smoke")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["sift", "steps"], help="parts to leave out")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["sift", "steps", "folder"], help="parts to leave out")
     for k, v in FULL.items():  # sizes default to the full run, or to the smoke run with --smoke
         kw = dict(type=int, nargs="+") if isinstance(v, list) else dict(type=type(v) if v is not None else int)
         ap.add_argument("--" + k.replace("_", "-"), default=None, **kw)
@@ -466,8 +597,11 @@ def main(argv: list[str] | None = None) -> dict:
     batches = attempt("sift", sift_part, args, dev, sync, report) if "sift" not in args.skip else None
     if "steps" not in args.skip:
         attempt("steps", steps_part, args, dev, sync, report, clock)
+    if "folder" not in args.skip:
+        attempt("folder", folder_part, args, dev, sync, report)
     if batches:
         attempt("sift compiled", sift_compiled_part, args, dev, sync, report, batches, clock)
+    targets(report)
     report.data["status"] = "complete" if not errors else "errors"
     report.data["elapsed_s"] = clock.elapsed()
     report.save()
