@@ -72,7 +72,12 @@ def load_checkpoint(path: str | Path, trust: bool = False, switch: str = "resume
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         with safe_loading():
-            state = torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
+            except RuntimeError as e:  # not torch's zip format (an old or a foreign file): no mmap, the real error
+                if not (mmap and "mmap can only be used" in str(e)):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
         if "weights only load failed" in str(e).lower():  # an object the safe loader refuses
             raise UntrustedCheckpointError(
