@@ -128,3 +128,20 @@ def test_claim_keeps_two_studies_off_one_run(tmp_path):
     (d / study.LOCK_FILE).unlink()
     (d / "results.json").write_text(json.dumps({"status": "finished"}))
     assert not study.claim(d)  # finished meanwhile: nothing to do
+
+
+def test_the_study_lock_names_its_host_and_another_hosts_lock_is_never_stale(tmp_path):
+    import socket
+    import subprocess
+
+    d = tmp_path / "attention" / "sift" / "s0"
+    assert study.claim(d)
+    assert json.loads((d / study.LOCK_FILE).read_text())["host"] == socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # a live run on another machine of a shared disk: its pid means nothing here, the lock is held
+    (d / study.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": "other-node"}))
+    assert not study.claim(d)
+    assert study.lock_note(d) == f" (held by pid {dead.pid} on host other-node)"
+    (d / study.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    assert study.claim(d)  # this host's dead pid: stale, taken over
