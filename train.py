@@ -29,6 +29,7 @@ from siftguide.preemption import Interrupted, Preemption, SignalStop
 from siftguide.resume import (LAST_CKPT, RESULTS_FILE, ResumeState, RotatingCheckpointIO, checkpoint_info,
                               continue_csv, load_weights, resolve_ckpt_path, same_run, wandb_id)
 from siftguide.runlock import RunLock
+from siftguide.skips import SkippedFiles
 
 log = logging.getLogger("siftguide.train")
 # Third-party warnings that are not the user's business, each matched by its message and the module issuing it
@@ -173,6 +174,7 @@ def build(cfg: DictConfig, ckpt: Path | None = None) -> tuple[PretrainModule, L.
         ResumeState(),
         NonFiniteCheck(),
         Preemption(),  # SIGTERM / SIGINT: the fit ends at the current step (train() saves and exits non-zero)
+        SkippedFiles(),  # unreadable files: one warning each, a summary, data.max_skip_fraction
     ]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())  # steps done / trainer.max_steps, time left
