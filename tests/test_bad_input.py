@@ -352,6 +352,12 @@ def test_folder_defaults_follow_the_machine(tiny_cfg, tmp_path, monkeypatch):
     (["trainer.max_steps=-1", "trainer.max_epochs=-1"], "never ends"),
     (["model.num_heads=3"], "multiple of model.num_heads=3"),
     (["transform=imagenet"], "transform.mean has 3 values for model.in_chans=1"),
+    (["trainer.max_steps=abc"], "trainer.max_steps='abc' is not an integer"),
+    (["optimizer.lr=fast", "data.batch_size=2.5"], r"data.batch_size=2.5 is not an integer \(a float\)\n.*"
+                                                   r"optimizer.lr='fast' is not a number"),
+    (["num_classes=0"], r"model.num_classes=0: objective=supervised needs a classifier head.*FashionMNISTDataModule "
+                        r"has 10 classes\): set num_classes=10"),
+    (["num_classes=5"], "model.num_classes=5 is less than the classes of the data"),
 ])
 def test_config_values_that_do_not_fit_are_errors_before_training(tiny_cfg, overrides, match):
     cfg = tiny_cfg(overrides)
@@ -362,6 +368,8 @@ def test_config_values_that_do_not_fit_are_errors_before_training(tiny_cfg, over
 
 def test_config_checks_accept_the_shipped_configs(tiny_cfg, tmp_path):
     validate_config(tiny_cfg())
+    validate_config(tiny_cfg(["objective=mae", "num_classes=0"]))  # no head needed: the probe is off
+    validate_config(tiny_cfg(["num_classes=12"]))  # more logits than classes: unused ones
     validate_config(tiny_cfg(["trainer.max_steps=-1", "trainer.max_epochs=2"]))  # epochs instead of steps
     validate_config(tiny_cfg(["model.img_size=64", "model.patch_size=16"]))
     validate_config(tiny_cfg(["data=image_folder", f"data.root={tmp_path}"], fashion_mnist=False))
