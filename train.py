@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from siftguide import changes
 from siftguide.analysis.loading import safe_loading
+from siftguide.balance import GuidanceBalance
 from siftguide.callbacks import NonFiniteCheck, StepProgressBar, TrainTimer, ValidateAtEnd
 from siftguide.checks import validate_config
 from siftguide.eval import KNNEvaluator
@@ -116,7 +117,8 @@ def _start(cfg: DictConfig, ckpt: Path | None, out_dir: Path, resolved: dict) ->
                 raise ValueError(f"resume.new_run=true starts a new run from the weights of {ckpt}: give it its own "
                                  f"run directory (hydra.run.dir=...), not the checkpoint's")
             event, diff, in_place = "new_run", changes.diff(saved, resolved), False
-            log.info("a new run from the weights of %s (step %d); optimizer, schedule and step start afresh", ckpt, step)
+            log.info("a new run from the weights of %s (step %d); optimizer, schedule and step start afresh", ckpt,
+                     step)
         else:
             event, diff = "resume", changes.check_resume(saved, resolved, step, ckpt)  # refuses what cannot change
             log.info("resuming from %s (step %d)%s", ckpt, step, "" if in_place else
@@ -175,6 +177,7 @@ def build(cfg: DictConfig, ckpt: Path | None = None) -> tuple[PretrainModule, L.
         NonFiniteCheck(),
         Preemption(),  # SIGTERM / SIGINT: the fit ends at the current step (train() saves and exits non-zero)
         SkippedFiles(),  # unreadable files: one warning each, a summary, data.max_skip_fraction
+        GuidanceBalance(),  # a guidance term > 100x the task loss for a whole logging window: warned once
     ]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())  # steps done / trainer.max_steps, time left
