@@ -126,10 +126,9 @@ def _start(cfg: DictConfig, ckpt: Path | None, out_dir: Path, resolved: dict) ->
             if diff:
                 log.warning("settings changed on resume, in effect from step %d (recorded in %s): %s", step,
                             changes.HISTORY_FILE, "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items()))
-    history = None
-    if rank_zero_only.rank == 0:
+    if rank_zero_only.rank == 0:  # one writer (DDP ranks share the run directory)
         history = changes.record(out_dir, event, 0 if event == "new_run" else step, diff, ckpt)
-    changes.write_config(cfg, out_dir / "config.yaml", history)
+        changes.write_config(cfg, out_dir / "config.yaml", history)
     return in_place, step
 
 
@@ -202,6 +201,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     the run at the current step with its checkpoint written, ``results.json`` ``"status": "interrupted"``, and
     :class:`~siftguide.preemption.Interrupted` (exit code 128 + signal). The run directory is locked while the run
     trains (:class:`~siftguide.runlock.RunLock`)."""
+    validate_config(cfg)  # a config error leaves no trace (not even the run directory's lock)
     out_dir = Path(cfg.paths.output_dir)
     new_run, trust = _resume_options(cfg)
     stop = SignalStop()
