@@ -1,9 +1,11 @@
 """Hydra entry point: ``python train.py [overrides]``. ``train(cfg)`` is importable for tests and tools."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -13,15 +15,22 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from siftguide import changes
+from siftguide.analysis.loading import safe_loading
+from siftguide.balance import GuidanceBalance
 from siftguide.callbacks import NonFiniteCheck, StepProgressBar, TrainTimer, ValidateAtEnd
 from siftguide.checks import validate_config
 from siftguide.eval import KNNEvaluator
 from siftguide.guidance import Guidance
 from siftguide.module import PretrainModule
-from siftguide.resume import (RESULTS_FILE, ResumeState, checkpoint_info, config_changes, continue_csv,
-                              resolve_ckpt_path, same_run, wandb_id)
+from siftguide.preemption import Interrupted, Preemption, SignalStop
+from siftguide.resume import (LAST_CKPT, RESULTS_FILE, ResumeState, RotatingCheckpointIO, checkpoint_info,
+                              continue_csv, load_weights, resolve_ckpt_path, same_run, wandb_id)
+from siftguide.runlock import RunLock
+from siftguide.skips import SkippedFiles
 
 log = logging.getLogger("siftguide.train")
 # Third-party warnings that are not the user's business, each matched by its message and the module issuing it
@@ -88,10 +97,46 @@ def build_module(cfg: DictConfig, config: dict | None = None) -> PretrainModule:
     )
 
 
+def _resume_options(cfg: DictConfig) -> tuple[bool, bool]:
+    """``(new_run, trust_checkpoint)`` of ``cfg.resume``."""
+    node = cfg.get("resume") or {}
+    return bool(node.get("new_run", False)), bool(node.get("trust_checkpoint", False))
+
+
+def _start(cfg: DictConfig, ckpt: Path | None, out_dir: Path, resolved: dict) -> tuple[bool, int]:
+    """Check a resume against the checkpoint's config (before anything is written), record this start in the run's
+    history and write ``config.yaml``. Returns ``(in_place, step)``: whether ``ckpt`` belongs to this run directory
+    (its metrics.csv and wandb run continue) and the checkpoint's step (0 without one)."""
+    new_run, trust = _resume_options(cfg)
+    in_place, step, diff, event = False, 0, {}, "start"
+    if ckpt is not None:
+        step, saved = checkpoint_info(ckpt, trust)
+        in_place = same_run(ckpt, out_dir)
+        if new_run:
+            if in_place:
+                raise ValueError(f"resume.new_run=true starts a new run from the weights of {ckpt}: give it its own "
+                                 f"run directory (hydra.run.dir=...), not the checkpoint's")
+            event, diff, in_place = "new_run", changes.diff(saved, resolved), False
+            log.info("a new run from the weights of %s (step %d); optimizer, schedule and step start afresh", ckpt,
+                     step)
+        else:
+            event, diff = "resume", changes.check_resume(saved, resolved, step, ckpt)  # refuses what cannot change
+            log.info("resuming from %s (step %d)%s", ckpt, step, "" if in_place else
+                     ": a checkpoint of another run directory, this run keeps its own metrics.csv and wandb run")
+            if diff:
+                log.warning("settings changed on resume, in effect from step %d (recorded in %s): %s", step,
+                            changes.HISTORY_FILE, "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items()))
+    if rank_zero_only.rank == 0:  # one writer (DDP ranks share the run directory)
+        history = changes.record(out_dir, event, 0 if event == "new_run" else step, diff, ckpt)
+        changes.write_config(cfg, out_dir / "config.yaml", history)
+    return in_place, step
+
+
 def build(cfg: DictConfig, ckpt: Path | None = None) -> tuple[PretrainModule, L.LightningDataModule, L.Trainer]:
     """Instantiate module, data and trainer from a composed config (seeds first: same init for every run).
-    ``ckpt``: the checkpoint ``train`` resumes from; one of this run directory continues its metrics.csv and
-    wandb run."""
+    ``ckpt``: the checkpoint ``train`` resumes from (or, with ``resume.new_run=true``, whose weights a new run
+    starts from); one of this run directory continues its metrics.csv and wandb run. A resume with settings that
+    cannot change within a run stops here, before anything is written (:mod:`siftguide.changes`)."""
     validate_config(cfg)  # values that do not fit: one clear error before anything is built or written
     quiet_warnings()
     L.seed_everything(cfg.seed, workers=True)
@@ -99,20 +144,15 @@ def build(cfg: DictConfig, ckpt: Path | None = None) -> tuple[PretrainModule, L.
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    in_place, step = _start(cfg, ckpt, out_dir, resolved)
 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, config=resolved)
-    in_place = ckpt is not None and same_run(ckpt, out_dir)
-    if ckpt is not None:
-        step, saved = checkpoint_info(ckpt)
-        changes = config_changes(saved, resolved)
-        log.info("resuming from %s (step %d)%s", ckpt, step, "" if in_place else
-                 ": a checkpoint of another run directory, this run keeps its own metrics.csv and wandb run")
-        if changes:
-            log.warning("the config differs from the checkpoint's (%s): the resumed run is not the saved run "
-                        "continued. Resume with the original command's overrides for an exact resume.",
-                        "; ".join(changes))
+    new_run, trust = _resume_options(cfg)
+    if ckpt is not None and new_run:
+        loaded, left = load_weights(module, ckpt, trust)
+        log.info("loaded %d weights of %s; %d keep their initialisation%s", len(loaded), ckpt, len(left),
+                 f" ({', '.join(left[:8])}{' ...' if len(left) > 8 else ''})" if left else "")
     loggers = []
     for c in cfg.get("logger", {}).values():
         if str(c.get("_target_", "")).endswith("WandbLogger"):  # the id kept in the run directory: resumed in place,
@@ -134,6 +174,9 @@ def build(cfg: DictConfig, ckpt: Path | None = None) -> tuple[PretrainModule, L.
         ValidateAtEnd(),
         ResumeState(),
         NonFiniteCheck(),
+        Preemption(),  # SIGTERM / SIGINT: the fit ends at the current step (train() saves and exits non-zero)
+        SkippedFiles(),  # unreadable files: one warning each, a summary, data.max_skip_fraction
+        GuidanceBalance(),  # a guidance term > 100x the task loss for a whole logging window: warned once
     ]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())  # steps done / trainer.max_steps, time left
@@ -145,7 +188,8 @@ def build(cfg: DictConfig, ckpt: Path | None = None) -> tuple[PretrainModule, L.
         from siftguide.analysis.callback import AttentionMonitor
 
         callbacks.append(AttentionMonitor(**monitor))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    # checkpoints: last.ckpt, the previous one kept as last.prev.ckpt
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[RotatingCheckpointIO()])
     return module, datamodule, trainer
 
 
@@ -153,32 +197,68 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (resuming from ``cfg.ckpt_path`` if given), make sure the final step is validated, save
     ``checkpoints/last.ckpt``, optionally test, write ``results.json`` (status, final step and metrics).
     Returns the final metrics. A failed run (an exception, e.g. a non-finite loss) is marked failed in
-    ``results.json``, the loggers and wandb, and the exception propagates (non-zero exit)."""
+    ``results.json``, the loggers and wandb, and the exception propagates (non-zero exit). SIGTERM or SIGINT end
+    the run at the current step with its checkpoint written, ``results.json`` ``"status": "interrupted"``, and
+    :class:`~siftguide.preemption.Interrupted` (exit code 128 + signal). The run directory is locked while the run
+    trains (:class:`~siftguide.runlock.RunLock`)."""
+    validate_config(cfg)  # a config error leaves no trace (not even the run directory's lock)
     out_dir = Path(cfg.paths.output_dir)
-    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
+    new_run, trust = _resume_options(cfg)
+    stop = SignalStop()
+    stop.install()  # from here on a signal ends the run at the next step boundary, not in the middle of a write
+    try:
+        with RunLock(out_dir, enabled=rank_zero_only.rank == 0):
+            return _train(cfg, out_dir, stop, new_run, trust)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: DictConfig, out_dir: Path, stop: SignalStop, new_run: bool, trust: bool) -> dict[str, float]:
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir, trust=trust)
     module, datamodule, trainer = build(cfg, ckpt)
+    for cb in trainer.callbacks:
+        if isinstance(cb, Preemption):
+            cb.stop = stop
+    last = out_dir / "checkpoints" / LAST_CKPT
     status, metrics, error = "failed", {}, None
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-        ValidateAtEnd.run(trainer, module, datamodule)
-        trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        fit_kwargs = {"weights_only": not trust} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
+        with safe_loading():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=None if new_run else ckpt, **fit_kwargs)
+        if not stop.requested:
+            ValidateAtEnd.run(trainer, module, datamodule)
+        trainer.save_checkpoint(last, weights_only=False)
+        if stop.requested:  # after the checkpoint of this step: a resume loses nothing
+            raise Interrupted(stop.signum, trainer.global_step)
         if cfg.get("test"):
             trainer.test(module, datamodule=datamodule)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         status = "finished"
+    except Interrupted:
+        status = "interrupted"
+        raise
+    except (SystemExit, KeyboardInterrupt) as e:
+        if stop.requested:  # Lightning's SIGTERMException (exit code 0), a second Ctrl+C: still non-zero
+            status = "interrupted"
+            raise Interrupted(stop.signum, trainer.global_step) from e
+        error = f"{type(e).__name__}: {e}"
+        raise
     except BaseException as e:
         error = f"{type(e).__name__}: {e}"
         raise
     finally:
         if trainer.is_global_zero:  # status finished: the marker of a finished run (study scripts skip such runs)
+            extra = {"signal": signal.Signals(stop.signum).name} if status == "interrupted" else {}
             (out_dir / RESULTS_FILE).write_text(json.dumps(
-                {"status": status, "global_step": int(trainer.global_step), "metrics": metrics,
+                {"status": status, "global_step": int(trainer.global_step), "metrics": metrics, **extra,
                  **({"error": error} if error else {})}, indent=1))
         for lg in trainer.loggers:
-            lg.finalize("success" if status == "finished" else "failed")
+            lg.finalize("success" if status == "finished" else status)
         try:
             import wandb
 
+            if status == "interrupted" and wandb.run is not None:
+                wandb.run.mark_preempting()  # wandb shows the run as pre-empted, not crashed
             wandb.finish(exit_code=0 if status == "finished" else 1)  # close the run (state failed on failure)
         except Exception:  # noqa: BLE001
             pass

@@ -2,9 +2,11 @@
 
 Cheap and config-level only (no model, no data read): values that would otherwise fail late with a cryptic
 message, or worse train silently on something else than asked (a patch size that does not divide the image
-size trains on a floored grid; ``trainer.max_steps=0`` saves an untrained checkpoint). Every problem found is
-listed in one ``ValueError``, each naming the key, the value and what to do. Guidance layers and heads out of
-range are reported by the modes themselves when the module is built (still before training).
+size trains on a floored grid; ``trainer.max_steps=0`` saves an untrained checkpoint; ``num_classes=0`` builds no
+classifier head and "trains" on the features). Every problem found is listed in one ``ValueError``, each naming
+the key, the value and what to do; a value of the wrong type (``trainer.max_steps=abc``) is named first, alone
+(the other checks need numbers). Guidance layers and heads out of range are reported by the modes themselves when
+the module is built (still before training); more class folders than ``num_classes`` when the data is set up.
 """
 from __future__ import annotations
 
@@ -12,6 +14,19 @@ import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+# keys read as numbers: (key, integer?); null is left to the code that reads the key
+_NUMBERS = (
+    ("seed", True), ("num_classes", True), ("trainer.max_steps", True), ("trainer.max_epochs", True),
+    ("trainer.log_every_n_steps", True), ("trainer.val_check_interval", False), ("trainer.gradient_clip_val", False),
+    ("trainer.devices", True), ("trainer.num_nodes", True), ("data.batch_size", True), ("data.num_workers", True),
+    ("data.val_size", True), ("data.train_subset", True), ("data.val_subset", True), ("data.img_size", True),
+    ("data.max_skip_fraction", False), ("optimizer.lr", False), ("optimizer.weight_decay", False),
+    ("scheduler.warmup_steps", True), ("scheduler.min_lr_factor", False), ("guidance.weight", False),
+    ("model.num_classes", True), ("model.in_chans", True), ("model.embed_dim", True), ("model.depth", True),
+    ("model.num_heads", True), ("model.mlp_ratio", False), ("knn.bank_size", True), ("knn.query_size", True),
+    ("knn.k", True), ("knn.batch_size", True), ("align_batches", True),
+)
 
 __all__ = ["validate_config"]
 
@@ -95,9 +110,69 @@ def _transform_problems(cfg: DictConfig) -> list[str]:
     return out
 
 
+def _select(cfg: DictConfig, key: str):
+    try:
+        return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+    except Exception:  # noqa: BLE001  (an interpolation that does not resolve: reported where it is used)
+        return None
+
+
+def _type_problems(cfg: DictConfig) -> list[str]:
+    """Keys whose value is not a number (or not an integer where one is needed), e.g. ``trainer.max_steps=abc``."""
+    out = []
+    for key, integer in _NUMBERS:
+        v = _select(cfg, key)
+        if v is None:
+            continue
+        kind = "an integer" if integer else "a number"
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and v != int(v)):
+            out.append(f"{key}={v!r} is not {kind}" + (f" (a {type(v).__name__})" if not isinstance(v, str) else ""))
+    return out
+
+
+def _class_of(target: str):
+    try:
+        from hydra.utils import get_class
+
+        return get_class(target)
+    except Exception:  # noqa: BLE001  (not importable here)
+        return None
+
+
+def _class_problems(cfg: DictConfig) -> list[str]:
+    """A supervised objective needs a classifier with at least one logit per class of the data (timm builds no
+    head for ``num_classes=0``: the loss would be computed on the pooled features, and the run would "train")."""
+    target = str((cfg.get("objective") or {}).get("_target_", ""))
+    cls = _class_of(target)
+    supervised = bool(getattr(cls, "needs_labels", False)) if cls is not None else "supervised" in target.lower()
+    head = _select(cfg, "model.num_classes") if cfg.get("model") is not None else None
+    if not supervised or head is None:
+        return []
+    data_target = str((cfg.get("data") or {}).get("_target_", ""))
+    n = getattr(_class_of(data_target), "num_classes", None) if data_target else None  # fixed by the data set
+    if isinstance(n, int):
+        classes, where = n, f"{data_target.rsplit('.', 1)[-1]} has {n} classes"
+    elif isinstance(_select(cfg, "data.num_classes"), int):  # image folders: the folders are counted at setup
+        classes = int(cfg.data.num_classes)
+        where = f"data.num_classes={classes}; the class folders are counted when the data is set up"
+    else:
+        classes, where = None, ""
+    fix = f"set num_classes={classes}" if classes else "set num_classes to the number of classes"
+    if int(head) < 1:
+        return [f"model.num_classes={head}: objective=supervised needs a classifier head, and timm builds none for "
+                f"{head} classes (the loss would be computed on the features){' (' + where + ')' if where else ''}: "
+                f"{fix}, or pre-train without labels with objective=mae"]
+    if classes is not None and int(head) < classes:
+        return [f"model.num_classes={head} is less than the classes of the data ({where}): {fix}"]
+    return []
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise one ``ValueError`` listing every problem of a composed run config (none: returns ``None``)."""
-    problems = []
+    problems = _type_problems(cfg)
+    if problems:  # the checks below read these keys as numbers
+        raise ValueError("config problems found before training:\n  - " + "\n  - ".join(problems))
+    problems = _class_problems(cfg)
     if cfg.get("model") is not None:
         problems += _model_problems(cfg.model) + _transform_problems(cfg)
     if cfg.get("trainer") is not None:

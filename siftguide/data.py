@@ -18,14 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from .sampler import train_order
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FashionMNISTDataModule", "ImageFolderDataModule", "DeviceTransform", "load_fashion_mnist",
-           "DEBIAN_FASHION_MNIST", "collate_skipping"]
+           "DEBIAN_FASHION_MNIST", "collate_skipping", "warn_unreadable", "scan_images"]
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 _FILES = {
@@ -179,7 +179,49 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return self._loader(self.test_set, False)
 
 
-_WARNED: set[str] = set()  # unreadable files already reported by this process (each worker keeps its own)
+_WARNED: set[str] = set()  # unreadable files reported in this run (main process; siftguide.skips resets it)
+
+
+def warn_unreadable(path: str, reason: str) -> bool:
+    """Warn once per file about an unreadable image (main process: loader workers report their files through the
+    batch, :func:`collate_skipping`). Returns whether this call warned."""
+    if path in _WARNED:
+        return False
+    _WARNED.add(path)
+    log.warning("skipping unreadable image %s (%s); skipped samples are counted in data/skipped", path, reason)
+    return True
+
+
+def scan_images(top: str, keep) -> list[str]:
+    """Files below ``top`` for which ``keep(name)`` holds, in torchvision's ``make_dataset`` order (``os.walk``
+    following directory symlinks, folders sorted by path, files by name), without following a symlink into a loop:
+    a directory whose real path is the folder itself or one of its ancestors (``train/a/loop -> .``, ``up -> ../..``)
+    is skipped with a warning naming it. (torchvision follows such links until the path is too long: a class of 8
+    images became 328.) Links to folders elsewhere are followed."""
+    def chain_of(path: str) -> tuple[str, ...]:
+        real = os.path.realpath(path)
+        out = [real]
+        while os.path.dirname(out[-1]) != out[-1]:
+            out.append(os.path.dirname(out[-1]))
+        return tuple(out)
+
+    chains = {top: chain_of(top)}
+    found = []
+    for root, dirs, files in os.walk(top, followlinks=True):
+        chain = chains.pop(root, None) or chain_of(root)
+        kept = []
+        for d in sorted(dirs):
+            path = os.path.join(root, d)
+            real = os.path.realpath(path)
+            if real in chain:
+                log.warning("not following %s: a symlink to %s, which holds it (a loop); its images are read once",
+                            path, real)
+                continue
+            chains[path] = (real, *chain)
+            kept.append(d)
+        dirs[:] = kept
+        found.append((root, sorted(f for f in files if keep(f))))
+    return [os.path.join(root, f) for root, names in sorted(found) for f in names]
 
 
 def _to_8bit(im, mode: str):
@@ -205,16 +247,21 @@ def collate_skipping(samples: list[dict]) -> dict[str, Tensor]:
     """``default_collate`` that drops the samples flagged ``valid=False`` (files that could not be decoded).
 
     ``batch["skipped"]`` is their number, a 0-d int64 tensor: it travels to the device with the batch, so the
-    module counts skips without a host sync. A batch may come out smaller than ``batch_size``, or empty.
+    module counts skips without a host sync. ``batch["skipped_files"]`` lists their ``(path, reason)``: the main
+    process warns once per file and run (:class:`~siftguide.skips.SkippedFiles`), not each loader worker. A batch
+    may come out smaller than ``batch_size``, or empty.
     """
     from torch.utils.data import default_collate
 
+    paths = [s.pop("path", None) for s in samples]
+    problems = [s.pop("problem", "") for s in samples]
     batch = default_collate(samples)
     valid = batch.pop("valid")
     n_bad = int((~valid).sum())  # on the CPU, in the loader worker
     if n_bad:
         batch = {k: v[valid] for k, v in batch.items()}
     batch["skipped"] = torch.tensor(n_bad)
+    batch["skipped_files"] = [(p, r) for p, r, ok in zip(paths, problems, valid.tolist()) if not ok and p]
     return batch
 
 
@@ -224,12 +271,13 @@ class _FolderImages(Dataset):
 
     Deterministic on purpose: the random crop happens once, on the device (:class:`DeviceTransform`), and the
     same index always gives the same tensor (the kNN bank is the same at every validation). A file that cannot
-    be decoded (empty, truncated, not an image) gives a zero image flagged ``valid=False`` and one warning per
-    file and process, naming it; :func:`collate_skipping` drops it and counts it.
+    be decoded (empty, truncated, not an image) gives a zero image flagged ``valid=False`` with its path and the
+    reason; :func:`collate_skipping` drops it, counts it and passes the path on (the main process warns once per
+    file: :func:`warn_unreadable`). Folders are scanned by :func:`scan_images` (directory symlinks followed, loops
+    not).
     """
 
     def __init__(self, root: str, size: int, labels: bool, channels: int = 3) -> None:
-        from torchvision.datasets import ImageFolder
         from torchvision.datasets.folder import IMG_EXTENSIONS
 
         if channels not in (1, 3):
@@ -245,17 +293,19 @@ class _FolderImages(Dataset):
                     f"image folder {root!r} has no class subfolders: labelled images are read from "
                     f"{root}/<class>/<image>. Put each class in its own subfolder, or pre-train on unlabelled images "
                     f"with data.labels=false objective=mae")
-            ds = ImageFolder(root, allow_empty=True)
-            counts = np.bincount(np.asarray(ds.targets, dtype=np.int64), minlength=len(ds.classes))
-            empty = [c for c, n in zip(ds.classes, counts) if n == 0]
+            classes = sorted(e.name for e in os.scandir(root) if e.is_dir())  # as torchvision's ImageFolder
+            samples = [(p, i) for i, c in enumerate(classes)
+                       for p in scan_images(os.path.join(root, c), lambda f: f.lower().endswith(IMG_EXTENSIONS))]
+            counts = np.bincount(np.asarray([t for _, t in samples], dtype=np.int64), minlength=len(classes))
+            empty = [c for c, n in zip(classes, counts) if n == 0]
             if empty:
                 raise FileNotFoundError(
                     f"image folder {root!r}: class folder(s) {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}"
-                    f" ({len(empty)} of {len(ds.classes)}) hold no images ({exts}). Every subfolder is a class: add "
+                    f" ({len(empty)} of {len(classes)}) hold no images ({exts}). Every subfolder is a class: add "
                     f"images to them or remove them")
-            self.classes, self.samples = list(ds.classes), ds.samples
+            self.classes, self.samples = classes, samples
         else:  # every image file below root, label -1
-            files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+            files = sorted(Path(p) for p in scan_images(root, lambda f: Path(f).suffix.lower() in IMG_EXTENSIONS))
             if not files:
                 raise FileNotFoundError(f"no images ({exts}) found under {root!r}")
             self.classes, self.samples = [], [(str(p), -1) for p in files]
@@ -278,16 +328,16 @@ class _FolderImages(Dataset):
         try:
             im = self._decode(path)
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-            if path not in _WARNED:
-                _WARNED.add(path)
-                log.warning("skipping unreadable image %s (%s: %s); skipped samples are counted in data/skipped",
-                            path, type(e).__name__, e)
+            reason = f"{type(e).__name__}: {e}"
+            if get_worker_info() is None:  # in the main process (workers report through the batch)
+                warn_unreadable(path, reason)
             x = torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8)
-            return {"image": x, "label": torch.tensor(label), "index": i, "valid": False}
+            return {"image": x, "label": torch.tensor(label), "index": i, "valid": False, "path": path,
+                    "problem": reason}
         im = ImageOps.fit(im, (self.size, self.size), Image.Resampling.BILINEAR)  # shorter side -> S, centre crop
         x = torch.from_numpy(np.array(im, dtype=np.uint8))
         x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()  # (S, S, 3) -> (3, S, S)
-        return {"image": x, "label": torch.tensor(label), "index": i, "valid": True}
+        return {"image": x, "label": torch.tensor(label), "index": i, "valid": True, "path": path, "problem": ""}
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -298,13 +348,19 @@ class ImageFolderDataModule(L.LightningDataModule):
     crop on the CPU: augmentation is :class:`DeviceTransform`'s); unreadable files are skipped and counted
     (``batch["skipped"]``, :func:`collate_skipping`). ``num_workers=None``: ``min(8, CPUs - 1)``;
     ``pin_memory=None``: only when CUDA is available. Empty folders or classes, and train/val class lists that
-    differ, are errors at ``setup``.
+    differ, are errors at ``setup``. ``max_skip_fraction``: the share of unreadable training samples above which
+    the run stops (:class:`~siftguide.skips.SkippedFiles`; 1: never).
     """
 
     def __init__(self, root: str, img_size: int = 224, batch_size: int = 64, num_workers: int | None = None,
                  labels: bool = True, num_classes: int = 1000, in_chans: int = 3, train_dir: str = "train",
-                 val_dir: str = "val", val_root: str | None = None, pin_memory: bool | None = None) -> None:
+                 val_dir: str = "val", val_root: str | None = None, pin_memory: bool | None = None,
+                 max_skip_fraction: float = 0.5) -> None:
         super().__init__()
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"data.max_skip_fraction={max_skip_fraction} must be in [0, 1] (the share of unreadable "
+                             f"training samples above which the run stops; 1: never)")
+        self.max_skip_fraction = float(max_skip_fraction)
         if num_workers is None:  # leave one CPU to the main process; more than 8 rarely helps at these sizes
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             num_workers = max(0, min(8, cpus - 1))

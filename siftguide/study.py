@@ -12,8 +12,10 @@ plain verdict (``report/verdict.md``).
   (``--jobs``).
 * Finished runs (``results.json`` with ``status: finished``) are skipped, so an interrupted study is resumed by
   running the same command again; the study's plan is kept in ``OUT/study.json``. A run being trained holds
-  ``study.lock`` (its process id): several studies may share a directory (or a disk, from several machines)
-  without training a run twice.
+  ``study.lock`` (its process id and host): several studies may share a directory (or a disk, from several
+  machines) without training a run twice. A lock of this host whose process is gone is stale and taken over; a
+  lock of another host is never judged stale from here (its pid means nothing on this machine): delete it by hand
+  if that machine's study is gone.
 * Runs are ordered seed by seed: after k seeds every setting has k seeds, so a study cut short is still balanced.
 * A mode is a guidance config name, optionally with overrides in the same string:
   ``--modes attention 'prior guidance.prior.beta=2' '[attention,token_drop]'``.
@@ -34,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from siftguide.resume import RESULTS_FILE
+from siftguide.runlock import held_by_other, holder_text, read_holder, this_holder
 
 __all__ = ["StudyRun", "plan", "is_finished", "claim", "main", "CONTROLS"]
 
@@ -125,23 +128,14 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
-LOCK_FILE = "study.lock"  # in a run directory while a study trains it: the pid of its train.py process
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+LOCK_FILE = "study.lock"  # in a run directory while a study trains it: pid and host of its train.py process
 
 
 def claim(run_dir: Path) -> bool:
-    """Take ``run_dir`` for this study (atomically), unless it is finished or another study's live process trains
-    it: two studies on one directory (or ``--jobs`` of several machines on a shared disk) never train one run
-    twice. A lock whose process is gone is taken over."""
+    """Take ``run_dir`` for this study (atomically), unless it is finished or another study's process trains it:
+    two studies on one directory (or ``--jobs`` of several machines on a shared disk) never train one run twice.
+    A lock of this host whose process is gone is taken over; one of another host is left alone (see the module
+    docstring)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK_FILE
     for _ in range(2):
@@ -150,18 +144,20 @@ def claim(run_dir: Path) -> bool:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _alive(pid):
+            if held_by_other(read_holder(lock)):
                 return False
             lock.unlink(missing_ok=True)  # stale: its study died
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(json.dumps(this_holder()) + "\n")
         return True
     return False
+
+
+def lock_note(run_dir: Path) -> str:
+    """Who holds ``run_dir``'s study lock, for a message (empty when nobody does)."""
+    holder = read_holder(run_dir / LOCK_FILE)
+    return f" (held by {holder_text(holder)})" if holder else ""
 
 
 def _launch(run: StudyRun, out: Path, threads: int | None, python: str,
@@ -182,7 +178,7 @@ def _launch(run: StudyRun, out: Path, threads: int | None, python: str,
             f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
             f.flush()
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-            (d / LOCK_FILE).write_text(f"{proc.pid}\n")  # the training process itself holds the run
+            (d / LOCK_FILE).write_text(json.dumps(this_holder(proc.pid)) + "\n")  # the training process holds it
             rc = proc.wait()
     finally:
         (d / LOCK_FILE).unlink(missing_ok=True)
@@ -250,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 run, rc, dt = fut.result()
                 if rc is None:
                     print(f"[{i}/{len(todo)}] {run.mode}/{run.kind}/s{run.seed}: skipped (finished or being "
-                          "trained by another study)", flush=True)
+                          f"trained by another study{lock_note(run.directory(out))})", flush=True)
                     continue
                 state = "ok" if rc == 0 and is_finished(run.directory(out)) else f"FAILED (exit {rc})"
                 if state != "ok":

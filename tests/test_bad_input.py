@@ -229,12 +229,54 @@ def test_an_unreadable_dataset_stops_with_a_clear_error(tiny_cfg, tmp_path):
     for p in (root / "train").rglob("*.png"):
         p.write_bytes(b"")  # every training file empty: no batch ever has an image
     # without the check, all-empty steps would count towards max_steps and save an untrained model
-    # (kNN off: its own check, no readable bank image, would stop the run first; see the kNN test above)
-    cfg = _folder_cfg(tiny_cfg, root, ["trainer.max_steps=30", "knn.enabled=false"], name="unreadable")
+    # (kNN off: its own check, no readable bank image, would stop the run first; see the kNN test above; the
+    # ceiling on the skipped share off: it would stop the run after one epoch, see the test below)
+    cfg = _folder_cfg(tiny_cfg, root, ["trainer.max_steps=30", "knn.enabled=false", "data.max_skip_fraction=1"],
+                      name="unreadable")
     with pytest.raises(RuntimeError, match="in a row held no readable image"):
         train(cfg)
     with pytest.raises(RuntimeError, match="kNN evaluation: none of the first"):  # with kNN: the bank check
-        train(_folder_cfg(tiny_cfg, root, ["trainer.max_steps=30"], name="unreadable_knn"))
+        train(_folder_cfg(tiny_cfg, root, ["trainer.max_steps=30", "data.max_skip_fraction=1"],
+                          name="unreadable_knn"))
+
+
+def test_a_mostly_unreadable_folder_stops_with_the_files_named(tiny_cfg, tmp_path, caplog):
+    """94 % of the training files unreadable: after one epoch (32 samples, fewer than 256) the run stops naming
+    the files, instead of finishing trained on two images; the end-of-run summary lists them too."""
+    root = _folder(tmp_path / "imgs", n=1)
+    for c in (0, 1):
+        for i in range(15):
+            (root / "train" / f"c{c}" / f"bad{i:02d}.png").write_bytes(b"")
+    cfg = _folder_cfg(tiny_cfg, root, ["trainer.max_steps=30", "knn.enabled=false"], name="mostly")
+    with caplog.at_level(logging.WARNING, logger="siftguide.data"):
+        with pytest.raises(RuntimeError, match=r"30 of the 32 training samples seen \(94%\) were unreadable, more "
+                                               r"than data.max_skip_fraction=0.5.*bad"):
+            train(cfg)
+    assert "30 unreadable files were skipped in this run (30 of 32 training samples seen)" in caplog.text
+    result = (Path(cfg.paths.output_dir) / "results.json").read_text()
+    assert '"status": "failed"' in result and "UnreadableDataError" in result
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="siftguide.data"):  # a ceiling above the share: trains
+        train(_folder_cfg(tiny_cfg, root, ["trainer.max_steps=2", "knn.enabled=false", "data.max_skip_fraction=0.95"],
+                          name="tolerant"))
+    assert "unreadable files were skipped in this run" in caplog.text
+
+
+def test_each_unreadable_file_is_warned_once_per_run_not_per_worker(tiny_cfg, tmp_path, caplog):
+    """Two loader workers, three epochs: every worker meets the bad files, the main process warns once per file
+    (the workers' own warnings never reached the run's log)."""
+    root = _folder(tmp_path / "imgs", n=3, bad=True)
+    cfg = _folder_cfg(tiny_cfg, root, ["data.num_workers=2", "trainer.max_steps=6", "trainer.val_check_interval=6",
+                                       "knn.enabled=false", "data.batch_size=3"], name="workers")
+    with caplog.at_level(logging.WARNING, logger="siftguide.data"):
+        train(cfg)
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable image")]
+    assert sorted(m.split()[3] for m in warned) == sorted(str(p) for p in _bad_files_of(root))
+    assert _metrics(cfg)["data/skipped"].dropna().iloc[-1] == 6  # 3 files x 2 epochs: counted every time
+
+
+def _bad_files_of(root: Path) -> list[Path]:
+    return [root / "train" / "c0" / n for n in ("empty.png", "truncated.png", "notes.png")]
 
 
 def test_blank_images_train_without_nan(tiny_cfg, tmp_path):
@@ -310,6 +352,12 @@ def test_folder_defaults_follow_the_machine(tiny_cfg, tmp_path, monkeypatch):
     (["trainer.max_steps=-1", "trainer.max_epochs=-1"], "never ends"),
     (["model.num_heads=3"], "multiple of model.num_heads=3"),
     (["transform=imagenet"], "transform.mean has 3 values for model.in_chans=1"),
+    (["trainer.max_steps=abc"], "trainer.max_steps='abc' is not an integer"),
+    (["optimizer.lr=fast", "data.batch_size=2.5"], r"data.batch_size=2.5 is not an integer \(a float\)\n.*"
+                                                   r"optimizer.lr='fast' is not a number"),
+    (["num_classes=0"], r"model.num_classes=0: objective=supervised needs a classifier head.*FashionMNISTDataModule "
+                        r"has 10 classes\): set num_classes=10"),
+    (["num_classes=5"], "model.num_classes=5 is less than the classes of the data"),
 ])
 def test_config_values_that_do_not_fit_are_errors_before_training(tiny_cfg, overrides, match):
     cfg = tiny_cfg(overrides)
@@ -320,6 +368,8 @@ def test_config_values_that_do_not_fit_are_errors_before_training(tiny_cfg, over
 
 def test_config_checks_accept_the_shipped_configs(tiny_cfg, tmp_path):
     validate_config(tiny_cfg())
+    validate_config(tiny_cfg(["objective=mae", "num_classes=0"]))  # no head needed: the probe is off
+    validate_config(tiny_cfg(["num_classes=12"]))  # more logits than classes: unused ones
     validate_config(tiny_cfg(["trainer.max_steps=-1", "trainer.max_epochs=2"]))  # epochs instead of steps
     validate_config(tiny_cfg(["model.img_size=64", "model.patch_size=16"]))
     validate_config(tiny_cfg(["data=image_folder", f"data.root={tmp_path}"], fashion_mnist=False))
@@ -345,3 +395,29 @@ def test_image_folder_root_is_checked_before_training(tiny_cfg, tmp_path):
 def test_guidance_layers_and_heads_out_of_range_fail_at_build(tiny_cfg, overrides, match):
     with pytest.raises(ValueError, match=match):
         build(tiny_cfg(overrides))
+
+
+def test_directory_symlink_loops_are_not_followed(tmp_path, caplog):
+    """`train/c0/loop -> .` made torchvision's scan count class c0's 8 images 41 times (328); links to folders
+    elsewhere are still followed. Without links the samples are torchvision's, in its order."""
+    from torchvision.datasets import ImageFolder
+
+    root = _folder(tmp_path / "imgs", n=8)
+    (root / "train" / "c0" / "sub").mkdir()
+    _good(root / "train" / "c0" / "sub" / "0.png", 5)
+    assert _FolderImages(str(root / "train"), S, True, 1).samples == ImageFolder(str(root / "train")).samples
+    (root / "train" / "c0" / "sub" / "0.png").unlink()
+    (root / "train" / "c0" / "sub").rmdir()
+    (root / "train" / "c0" / "loop").symlink_to(".")
+    (root / "train" / "c1" / "up").symlink_to("../..")  # the dataset root: holds c1 itself
+    _good(tmp_path / "elsewhere" / "x.png", 3)
+    (root / "train" / "c1" / "more").symlink_to(tmp_path / "elsewhere")  # a folder elsewhere: read
+    for labels in (True, False):
+        with caplog.at_level(logging.WARNING, logger="siftguide.data"):
+            ds = _FolderImages(str(root / "train"), S, labels, channels=1)
+        paths = [Path(p) for p, _ in ds.samples]
+        assert len(paths) == 17 and len({p.resolve() for p in paths}) == 17
+        assert sorted(t for _, t in ds.samples) == ([0] * 8 + [1] * 9 if labels else [-1] * 17)
+        assert f"not following {root / 'train' / 'c0' / 'loop'}: a symlink to {root / 'train' / 'c0'}" in caplog.text
+        assert f"not following {root / 'train' / 'c1' / 'up'}" in caplog.text
+        caplog.clear()

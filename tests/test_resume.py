@@ -10,9 +10,12 @@ import lightning as L
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 import train as train_py
 from siftguide.module import warmup_cosine
+from siftguide.analysis.loading import UnreadableCheckpointError
+from siftguide.changes import ResumeRefused
 from siftguide.resume import WANDB_ID_FILE, resolve_ckpt_path
 from siftguide.sampler import ResumableSampler
 from tests.conftest import ROOT, TINY
@@ -114,11 +117,14 @@ def test_ckpt_path_forms(tmp_path):
     assert resolve_ckpt_path(None, run) is None
     assert resolve_ckpt_path("last", run) is None  # nothing to resume yet: a fresh run (auto-resume switch)
     (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    torch.save({"global_step": 3}, run / "checkpoints" / "last.ckpt")
     assert resolve_ckpt_path("last", run) == run / "checkpoints" / "last.ckpt"
     assert resolve_ckpt_path(str(run), tmp_path / "other") == run / "checkpoints" / "last.ckpt"
     with pytest.raises(FileNotFoundError, match="hydra.run.dir=<run dir> ckpt_path=last"):
         resolve_ckpt_path(str(tmp_path / "missing.ckpt"), run)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")  # torn, and no previous checkpoint: an error naming it
+    with pytest.raises(UnreadableCheckpointError, match=r"last.ckpt is not a PyTorch checkpoint.*no previous"):
+        resolve_ckpt_path("last", run)
 
 
 def test_sampler_resumes_mid_epoch_and_draws_no_global_random_numbers():
@@ -175,3 +181,124 @@ def test_config_changes_name_what_differs():
     now = {"seed": 0, "optimizer": {"lr": 3e-4}, "paths": {"output_dir": "b"}, "logger": {"csv": {"save_dir": "b"}},
            "compile": True}
     assert config_changes(saved, now) == ["compile: <absent> -> True", "optimizer.lr: 0.001 -> 0.0003"]
+
+
+# ------------------------------------------------------------------------------------------ resume with changes
+CHEAP = ["knn.enabled=false", "align_batches=0", "data.val_size=64"]
+
+
+def _keep_trainer(monkeypatch, trainers: list):
+    build = train_py.build
+
+    def keep(cfg, ckpt=None):
+        module, data, trainer = build(cfg, ckpt)
+        trainers.append(trainer)
+        return module, data, trainer
+
+    monkeypatch.setattr(train_py, "build", keep)
+
+
+def test_settings_changed_on_resume_act_from_the_resumed_step_and_are_recorded(tiny_cfg, monkeypatch):
+    """optimizer.lr, weight decay and the guidance weight changed when resuming a step-4 checkpoint: steps 4 and 5
+    run with the new values (the restored optimizer and scheduler would keep the saved ones), config_history.yaml
+    and config.yaml say from which step."""
+    first = tiny_cfg(["trainer.max_steps=4", *CHEAP], name="lr")
+    train(first)
+    trainers = []
+    with monkeypatch.context() as m:
+        _keep_trainer(m, trainers)
+        train(tiny_cfg(["trainer.max_steps=6", *CHEAP, "ckpt_path=last", "optimizer.lr=5e-3",
+                        "optimizer.weight_decay=0.1", "guidance.weight=2"], name="lr"))
+    run = Path(first.paths.output_dir)
+    m = pd.read_csv(run / "metrics.csv").dropna(subset=["train/lr"])
+    assert m["step"].tolist() == [0, 1, 2, 3, 4, 5]
+    before, after = warmup_cosine(1, 4, 0.01), warmup_cosine(1, 6, 0.01)  # TINY: warmup 1; min_lr_factor 0.01
+    assert m["train/lr"].tolist() == pytest.approx([1e-3 * before(s) for s in range(4)]
+                                                   + [5e-3 * after(s) for s in (4, 5)], rel=1e-6)
+    assert m["train/guidance_weight"].tolist() == [1.0] * 4 + [2.0] * 2
+    decay, no_decay = trainers[0].optimizers[0].param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0 and decay["initial_lr"] == 5e-3
+    history = yaml.safe_load((run / "config_history.yaml").read_text())
+    assert [(e["event"], e["step"]) for e in history] == [("start", 0), ("resume", 4)]
+    assert history[1]["changed"] == {"guidance.attention.schedule.total_steps": {"before": 4, "after": 6},
+                                     "guidance.weight": {"before": 1.0, "after": 2.0},
+                                     "optimizer.lr": {"before": 0.001, "after": 0.005},
+                                     "optimizer.weight_decay": {"before": 0.05, "after": 0.1},
+                                     "trainer.max_steps": {"before": 4, "after": 6}}
+    text = (run / "config.yaml").read_text()
+    assert "#   from step 4: optimizer.lr: 0.001 -> 0.005" in text and yaml.safe_load(text)["optimizer"]["lr"] == 5e-3
+
+
+def test_a_changed_model_is_refused_and_a_new_run_from_the_weights_is_the_way(tiny_cfg, monkeypatch):
+    first = tiny_cfg(["trainer.max_steps=2", *CHEAP], name="m")
+    train(first)
+    run = Path(first.paths.output_dir)
+    written = {p: p.read_text() for p in (run / "config.yaml", run / "config_history.yaml", run / "metrics.csv")}
+    for change, match in ((["model.depth=3"], "model.depth: 2 -> 3"), (["seed=1"], "seed: 0 -> 1"),
+                          (["objective=mae"], "objective._target_: siftguide.objectives.SupervisedObjective"),
+                          (["trainer.max_steps=1"], "trainer.max_steps=1 is below the checkpoint's step 2")):
+        with pytest.raises(ResumeRefused, match=match) as e:
+            train(tiny_cfg(["trainer.max_steps=2", *CHEAP, "ckpt_path=last", *change], name="m"))
+        assert "resume.new_run=true" in str(e.value)
+        assert {p: p.read_text() for p in written} == written  # refused before anything was written
+    with pytest.raises(ValueError, match="its own run directory"):  # a new run does not overwrite the old one
+        train(tiny_cfg([*CHEAP, "ckpt_path=last", "seed=1", "resume.new_run=true"], name="m"))
+    # a new run from the weights: another seed and model depth, step 0, the checkpoint's weights where they fit
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    trainers = []
+    with monkeypatch.context() as m:
+        _keep_trainer(m, trainers)
+        new = tiny_cfg(["trainer.max_steps=1", *CHEAP, f"ckpt_path={run}", "resume.new_run=true", "seed=1",
+                        "model.depth=3", "optimizer.lr=0"], name="new")
+        train(new)
+    weights = trainers[0].lightning_module.state_dict()
+    assert torch.equal(weights["net.blocks.1.attn.qkv.weight"], saved["net.blocks.1.attn.qkv.weight"])  # lr=0
+    assert "net.blocks.2.attn.qkv.weight" not in saved  # the new block keeps its initialisation
+    out = Path(new.paths.output_dir)
+    assert pd.read_csv(out / "metrics.csv").dropna(subset=["train/loss"])["step"].tolist() == [0]
+    (entry,) = yaml.safe_load((out / "config_history.yaml").read_text())
+    assert entry["event"] == "new_run" and entry["step"] == 0 and entry["changed"]["seed"] == {"before": 0, "after": 1}
+
+
+def test_a_torn_last_checkpoint_falls_back_to_the_previous_one(tiny_cfg, caplog):
+    first = tiny_cfg(["trainer.max_steps=4", "trainer.val_check_interval=2", *CHEAP], name="torn")
+    train(first)
+    ckpts = Path(first.paths.output_dir) / "checkpoints"
+    assert torch.load(ckpts / "last.prev.ckpt", map_location="cpu", weights_only=True)["global_step"] == 4
+    size = (ckpts / "last.ckpt").stat().st_size
+    os.truncate(ckpts / "last.ckpt", size // 2)  # `truncate -s`: a copy cut short, a full disk
+    with caplog.at_level("WARNING", logger="siftguide.resume"):
+        train(tiny_cfg(["trainer.max_steps=6", "trainer.val_check_interval=2", *CHEAP, "ckpt_path=last"],
+                       name="torn"))
+    assert f"{ckpts / 'last.ckpt'} is not a PyTorch checkpoint, or is truncated or torn" in caplog.text
+    assert f"Resuming from the previous checkpoint {ckpts / 'last.prev.ckpt'} (step 4)" in caplog.text
+    assert (ckpts / "last.ckpt.corrupt").stat().st_size == size // 2  # kept aside, not rotated into last.prev.ckpt
+    for name, step in (("last.ckpt", 6), ("last.prev.ckpt", 6)):
+        assert torch.load(ckpts / name, map_location="cpu", weights_only=True)["global_step"] == step
+
+
+class _WritesAFile:
+    """A pickle that writes ``marker`` when it is loaded: what a malicious checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (self.marker, "code ran")
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_the_trust_switch(tiny_cfg, tmp_path):
+    from siftguide.analysis.loading import UntrustedCheckpointError, load_checkpoint
+
+    marker, evil = tmp_path / "marker", tmp_path / "evil.ckpt"
+    torch.save({"global_step": 1, "state_dict": {}, "x": _WritesAFile(marker)}, evil)
+    for ckpt_path in (evil, tmp_path):  # the file, and a run directory holding it as last.ckpt
+        if ckpt_path == tmp_path:
+            (tmp_path / "checkpoints").mkdir()
+            evil.rename(tmp_path / "checkpoints" / "last.ckpt")
+        with pytest.raises(UntrustedCheckpointError, match=r"evil.ckpt|last.ckpt") as e:
+            train(tiny_cfg([f"ckpt_path={ckpt_path}"], name="victim"))
+        assert "resume.trust_checkpoint=true" in str(e.value)
+        assert not marker.exists()
+    load_checkpoint(tmp_path / "checkpoints" / "last.ckpt", trust=True)  # the switch: the pickle's code runs
+    assert marker.read_text() == "code ran"

@@ -130,6 +130,23 @@ def test_claim_keeps_two_studies_off_one_run(tmp_path):
     assert not study.claim(d)  # finished meanwhile: nothing to do
 
 
+def test_the_study_lock_names_its_host_and_another_hosts_lock_is_never_stale(tmp_path):
+    import socket
+    import subprocess
+
+    d = tmp_path / "attention" / "sift" / "s0"
+    assert study.claim(d)
+    assert json.loads((d / study.LOCK_FILE).read_text())["host"] == socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # a live run on another machine of a shared disk: its pid means nothing here, the lock is held
+    (d / study.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": "other-node"}))
+    assert not study.claim(d)
+    assert study.lock_note(d) == f" (held by pid {dead.pid} on host other-node)"
+    (d / study.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    assert study.claim(d)  # this host's dead pid: stale, taken over
+
+
 @pytest.mark.e2e
 def test_study_on_an_image_folder_runs_every_arm(tmp_path):
     """Issue 21: every guided run of a study on an image folder used to fail (relevance.cache=true refused image

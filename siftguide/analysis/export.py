@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -100,16 +99,13 @@ def load_run_checkpoint(path: str | Path, trust: bool = False) -> tuple[dict[str
         ``hyper_parameters["config"]``, else the run directory's ``config.yaml``) and ``meta`` (``path``,
         ``global_step``, ``epoch``).
     """
+    from .loading import CheckpointError, load_checkpoint
+
     ckpt_path = _resolve_ckpt(path)
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():  # a pickled object the safe loader refuses
-            raise ExportError(f"{ckpt_path} holds objects that torch.load(weights_only=True) refuses; if you trust "
-                              f"the file, pass --trust-checkpoint (runs its pickled code)\n{e}") from e
-        raise ExportError(f"{ckpt_path} is not a PyTorch checkpoint ({e})") from e
-    except Exception as e:  # noqa: BLE001  (zip/pickle errors of every kind: not a torch file)
-        raise ExportError(f"{ckpt_path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    try:  # the loader shared with resume (siftguide.analysis.loading)
+        ckpt = load_checkpoint(ckpt_path, trust=trust, switch="--trust-checkpoint")
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ExportError(f"{ckpt_path} is not a Lightning checkpoint: no 'state_dict' entry")
     state = ckpt["state_dict"]

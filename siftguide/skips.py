@@ -1,0 +1,100 @@
+"""Unreadable files over a whole run: one warning per file, a summary at the end, and a ceiling.
+
+The image-folder loaders drop files they cannot decode (:func:`siftguide.data.collate_skipping`) and pass their
+paths on in the batch, so that the main process warns once per file and run, whatever the number of loader workers
+(each worker would warn about the same file again). :class:`SkippedFiles` also counts the training samples seen
+and skipped: once the run has seen ``min(256, one epoch)`` training samples, and at the end of training, a skipped
+share above ``data.max_skip_fraction`` stops the run with :class:`UnreadableDataError` naming the files (a folder
+94 % unreadable would otherwise "finish", trained on a few images). When training ends, however it ends, a summary
+names the skipped files.
+"""
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+
+from . import data
+
+__all__ = ["SkippedFiles", "UnreadableDataError"]
+
+log = logging.getLogger("siftguide.data")
+
+
+class UnreadableDataError(RuntimeError):
+    """Too many training samples were unreadable (``data.max_skip_fraction``)."""
+
+
+def _names(files: dict[str, str], n: int = 10) -> str:
+    shown = ", ".join(list(files)[:n])
+    return shown + (f" and {len(files) - n} more" if len(files) > n else "")
+
+
+class SkippedFiles(L.Callback):
+    """Args:
+        min_samples: training samples seen before the ceiling is checked (at most one epoch's worth).
+    """
+
+    def __init__(self, min_samples: int = 256) -> None:
+        self.min_samples = min_samples
+        self.files: dict[str, str] = {}  # path -> reason, in the order met
+        self.seen = self.skipped = 0  # training samples of this process
+        self._summarised = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        data._WARNED.clear()  # once per file and run (tests and tools run several in one process)
+
+    def _note(self, batch) -> int:
+        found = batch.get("skipped_files") if isinstance(batch, dict) else None
+        for path, reason in found or ():
+            self.files.setdefault(path, reason)
+            data.warn_unreadable(path, reason)
+        return len(found or ())
+
+    def _limit(self, trainer) -> float | None:
+        limit = getattr(trainer.datamodule, "max_skip_fraction", None)
+        return None if limit is None or limit >= 1.0 else float(limit)
+
+    def _check(self, trainer, at_end: bool = False) -> None:
+        limit = self._limit(trainer)
+        if limit is None or self.seen == 0:
+            return
+        train_set = getattr(trainer.datamodule, "train_set", None)
+        epoch = len(train_set) // max(1, trainer.world_size) if train_set is not None else self.min_samples
+        if (at_end or self.seen >= min(self.min_samples, max(1, epoch))) and self.skipped > limit * self.seen:
+            raise UnreadableDataError(
+                f"{self.skipped} of the {self.seen} training samples seen ({self.skipped / self.seen:.0%}) were "
+                f"unreadable, more than data.max_skip_fraction={limit:g}: the run stops rather than train on what is "
+                f"left. Unreadable files ({len(self.files)}): {_names(self.files)}. Fix or remove them, or raise "
+                f"data.max_skip_fraction")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        bad = self._note(batch)  # a host-side list: no device sync
+        if isinstance(batch, dict) and "skipped" in batch:
+            self.seen += int(batch["image"].shape[0]) + bad
+            self.skipped += bad
+            self._check(trainer)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._note(batch)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._note(batch)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._check(trainer, at_end=True)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self.summary()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.summary()  # a failed fit gets no teardown hook
+
+    def summary(self) -> None:
+        """Warn once with the files skipped so far (called when the fit ends, however it ends)."""
+        if self.files and not self._summarised:
+            self._summarised = True
+            share = f"{self.skipped} of {self.seen} training samples seen" if self.seen else "no training sample"
+            log.warning("%d unreadable files were skipped in this run (%s): %s", len(self.files), share,
+                        _names(self.files))
