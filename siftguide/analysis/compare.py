@@ -7,29 +7,51 @@ above run directories (a multirun sweep). Runs are grouped by the config values 
 description is kept beside it. For each group:
 
 * final metric (mean and sample std over seeds, ddof=1, as everywhere in this module);
-* steps-to-target and time-to-target of the group's seed-averaged curve (mean metric and mean training
-  wall-clock ``val/elapsed_s`` at each validation step): the first point where it reaches the target, linearly
-  interpolated between validations. With the default target the baseline's mean curve reaches it at the latest
-  at its last validation. The spread is shown per seed: how many seeds reach the target on their own curve, and
-  the min..max of their steps-to-target;
+* steps-to-target and cost-to-target of the group's seed-averaged curve (mean metric and mean training compute
+  ``val/cost_s`` at each validation step; see "Time axes" below): the first point where it reaches the target,
+  linearly interpolated between validations. With the default target the baseline's mean curve reaches it at the
+  latest at its last validation. The spread is shown per seed: how many seeds reach the target on their own
+  curve, and the min..max of their steps-to-target;
 * area under the validation curve, normalised to the run length (the mean metric value over [0, last step],
   see ``auc``), of the seed-averaged curve and per seed (mean and std);
 * ratios to the baseline group (no guidance: weight 0, ``guidance=none``, no guidance modes; see
   ``is_baseline``): < 1 means faster than the baseline;
 * paired per-seed differences to the baseline (group - baseline, runs paired by seed) of the final value, the
-  AUC and the steps-to-target (each seed's own curve, to the common target; a seed that does not reach it is
-  counted at its run length and flagged), with a percentile bootstrap confidence interval over the pairs
-  (fixed RNG seed, so tables regenerate identically). With 3 seeds a 95 % interval spans the range of the
-  per-seed differences: "excludes 0" then means every seed moved the same way.
+  AUC, the steps-to-target and the cost-to-target (each seed's own curve, to the common target; a seed that does
+  not reach it is counted at its run length, and at its run's total cost, and flagged), with a percentile
+  bootstrap confidence interval over the pairs (fixed RNG seed, so tables regenerate identically). With 3 seeds a
+  95 % interval spans the range of the per-seed differences: "excludes 0" then means every seed moved the same
+  way.
 
-The target defaults to the baseline group's mean final value. Writes ``curves.png`` (metric against steps and
-against wall-clock; mean line, min-max band over seeds), ``table.md`` and ``table.csv`` into ``--out``, and with
-``--verdict`` a plain-text summary per group (``verdict.md``). Needs no wandb account: everything is read from
-the run directories.
+Time axes. Every run logs at each validation ``val/step``, ``val/elapsed_s`` (training wall-clock) and
+``val/cost_s`` (the compute its training steps consumed: GPU time on CUDA, process CPU time on CPU). Wall-clock
+follows whatever else runs on the machine; the cost does not, so time to target is reported on the cost axis
+(``cost_to_target_s``, ``cost_ratio``). Wall-clock (``time_to_target_s``, ``time_ratio``) is shown only where the
+runs' conditions were equal, decided as follows:
+
+* a run's *contention factor* is ``val/elapsed_s / val/cost_s`` at its last validation (``contention``): how much
+  longer the wall-clock ran than the compute the steps consumed (below 1 when a CPU run uses several cores);
+* the *reference* factor is the median of the baseline runs' factors (of all runs' when there is no baseline);
+* a run *agrees* when its factor is within 10 % of the reference: ``|factor / reference - 1| <= 0.10``
+  (``WALL_TOLERANCE``);
+* a group's wall-clock figures are *reliable* when every run of the group and every run of the baseline agree
+  (``wall_clock_reliable``). Otherwise the table shows "unreliable" instead of the number, the verdict quotes no
+  wall-clock ratio (it says it was left out and why) and ``curves.png`` has no wall-clock panel.
+
+Runs made before ``val/cost_s`` was logged have no cost data: their groups are reported on steps only (no cost,
+no wall-clock, since their conditions cannot be checked), with a note. The table keeps the raw wall-clock figures
+in ``table.csv`` beside a ``wall_reliable`` column (True, False, or empty when unknown).
+
+The target defaults to the baseline group's mean final value. Writes ``curves.png`` (metric against steps, against
+cost, and against wall-clock when it is reliable for every group; mean line, min-max band over seeds),
+``table.md`` and ``table.csv`` into ``--out``, and with ``--verdict`` a plain-text summary per group
+(``verdict.md``) and the same in machine-readable form (``verdict.json``, see ``verdict_data``). Needs no wandb
+account: everything is read from the run directories.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -40,7 +62,8 @@ import pandas as pd
 import yaml
 
 __all__ = ["Run", "load_runs", "group_runs", "group_labels", "is_baseline", "reach", "mean_curve", "auc",
-           "paired_differences", "bootstrap_ci", "summarize", "to_markdown", "verdict", "plot", "main"]
+           "paired_differences", "bootstrap_ci", "summarize", "to_markdown", "verdict", "plot", "main", "contention",
+           "wall_clock_reliable", "control_comparisons", "verdict_data", "WALL_TOLERANCE"]
 
 # config keys that never define a group: seeds, where things are written, how they are logged
 IGNORED_PREFIXES = ("seed", "guidance.target.seed", "relevance.seed", "paths.", "hydra.", "logger.", "ckpt_path",
@@ -68,6 +91,9 @@ REFERENCE_KIND = "sift"
 WRONG_MAP_KINDS = ("shuffled", "rolled", "uniform", "mean", "random")
 # a child node of ``guidance`` whose ``_target_`` starts with this is a guidance mode (``guidance.attention``)
 MODE_TARGET_PREFIX = "siftguide.guidance."
+# wall-clock figures are shown only when every run's contention factor (wall-clock / cost) is within this relative
+# distance of the baseline runs' median factor (see the module docstring, "Time axes")
+WALL_TOLERANCE = 0.10
 
 
 @dataclass
@@ -82,7 +108,8 @@ class Run:
         return self.config.get("seed")
 
     def curve(self, metric: str) -> pd.DataFrame:
-        """Validation curve: columns ``step``, ``time``, ``value`` (one row per validation), sorted by step."""
+        """Validation curve: columns ``step``, ``time`` (``val/elapsed_s``), ``cost`` (``val/cost_s``, nan in runs
+        made before it was logged), ``value`` (one row per validation), sorted by step."""
         if metric not in self.curves:
             m = self.metrics
             if metric not in m.columns:
@@ -91,8 +118,9 @@ class Run:
             rows = m[m[metric].notna()]
             step = rows["val/step"] if "val/step" in rows and rows["val/step"].notna().all() else rows["step"]
             time = rows["val/elapsed_s"] if "val/elapsed_s" in rows else pd.Series(np.nan, index=rows.index)
+            cost = rows["val/cost_s"] if "val/cost_s" in rows else pd.Series(np.nan, index=rows.index)
             df = pd.DataFrame({"step": step.to_numpy(float), "time": time.to_numpy(float),
-                               "value": rows[metric].to_numpy(float)})
+                               "cost": cost.to_numpy(float), "value": rows[metric].to_numpy(float)})
             self.curves[metric] = df.sort_values("step").drop_duplicates("step", keep="last").reset_index(drop=True)
         return self.curves[metric]
 
@@ -315,30 +343,32 @@ def group_labels(groups: dict[str, list[Run]]) -> dict[str, str]:
             level[g] += 1
 
 
-def reach(curve: pd.DataFrame, target: float, higher_is_better: bool = True) -> tuple[float, float]:
-    """(step, time) where the curve first reaches ``target``, linearly interpolated between the validation before
-    and the one at which it is reached; ``(nan, nan)`` if never reached."""
+def reach(curve: pd.DataFrame, target: float, higher_is_better: bool = True,
+          columns: tuple[str, ...] = ("step", "time")) -> tuple[float, ...]:
+    """The values of ``columns`` (default: step, time) where the curve first reaches ``target``, linearly
+    interpolated between the validation before and the one at which it is reached; nan for each if never reached.
+    ``columns=("step", "cost")`` gives the steps and the compute to the target."""
     v = curve["value"].to_numpy()
-    s = curve["step"].to_numpy()
-    t = curve["time"].to_numpy()
+    cols = [curve[c].to_numpy(float) if c in curve else np.full(len(v), np.nan) for c in columns]
     ok = v >= target if higher_is_better else v <= target
     if not ok.any():
-        return math.nan, math.nan
+        return tuple(math.nan for _ in columns)
     i = int(np.argmax(ok))
     if i == 0 or v[i] == v[i - 1]:
-        return float(s[i]), float(t[i])
+        return tuple(float(x[i]) for x in cols)
     f = (target - v[i - 1]) / (v[i] - v[i - 1])
-    return float(s[i - 1] + f * (s[i] - s[i - 1])), float(t[i - 1] + f * (t[i] - t[i - 1]))
+    return tuple(float(x[i - 1] + f * (x[i] - x[i - 1])) for x in cols)
 
 
 def mean_curve(runs: list[Run], metric: str) -> pd.DataFrame:
-    """Seed-averaged validation curve (``step``, ``time``, ``value``) on the validation steps all runs share."""
+    """Seed-averaged validation curve (``step``, ``time``, ``cost``, ``value``) on the validation steps all runs
+    share (``cost`` nan when a run has no cost data)."""
     curves = [r.curve(metric).set_index("step") for r in runs]
     steps = sorted(set.intersection(*(set(c.index) for c in curves)))
     if not steps:
         raise ValueError(f"runs {[str(r.path) for r in runs]} share no validation step for {metric}")
-    return pd.DataFrame({"step": steps, "time": [np.mean([c.loc[s, "time"] for c in curves]) for s in steps],
-                         "value": [np.mean([c.loc[s, "value"] for c in curves]) for s in steps]})
+    return pd.DataFrame({"step": steps, **{col: [np.mean([c.loc[s, col] for c in curves]) for s in steps]
+                                           for col in ("time", "cost", "value")}})
 
 
 def auc(curve: pd.DataFrame) -> float:
@@ -363,37 +393,75 @@ def auc(curve: pd.DataFrame) -> float:
 
 
 def _seed_stats(runs: list[Run], metric: str, target: float | None, higher_is_better: bool) -> dict:
-    """Per seed: final value, AUC, steps to target on its own curve (not reached: its run length, flagged).
-    Runs sharing a seed are averaged; runs without a seed are left out."""
+    """Per seed: (final value, AUC, steps to target, not reached, cost to target) on its own curve; a seed that
+    does not reach the target counts at its run length and at its run's total cost (``val/cost_s`` at the last
+    validation), flagged. Runs sharing a seed are averaged; runs without a seed are left out."""
     per_seed: dict = {}
     for r in runs:
         if r.seed is None:
             continue
         c = r.curve(metric)
-        step = reach(c, target, higher_is_better)[0] if target is not None else math.nan
+        step, cost = reach(c, target, higher_is_better, ("step", "cost")) if target is not None else (math.nan,) * 2
         censored = target is not None and math.isnan(step)
-        per_seed.setdefault(r.seed, []).append(
-            (c["value"].iloc[-1], auc(c), float(c["step"].iloc[-1]) if censored else step, censored))
-    return {s: (*np.mean([x[:3] for x in xs], axis=0), any(x[3] for x in xs)) for s, xs in per_seed.items()}
+        if censored:
+            step, cost = float(c["step"].iloc[-1]), float(c["cost"].iloc[-1])
+        per_seed.setdefault(r.seed, []).append((c["value"].iloc[-1], auc(c), step, cost, censored))
+    return {s: (*np.mean([x[:3] for x in xs], axis=0), any(x[4] for x in xs), float(np.mean([x[3] for x in xs])))
+            for s, xs in per_seed.items()}
 
 
 def paired_differences(runs: list[Run], reference: list[Run], metric: str, target: float | None = None,
                        higher_is_better: bool = True) -> dict:
-    """Per-seed differences ``runs - reference`` of final value, AUC and steps to target, paired by seed.
+    """Per-seed differences ``runs - reference`` of final value, AUC, steps and cost to target, paired by seed.
 
-    Steps to target come from each seed's own curve; a seed that never reaches ``target`` counts at its run
-    length (last validation step) and the pair is counted in ``steps_censored``: its difference is then a bound.
-    Seeds present on one side only are skipped and counted in ``unpaired``. Returns ``pairs`` (n), ``unpaired``,
-    ``steps_censored``, ``seeds`` and arrays (n,) ``final``, ``auc``, ``steps`` (nan when no target).
+    Steps and cost to target come from each seed's own curve; a seed that never reaches ``target`` counts at its
+    run length (last validation step) and its run's total cost, and the pair is counted in ``steps_censored``: its
+    difference is then a bound. Seeds present on one side only are skipped and counted in ``unpaired``. Returns
+    ``pairs`` (n), ``unpaired``, ``steps_censored``, ``seeds`` and arrays (n,) ``final``, ``auc``, ``steps``,
+    ``cost`` (nan when no target; ``cost`` nan where a run has no cost data).
     """
     a = _seed_stats(runs, metric, target, higher_is_better)
     b = _seed_stats(reference, metric, target, higher_is_better)
     seeds = sorted(set(a) & set(b), key=repr)
     unpaired = len(set(a) ^ set(b)) + sum(r.seed is None for r in [*runs, *reference])
     diff = {name: np.array([a[s][i] - b[s][i] for s in seeds], float)
-            for i, name in enumerate(("final", "auc", "steps"))}
+            for i, name in ((0, "final"), (1, "auc"), (2, "steps"), (4, "cost"))}
     return {"pairs": len(seeds), "unpaired": unpaired, "seeds": seeds,
             "steps_censored": sum(bool(a[s][3] or b[s][3]) for s in seeds), **diff}
+
+
+def contention(run: Run, metric: str) -> float:
+    """A run's contention factor: wall-clock / cost (``val/elapsed_s / val/cost_s``) at its last validation with
+    both logged; nan without cost data. Runs under equal conditions have equal factors; a run that shared its
+    cores or GPU has a larger one (its wall-clock ran longer for the same compute)."""
+    c = run.curve(metric)
+    ok = np.isfinite(c["time"]) & np.isfinite(c["cost"]) & (c["cost"] > 0)
+    if not ok.any():
+        return math.nan
+    last = c[ok].iloc[-1]
+    return float(last["time"] / last["cost"])
+
+
+def wall_clock_reliable(groups: dict[str, list[Run]], metric: str, base: str | None,
+                        tolerance: float = WALL_TOLERANCE) -> dict[str, bool | None]:
+    """Per group: whether its wall-clock figures can be compared with the baseline's (module docstring, "Time
+    axes"). True when every run of the group and of the baseline has a contention factor within ``tolerance``
+    (relative) of the baseline runs' median factor (all runs' median without a baseline); False when one does not;
+    None when a run of the group or of the baseline has no cost data."""
+    factors = {g: np.array([contention(r, metric) for r in rs], float) for g, rs in groups.items()}
+    ref_runs = factors[base] if base is not None else np.concatenate(list(factors.values()) or [np.array([])])
+    ref = float(np.median(ref_runs)) if len(ref_runs) and np.isfinite(ref_runs).all() else math.nan
+
+    def agree(f: np.ndarray) -> bool:
+        return bool(np.all(np.abs(f / ref - 1) <= tolerance + 1e-12))
+
+    out: dict[str, bool | None] = {}
+    for g, f in factors.items():
+        if math.isnan(ref) or not np.isfinite(f).all():
+            out[g] = None
+        else:
+            out[g] = agree(f) and (base is None or agree(factors[base]))
+    return out
 
 
 def bootstrap_ci(diffs, ci: float = 0.95, n_resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
@@ -419,15 +487,17 @@ def summarize(groups: dict[str, list[Run]], metric: str, target: float | None = 
               higher_is_better: bool | None = None, baseline: str | None = None, ci: float = 0.95,
               n_resamples: int = 10_000,
               bootstrap_seed: int = 0) -> tuple[pd.DataFrame, float | None, str | None, list[str]]:
-    """Table of final metric, AUC, steps/time to target, ratios and paired differences to the baseline.
+    """Table of final metric, AUC, steps/cost/time to target, ratios and paired differences to the baseline.
 
     ``baseline``: text that picks one of several baseline groups by its description or label (e.g.
     ``trainer.max_steps=500``). Columns: ``group`` (full description), ``label``, ``seeds``, ``final_mean/std``,
-    ``auc`` (seed-averaged curve), ``auc_seed_mean/std``, ``steps_to_target``, ``time_to_target_s``,
-    ``seeds_reached``, ``seed_steps_min/max``, ``total_time_s``; with a baseline also ``steps_ratio``,
-    ``time_ratio``, ``final_delta``, ``pairs``, ``unpaired``, ``steps_censored`` and, for X in final, auc, steps,
-    ``d_X`` (mean paired difference), ``d_X_lo``, ``d_X_hi`` (bootstrap CI). Returns (table, target used,
-    baseline group or None, notes).
+    ``auc`` (seed-averaged curve), ``auc_seed_mean/std``, ``steps_to_target``, ``cost_to_target_s``,
+    ``time_to_target_s``, ``seeds_reached``, ``seed_steps_min/max``, ``total_time_s``, ``total_cost_s``,
+    ``contention`` (mean of the runs' wall/cost factors) with ``contention_min/max``, ``wall_reliable`` (see
+    ``wall_clock_reliable``: True, False, None = no cost data); with a baseline also ``steps_ratio``,
+    ``cost_ratio``, ``time_ratio`` (raw: read it only where ``wall_reliable`` is True), ``final_delta``, ``pairs``,
+    ``unpaired``, ``steps_censored`` and, for X in final, auc, steps, cost, ``d_X`` (mean paired difference),
+    ``d_X_lo``, ``d_X_hi`` (bootstrap CI). Returns (table, target used, baseline group or None, notes).
     """
     if higher_is_better is None:
         higher_is_better = "loss" not in metric and "div" not in metric
@@ -451,15 +521,18 @@ def summarize(groups: dict[str, list[Run]], metric: str, target: float | None = 
             notes.append("no --target given and no baseline: steps/time to target are not computed")
         else:
             target = float(finals[base].mean())
+    reliable = wall_clock_reliable(groups, metric, base)
     rows = []
     for g, rs in groups.items():
-        nan2 = (math.nan, math.nan)
+        nan3 = (math.nan,) * 3
         mc = mean_curve(rs, metric)
-        step, time = reach(mc, target, higher_is_better) if target is not None else nan2
+        step, time, cost = reach(mc, target, higher_is_better, ("step", "time", "cost")) if target is not None \
+            else nan3
         seeds = np.array([reach(r.curve(metric), target, higher_is_better)[0] if target is not None else math.nan
                           for r in rs])
         hit = seeds[~np.isnan(seeds)]
         aucs = np.array([auc(r.curve(metric)) for r in rs])
+        factors = np.array([contention(r, metric) for r in rs])
         row = {
             "group": g, "label": labels[g], "seeds": len(rs), "final_mean": finals[g].mean(),
             "final_std": _sample_std(finals[g]), "auc": auc(mc), "auc_seed_mean": aucs.mean(),
@@ -468,11 +541,14 @@ def summarize(groups: dict[str, list[Run]], metric: str, target: float | None = 
             "seed_steps_min": hit.min() if len(hit) else math.nan,
             "seed_steps_max": hit.max() if len(hit) else math.nan,
             "total_time_s": float(np.mean([r.curve(metric)["time"].iloc[-1] for r in rs])),
+            "cost_to_target_s": cost, "total_cost_s": float(np.mean([r.curve(metric)["cost"].iloc[-1] for r in rs])),
+            "contention": float(factors.mean()), "contention_min": float(factors.min()),
+            "contention_max": float(factors.max()), "wall_reliable": reliable[g],
         }
         if base is not None and g != base:
             p = paired_differences(rs, groups[base], metric, target, higher_is_better)
             row.update(pairs=p["pairs"], unpaired=p["unpaired"], steps_censored=p["steps_censored"])
-            for name in ("final", "auc", "steps"):
+            for name in ("final", "auc", "steps", "cost"):
                 m, lo, hi = bootstrap_ci(p[name], ci, n_resamples, bootstrap_seed)
                 row.update({f"d_{name}": m, f"d_{name}_lo": lo, f"d_{name}_hi": hi})
             if p["unpaired"]:
@@ -482,12 +558,14 @@ def summarize(groups: dict[str, list[Run]], metric: str, target: float | None = 
         if target is not None and math.isnan(step):
             notes.append(f"'{g}': its mean curve never reaches the target {target:.4f}")
     table = pd.DataFrame(rows)
+    table["wall_reliable"] = pd.Series([reliable[g] for g in table["group"]], index=table.index, dtype=object)
     if base is not None:
         b = table.set_index("group").loc[base]
         table["steps_ratio"] = table["steps_to_target"] / b["steps_to_target"]
         table["time_ratio"] = table["time_to_target_s"] / b["time_to_target_s"]
+        table["cost_ratio"] = table["cost_to_target_s"] / b["cost_to_target_s"]
         table["final_delta"] = table["final_mean"] - b["final_mean"]
-        for col in ("pairs", "unpaired", "steps_censored", *(f"d_{n}{s}" for n in ("final", "auc", "steps")
+        for col in ("pairs", "unpaired", "steps_censored", *(f"d_{n}{s}" for n in ("final", "auc", "steps", "cost")
                                                                for s in ("", "_lo", "_hi"))):
             if col not in table:
                 table[col] = math.nan
@@ -513,48 +591,105 @@ def _diff_text(m: float, lo: float, hi: float, fmt: str, star: bool = True) -> s
     return s + (" *" if star and _excludes_zero(lo, hi) else "")
 
 
+def _range_text(lo: float, hi: float, fmt: str = "{:.2f}") -> str:
+    if math.isnan(lo):
+        return "—"
+    return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}..{fmt.format(hi)}"
+
+
+def _flag(v) -> bool | None:
+    """A ``wall_reliable`` cell as True, False or None (unknown; also nan, as read back from a table)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return bool(v)
+
+
+def _wall_text(r, value: float, fmt: str) -> str:
+    """A wall-clock cell: the number where it is reliable, "unreliable" where contention bent it, — where unknown."""
+    ok = _flag(r.get("wall_reliable"))
+    if ok:
+        return "not reached" if math.isnan(value) else fmt.format(value)
+    return "unreliable" if ok is False else "—"
+
+
+def _time_notes(table: pd.DataFrame) -> list[str]:
+    """Why wall-clock figures are missing or marked unreliable (module docstring, "Time axes")."""
+    if "wall_reliable" not in table:
+        return []
+    lab = table["label"] if "label" in table else table["group"]
+    notes = []
+    no_cost = [str(x) for x, c in zip(lab, table["total_cost_s"]) if math.isnan(c)]
+    if no_cost:
+        notes.append("No cost data (`val/cost_s`, logged since the cost axis was added) in "
+                     + ", ".join(f"`{x}`" for x in no_cost) + ": steps only; wall-clock is left out where it cannot "
+                     "be checked for contention (it needs the cost of the group's runs and of the baseline's).")
+    bad = [str(x) for x, v in zip(lab, table["wall_reliable"]) if _flag(v) is False]
+    if bad:
+        factors = [f"`{x}` {_range_text(lo, hi)}" for x, lo, hi in
+                   zip(lab, table["contention_min"], table["contention_max"]) if not math.isnan(lo)]
+        notes.append(
+            "Wall-clock unreliable for " + ", ".join(f"`{x}`" for x in bad) + ": a run's contention factor "
+            f"(wall-clock / cost at its last validation) is more than {WALL_TOLERANCE:.0%} from the baseline runs' "
+            "median, so wall-clock measured the machine's load, not the method; compare on cost. Factors: "
+            + ", ".join(factors) + ".")
+    return notes
+
+
 def to_markdown(table: pd.DataFrame, metric: str, target: float | None, base: str | None, ci: float = 0.95,
                 n_resamples: int = 10_000) -> str:
-    """The table as Markdown: one convergence table, one table of paired differences to the baseline, and the
-    list of group labels with their full config descriptions."""
+    """The table as Markdown: one convergence table (steps and cost to target; wall-clock only where it is
+    reliable, see the module docstring), one table of paired differences to the baseline, notes on the time axes,
+    and the list of group labels with their full config descriptions."""
     head = (f"metric `{metric}`, target {target:.4f}" if target is not None else f"metric `{metric}`, no target") \
         + (f", baseline group `{_label_of(table, base)}`" if base else ", no baseline")
 
     lines = [head, "", "| group | seeds | final (mean ± sample std) | AUC (mean curve) "
-             "| AUC per seed (mean ± sample std) | steps to target (mean curve) | time to target (s) "
-             "| steps ratio | time ratio "
+             "| AUC per seed (mean ± sample std) | steps to target (mean curve) | cost to target (s) "
+             "| steps ratio | cost ratio | time to target (s) | time ratio | contention (wall/cost) "
              "| seeds reaching target (steps min..max) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def num(v, fmt):
         return "not reached" if math.isnan(v) else fmt.format(v)
 
+    def ratio(v):
+        return "—" if math.isnan(v) else f"{v:.2f}"
+
     for _, r in table.iterrows():
-        sr = r.get("steps_ratio", math.nan)
-        tr = r.get("time_ratio", math.nan)
+        cost = r.get("cost_to_target_s", math.nan)
+        cost = ("—" if not math.isnan(r["steps_to_target"]) else "not reached") if math.isnan(cost) else f"{cost:.1f}"
         spread = r["seeds_reached"] + ("" if math.isnan(r["seed_steps_min"]) else
                                        f" ({r['seed_steps_min']:.0f}..{r['seed_steps_max']:.0f})")
         lines.append(
             f"| {r.get('label', r['group'])} | {r['seeds']} | {r['final_mean']:.4f} ± {r['final_std']:.4f} | "
             f"{r['auc']:.4f} | {r['auc_seed_mean']:.4f} ± {r['auc_seed_std']:.4f} | "
-            f"{num(r['steps_to_target'], '{:.0f}')} | {num(r['time_to_target_s'], '{:.1f}')} | "
-            f"{'—' if math.isnan(sr) else f'{sr:.2f}'} | {'—' if math.isnan(tr) else f'{tr:.2f}'} | {spread} |")
+            f"{num(r['steps_to_target'], '{:.0f}')} | {cost} | {ratio(r.get('steps_ratio', math.nan))} | "
+            f"{ratio(r.get('cost_ratio', math.nan))} | {_wall_text(r, r['time_to_target_s'], '{:.1f}')} | "
+            f"{_wall_text(r, r.get('time_ratio', math.nan), '{:.2f}').replace('not reached', '—')} | "
+            f"{_range_text(r.get('contention_min', math.nan), r.get('contention_max', math.nan))} | {spread} |")
     if base is not None and "d_final" in table and len(table) > 1:
         lines += ["", f"Paired differences to the baseline (group − baseline, runs paired by seed): mean "
                   f"[{ci:.0%} bootstrap CI over seeds, {n_resamples:,} resamples]; * = the CI excludes 0; "
-                  "steps to target from each seed's own curve, a seed that does not reach the target counted at "
-                  "its run length († = pairs with such a seed).", "",
-                  "| group | pairs | Δ final | Δ AUC | Δ steps to target |", "|---|---|---|---|---|"]
+                  "steps and cost to target from each seed's own curve, a seed that does not reach the target "
+                  "counted at its run length and its run's total cost († = pairs with such a seed).", "",
+                  "| group | pairs | Δ final | Δ AUC | Δ steps to target | Δ cost to target (s) |",
+                  "|---|---|---|---|---|---|"]
         for _, r in table[table["group"] != base].iterrows():
             pairs = "0" if math.isnan(r["pairs"]) else f"{r['pairs']:.0f}"
             if r["unpaired"] > 0:
                 pairs += f" ({r['unpaired']:.0f} unpaired)"
             steps = _diff_text(r["d_steps"], r["d_steps_lo"], r["d_steps_hi"], "{:+.0f}")
+            cost = _diff_text(r.get("d_cost", math.nan), r.get("d_cost_lo", math.nan), r.get("d_cost_hi", math.nan),
+                              "{:+.1f}")
             if r["steps_censored"] > 0:
                 steps += f" † {r['steps_censored']:.0f}/{r['pairs']:.0f}"
+                cost += "" if cost == "—" else f" † {r['steps_censored']:.0f}/{r['pairs']:.0f}"
             lines.append(f"| {r.get('label', r['group'])} | {pairs} | "
                          f"{_diff_text(r['d_final'], r['d_final_lo'], r['d_final_hi'], '{:+.4f}')} | "
-                         f"{_diff_text(r['d_auc'], r['d_auc_lo'], r['d_auc_hi'], '{:+.4f}')} | {steps} |")
+                         f"{_diff_text(r['d_auc'], r['d_auc_lo'], r['d_auc_hi'], '{:+.4f}')} | {steps} | {cost} |")
+    notes = _time_notes(table)
+    if notes:
+        lines += [""] + [f"Note: {n}" for n in notes]
     if "label" in table:
         lines += ["", "Groups:"] + [f"- `{r['label']}`: {r['group']}" for _, r in table.iterrows()]
     return "\n".join(lines) + "\n"
@@ -582,31 +717,56 @@ def _controls(groups: dict[str, list[Run]], base: str | None) -> list[tuple[str,
     return out
 
 
+def _ci_text(m: float, lo: float, hi: float, fmt: str, ci: float) -> str:
+    if math.isnan(m):
+        return "not available"
+    if math.isnan(lo):
+        return f"{fmt.format(m)} (one pair, no interval)"
+    return (f"{fmt.format(m)} [{ci:.0%} CI {fmt.format(lo)}, {fmt.format(hi)}], CI "
+            f"{'excludes' if _excludes_zero(lo, hi) else 'includes'} 0")
+
+
+def _time_sentence(r, b) -> str:
+    """The verdict's words on a group's wall-clock, against the baseline row ``b`` (module docstring, "Time axes")."""
+    ok = _flag(r.get("wall_reliable"))
+    if ok is None:
+        return ("No cost data (`val/cost_s`) for this group or the baseline: steps only; wall-clock left out, since "
+                "its conditions cannot be checked. ")
+    if not ok:
+        return (f"Wall-clock ratio left out: the runs' contention factors (wall-clock / cost) are "
+                f"{_range_text(r['contention_min'], r['contention_max'])} here and "
+                f"{_range_text(b['contention_min'], b['contention_max'])} in the baseline, more than "
+                f"{WALL_TOLERANCE:.0%} apart, so wall-clock measured the machines' load, not the method. ")
+    if math.isnan(r.get("time_ratio", math.nan)):
+        return ""
+    return (f"Wall-clock {r['time_ratio']:.2f}x the baseline's (reliable: contention factors within "
+            f"{WALL_TOLERANCE:.0%}). ")
+
+
 def verdict(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, target: float | None,
             base: str | None, higher_is_better: bool | None = None, ci: float = 0.95, n_resamples: int = 10_000,
             bootstrap_seed: int = 0) -> str:
-    """Plain-text summary: one paragraph per non-baseline group (steps and time ratios to the baseline, paired
-    differences with their CI and whether it excludes 0), then, for each SIFT group that has wrong-map controls
-    with otherwise identical settings, how it compares with the best of them."""
+    """Plain-text summary: one paragraph per non-baseline group (steps and cost ratios to the baseline, wall-clock
+    only where reliable, paired differences with their CI and whether it excludes 0), then, for each SIFT group
+    that has wrong-map controls with otherwise identical settings, how it compares with the best of them: on the
+    final value, on per-seed steps to target and on per-seed cost to target (see ``control_comparisons``)."""
     if higher_is_better is None:
         higher_is_better = "loss" not in metric and "div" not in metric
     t = table.set_index("group")
     lab = {g: str(t.loc[g, "label"]) if "label" in t else g for g in t.index}
-    pct = f"{ci:.0%}"
+
+    def ci_text(m, lo, hi, fmt):
+        return _ci_text(m, lo, hi, fmt, ci)
+
     out = [f"Verdict on `{metric}` ({'higher' if higher_is_better else 'lower'} is better)"
            + (f", target {target:.4f}" if target is not None else "") + "."]
     if base is None:
         out.append("No baseline group among the runs: no ratios or paired differences.")
     else:
         out[0] += f" Baseline: `{lab[base]}` ({base}), {t.loc[base, 'seeds']} seeds."
-
-    def ci_text(m, lo, hi, fmt):
-        if math.isnan(m):
-            return "not available"
-        if math.isnan(lo):
-            return f"{fmt.format(m)} (one pair, no interval)"
-        return (f"{fmt.format(m)} [{pct} CI {fmt.format(lo)}, {fmt.format(hi)}], CI "
-                f"{'excludes' if _excludes_zero(lo, hi) else 'includes'} 0")
+        if "total_cost_s" in t and t["total_cost_s"].notna().any():
+            out[0] += (" Time to target is measured on the cost axis (`val/cost_s`: the compute of the training "
+                       "steps, which contention cannot bend); wall-clock only where the runs' conditions were equal.")
 
     for g in (t.index if base is not None else []):
         if g == base:
@@ -614,13 +774,14 @@ def verdict(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, targ
         r = t.loc[g]
         s = f"`{lab[g]}` ({g}; {r['seeds']} seeds): "
         if target is None:
-            s += "no target, so no steps or time ratio. "
+            s += "no target, so no steps or cost ratio. "
         elif math.isnan(r["steps_to_target"]):
             s += f"its seed-averaged curve does not reach the target ({r['seeds_reached']} seeds do on their own). "
         else:
             s += f"reaches the target in {r['steps_ratio']:.2f}x the baseline's steps"
-            s += (f" and {r['time_ratio']:.2f}x its training time. " if not math.isnan(r["time_ratio"])
-                  else " (time ratio not available). ")
+            cr = r.get("cost_ratio", math.nan)
+            s += f" and {cr:.2f}x its compute (cost). " if not math.isnan(cr) else ". "
+            s += _time_sentence(r, t.loc[base])
         if not r["pairs"] or math.isnan(r["pairs"]):
             s += "No seed in common with the baseline: no paired differences."
         else:
@@ -629,42 +790,73 @@ def verdict(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, targ
                   f"{ci_text(r['d_auc'], r['d_auc_lo'], r['d_auc_hi'], '{:+.4f}')}")
             if target is not None:
                 s += f"; steps to target {ci_text(r['d_steps'], r['d_steps_lo'], r['d_steps_hi'], '{:+.0f}')}"
+                if not math.isnan(r.get("d_cost", math.nan)):
+                    s += f"; cost to target (s) {ci_text(r['d_cost'], r['d_cost_lo'], r['d_cost_hi'], '{:+.1f}')}"
                 if r["steps_censored"]:
                     k = int(r["steps_censored"])
                     s += (f" ({k} of {r['pairs']:.0f} pairs {'has' if k == 1 else 'have'} a seed that does not "
-                          "reach the target, counted at its run length)")
+                          "reach the target, counted at its run length"
+                          + (" and its run's total cost)" if not math.isnan(r.get("d_cost", math.nan)) else ")"))
             s += "."
             if r["unpaired"]:
                 s += f" {r['unpaired']:.0f} run(s) without a seed partner left out."
         out.append(s)
 
-    sign = 1 if higher_is_better else -1
-    for g, ctl in _controls(groups, base):
-        best = max(ctl, key=lambda h: sign * t.loc[h, "final_mean"])
-        a, b = t.loc[g], t.loc[best]
-        diff = a["final_mean"] - b["final_mean"]
-        pooled = _pooled_sample_std(_seed_column(groups[g], metric, None, higher_is_better, 0),
-                                    _seed_column(groups[best], metric, None, higher_is_better, 0))
-        p = paired_differences(groups[g], groups[best], metric, target, higher_is_better)
-        m, lo, hi = bootstrap_ci(p["final"], ci, n_resamples, bootstrap_seed)
-        am, alo, ahi = bootstrap_ci(p["auc"], ci, n_resamples, bootstrap_seed)
+    for c in control_comparisons(table, groups, metric, target, base, higher_is_better, ci, n_resamples,
+                                 bootstrap_seed):
+        f, g, best = c["final"], c["sift"], c["final"]["control"]
+        ctl = c["controls"]
         others = f" (of {len(ctl)}: {', '.join(f'`{lab[h]}`' for h in ctl)})" if len(ctl) > 1 else ""
         out.append(
             f"SIFT vs best wrong-map control: `{lab[g]}` vs `{lab[best]}`{others}, all other settings equal: final "
-            f"{a['final_mean']:.4f} ± {a['final_std']:.4f} vs {b['final_mean']:.4f} ± {b['final_std']:.4f}, "
-            f"difference {diff:+.4f}; paired over {p['pairs']} seeds {ci_text(m, lo, hi, '{:+.4f}')}; AUC "
-            f"{a['auc']:.4f} vs {b['auc']:.4f}, paired {ci_text(am, alo, ahi, '{:+.4f}')}. More than 2x seed std "
-            f"({abs(diff):.4f} vs 2 × {pooled:.4f}, pooled sample std)? {'yes' if abs(diff) > 2 * pooled else 'no'}.")
-        if target is not None:
-            out.append(_steps_against_controls(groups, g, ctl, lab, metric, target, higher_is_better, ci_text,
-                                               ci, n_resamples, bootstrap_seed))
+            f"{f['sift_mean']:.4f} ± {f['sift_std']:.4f} vs {f['control_mean']:.4f} ± {f['control_std']:.4f}, "
+            f"difference {f['difference']:+.4f}; paired over {f['pairs']} seeds "
+            f"{ci_text(*f['paired'], '{:+.4f}')}; AUC {f['sift_auc']:.4f} vs {f['control_auc']:.4f}, paired "
+            f"{ci_text(*f['paired_auc'], '{:+.4f}')}. More than 2x seed std ({abs(f['difference']):.4f} vs 2 × "
+            f"{f['pooled_std']:.4f}, pooled sample std)? {'yes' if f['more_than_2std'] else 'no'}.")
+        for axis in ("steps", "cost"):
+            if c[axis] is not None:
+                out.append(_criterion_text(c[axis], lab, target, ci_text))
     return "\n\n".join(out) + "\n"
 
 
+def control_comparisons(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, target: float | None,
+                        base: str | None, higher_is_better: bool | None = None, ci: float = 0.95,
+                        n_resamples: int = 10_000, bootstrap_seed: int = 0) -> list[dict]:
+    """For each SIFT group with wrong-map controls (all other settings equal): a dict with ``sift``, ``controls``
+    (group keys) and three comparisons. ``final``: against the control with the best final value (means, sample
+    stds, difference, pooled sample std, ``more_than_2std`` = |difference| > 2 pooled std, paired CI of final and
+    AUC). ``steps`` and ``cost`` (None without a target; ``cost`` None without cost data): per-seed steps (cost)
+    to target against the fastest (cheapest) control, see :func:`_against_controls`."""
+    if higher_is_better is None:
+        higher_is_better = "loss" not in metric and "div" not in metric
+    t = table.set_index("group")
+    sign = 1 if higher_is_better else -1
+    out = []
+    for g, ctl in _controls(groups, base):
+        best = max(ctl, key=lambda h: sign * t.loc[h, "final_mean"])
+        a, b = t.loc[g], t.loc[best]
+        diff = float(a["final_mean"] - b["final_mean"])
+        pooled = _pooled_sample_std(_seed_column(groups[g], metric, None, higher_is_better, 0),
+                                    _seed_column(groups[best], metric, None, higher_is_better, 0))
+        p = paired_differences(groups[g], groups[best], metric, target, higher_is_better)
+        final = {"control": best, "sift_mean": float(a["final_mean"]), "sift_std": float(a["final_std"]),
+                 "control_mean": float(b["final_mean"]), "control_std": float(b["final_std"]), "difference": diff,
+                 "pooled_std": pooled, "more_than_2std": bool(abs(diff) > 2 * pooled), "pairs": p["pairs"],
+                 "paired": bootstrap_ci(p["final"], ci, n_resamples, bootstrap_seed),
+                 "sift_auc": float(a["auc"]), "control_auc": float(b["auc"]),
+                 "paired_auc": bootstrap_ci(p["auc"], ci, n_resamples, bootstrap_seed)}
+        args = (groups, g, ctl, metric, target, higher_is_better, ci, n_resamples, bootstrap_seed)
+        out.append({"sift": g, "controls": list(ctl), "final": final,
+                    "steps": _against_controls(*args, "steps") if target is not None else None,
+                    "cost": _against_controls(*args, "cost") if target is not None else None})
+    return out
+
+
 def _seed_table(runs: list[Run], metric: str, target: float | None, higher_is_better: bool) -> np.ndarray:
-    """``_seed_stats`` as an array (seeds, 4): columns 0 final, 1 AUC, 2 steps to target, 3 target not reached (1.0
-    when a run of that seed never reaches it)."""
-    return np.array(list(_seed_stats(runs, metric, target, higher_is_better).values()), float).reshape(-1, 4)
+    """``_seed_stats`` as an array (seeds, 5): columns 0 final, 1 AUC, 2 steps to target, 3 target not reached (1.0
+    when a run of that seed never reaches it), 4 cost to target (s)."""
+    return np.array(list(_seed_stats(runs, metric, target, higher_is_better).values()), float).reshape(-1, 5)
 
 
 def _seed_column(runs: list[Run], metric: str, target: float | None, higher_is_better: bool, i: int) -> np.ndarray:
@@ -684,62 +876,187 @@ def _pooled_sample_std(a: np.ndarray, b: np.ndarray) -> float:
     return math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
 
 
-def _steps_against_controls(groups, g, ctl, lab, metric, target, higher_is_better, ci_text, ci, n_resamples,
-                            bootstrap_seed) -> str:
-    """The convergence criterion: SIFT's steps to target against the fastest wrong-map control, per seed (a seed
-    that never reaches the target counts at its run length), with the 2x-seed-std test on the difference."""
-    # per seed: (final, AUC, steps to target, not reached), computed once per group
+AXIS_COLUMN = {"steps": 2, "cost": 4}  # the per-seed column of each time axis in _seed_table
+
+
+def _against_controls(groups, g, ctl, metric, target, higher_is_better, ci, n_resamples, bootstrap_seed,
+                      axis: str = "steps") -> dict | None:
+    """The convergence criterion on one time axis (``steps`` or ``cost``): SIFT's per-seed steps (cost) to target
+    against the fastest (cheapest) wrong-map control, a seed that never reaches the target counted at its run
+    length (its run's total cost), with the 2x-seed-std test on the difference: ``beats_by_2std`` is True when
+    SIFT needs less than the control by more than twice their pooled sample std (None with fewer than 2 seeds a
+    side). None on the cost axis when a run has no cost data."""
+    col = AXIS_COLUMN[axis]
+    # per seed: (final, AUC, steps to target, not reached, cost to target), computed once per group
     stats = {h: _seed_table(groups[h], metric, target, higher_is_better) for h in [g, *ctl]}
-    fastest = min(ctl, key=lambda h: stats[h][:, 2].mean())
-    a, b = stats[g][:, 2], stats[fastest][:, 2]
-    if all(len(stats[h]) and stats[h][:, 3].all() for h in (g, fastest)):
-        return (f"Steps to target {target:.4f}, SIFT vs the fastest wrong-map control: neither `{lab[g]}` nor "
-                f"`{lab[fastest]}` reaches the target in any seed, so there are no steps to compare.")
-    diff = a.mean() - b.mean()
+    if axis == "cost" and any(not np.isfinite(stats[h][:, col]).all() or not len(stats[h]) for h in [g, *ctl]):
+        return None
+    fastest = min(ctl, key=lambda h: stats[h][:, col].mean())
+    a, b = stats[g][:, col], stats[fastest][:, col]
+    out = {"axis": axis, "sift": g, "control": fastest, "reached_by_neither":
+           all(len(stats[h]) and stats[h][:, 3].all() for h in (g, fastest))}
+    if out["reached_by_neither"]:
+        return out
+    diff = float(a.mean() - b.mean())
     pooled = _pooled_sample_std(a, b)
     p = paired_differences(groups[g], groups[fastest], metric, target, higher_is_better)
-    m, lo, hi = bootstrap_ci(p["steps"], ci, n_resamples, bootstrap_seed)
+    out.update(sift_mean=float(a.mean()), sift_std=_sample_std(a), sift_seeds=len(a), control_mean=float(b.mean()),
+               control_std=_sample_std(b), control_seeds=len(b), difference=diff, pooled_std=pooled,
+               pairs=p["pairs"], paired=bootstrap_ci(p[axis], ci, n_resamples, bootstrap_seed),
+               beats_by_2std=None if math.isnan(pooled) else bool(-diff > 2 * pooled))  # less is better
+    return out
 
-    def sd(x):
-        return f" ± {_sample_std(x):.0f}" if len(x) > 1 else ""
-    beats = "n/a (needs 2 seeds each)" if math.isnan(pooled) else (
-        "yes" if -diff > 2 * pooled else "no")  # fewer steps is better
-    return (f"Steps to target {target:.4f}, SIFT vs the fastest wrong-map control: `{lab[g]}` {a.mean():.0f}{sd(a)} "
-            f"vs `{lab[fastest]}` {b.mean():.0f}{sd(b)} (per seed, mean ± sample std; a seed that does not reach "
-            f"the target counts at its run length), difference {diff:+.0f}; paired over {p['pairs']} seeds "
-            f"{ci_text(m, lo, hi, '{:+.0f}')}. Fewer by more than 2x seed std ({abs(diff):.0f} vs 2 × {pooled:.0f}, "
-            f"pooled sample std)? {beats}.")
+
+def _criterion_text(c: dict, lab: dict, target: float, ci_text) -> str:
+    """One paragraph of the verdict from :func:`_against_controls`."""
+    g, ref = c["sift"], c["control"]
+    steps = c["axis"] == "steps"
+    what, ctl, fmt = ("Steps", "fastest", "{:.0f}") if steps else ("Cost", "cheapest", "{:.1f}")
+    unit = "" if steps else " s"
+    if c["reached_by_neither"]:
+        return (f"{what} to target {target:.4f}, SIFT vs the {ctl} wrong-map control: neither `{lab[g]}` nor "
+                f"`{lab[ref]}` reaches the target in any seed, so there {'are no steps' if steps else 'is no cost'} "
+                "to compare.")
+
+    def sd(n, x):
+        return f" ± {fmt.format(x)}" if n > 1 else ""
+    beats = "n/a (needs 2 seeds each)" if c["beats_by_2std"] is None else ("yes" if c["beats_by_2std"] else "no")
+    counted = "its run length" if steps else "its run's total cost"
+    return (f"{what} to target {target:.4f}, SIFT vs the {ctl} wrong-map control: `{lab[g]}` "
+            f"{fmt.format(c['sift_mean'])}{sd(c['sift_seeds'], c['sift_std'])}{unit} vs `{lab[ref]}` "
+            f"{fmt.format(c['control_mean'])}{sd(c['control_seeds'], c['control_std'])}{unit} (per seed, mean ± "
+            f"sample std; a seed that does not reach the target counts at {counted}), difference "
+            f"{('{:+' + fmt[2:]).format(c['difference'])}{unit}; paired over {c['pairs']} seeds "
+            f"{ci_text(*c['paired'], '{:+' + fmt[2:])}. {'Fewer' if steps else 'Less'} by more than 2x seed std "
+            f"({fmt.format(abs(c['difference']))} vs 2 × {fmt.format(c['pooled_std'])}, pooled sample std)? {beats}.")
+
+
+def _json_value(v):
+    """JSON-ready: numpy scalars to Python, nan to None, tuples to lists."""
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return None if math.isnan(v) else float(v)
+    return v
+
+
+def _interval(m: float, lo: float, hi: float, better_if_positive: bool | None = None) -> dict:
+    out = {"mean": m, "lo": lo, "hi": hi, "excludes_zero": _excludes_zero(lo, hi)}
+    if better_if_positive is not None:  # the CI excludes 0 in the better direction
+        out["better"] = bool(lo > 0) if better_if_positive else bool(hi < 0)
+    return out
+
+
+def verdict_data(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, target: float | None,
+                 base: str | None, higher_is_better: bool | None = None, ci: float = 0.95,
+                 n_resamples: int = 10_000, bootstrap_seed: int = 0) -> dict:
+    """The verdict in machine-readable form (``verdict.json``; nan written as null).
+
+    Keys: ``metric``, ``higher_is_better``, ``target``, ``ci``, ``n_resamples``, ``baseline`` (label or None),
+    ``wall_tolerance``; ``groups``: one dict per group with ``label``, ``description``, ``kind`` (the relevance map:
+    ``sift``, a wrong-map control, or "" for the baseline), ``is_baseline``, ``runs`` (directories), ``seeds``,
+    ``final_mean``/``final_std``, ``auc``, ``steps_to_target``, ``cost_to_target_s``, ``steps_ratio``,
+    ``cost_ratio``, ``wall_reliable``, ``contention`` (per run), ``time_to_target_s``/``time_ratio`` (null unless
+    ``wall_reliable``) and ``paired`` (to the baseline: ``pairs``, ``steps_censored`` and for final, auc, steps,
+    cost an interval ``mean``/``lo``/``hi``/``excludes_zero``, final also ``better``: the CI excludes 0 in the
+    better direction); ``controls``: :func:`control_comparisons` with labels for group keys and intervals as dicts.
+    """
+    if higher_is_better is None:
+        higher_is_better = "loss" not in metric and "div" not in metric
+    t = table.set_index("group")
+    lab = {g: str(t.loc[g, "label"]) if "label" in t else g for g in t.index}
+    out_groups = []
+    for g, rs in groups.items():
+        r = t.loc[g]
+        reliable = _flag(r.get("wall_reliable"))
+        d = {"label": lab[g], "description": g, "kind": _kind(rs[0].config) if not all(is_baseline(x) for x in rs)
+             else "", "is_baseline": g == base, "runs": [str(x.path) for x in rs],
+             "seeds": sorted({x.seed for x in rs if x.seed is not None}, key=repr), "n_runs": len(rs),
+             **{k: r.get(k, math.nan) for k in ("final_mean", "final_std", "auc", "steps_to_target",
+                                                "cost_to_target_s", "steps_ratio", "cost_ratio", "total_cost_s")},
+             "wall_reliable": reliable, "contention": [contention(x, metric) for x in rs],
+             "time_to_target_s": r["time_to_target_s"] if reliable else math.nan,
+             "time_ratio": r.get("time_ratio", math.nan) if reliable else math.nan}
+        if base is not None and g != base:
+            d["paired"] = {"pairs": r["pairs"], "steps_censored": r["steps_censored"], **{
+                n: _interval(r[f"d_{n}"], r[f"d_{n}_lo"], r[f"d_{n}_hi"],
+                             (higher_is_better if n in ("final", "auc") else False))
+                for n in ("final", "auc", "steps", "cost")}}
+        out_groups.append(d)
+    comps = []
+    for c in control_comparisons(table, groups, metric, target, base, higher_is_better, ci, n_resamples,
+                                 bootstrap_seed):
+        f = dict(c["final"], control=lab[c["final"]["control"]], paired=_interval(*c["final"]["paired"]),
+                 paired_auc=_interval(*c["final"]["paired_auc"]))
+        axes = {}
+        for axis in ("steps", "cost"):
+            a = c[axis]
+            if a is not None:
+                a = dict(a, sift=lab[a["sift"]], control=lab[a["control"]])
+                if "paired" in a:
+                    a["paired"] = _interval(*a["paired"])
+            axes[axis] = a
+        comps.append({"sift": lab[c["sift"]], "controls": [lab[h] for h in c["controls"]], "final": f, **axes})
+    return _json_value({"metric": metric, "higher_is_better": higher_is_better, "target": target,
+                        "ci": ci, "n_resamples": n_resamples, "baseline": lab[base] if base is not None else None,
+                        "wall_tolerance": WALL_TOLERANCE, "groups": out_groups, "controls": comps})
 
 
 def plot(groups: dict[str, list[Run]], metric: str, target: float | None, path: Path,
-         labels: dict[str, str] | None = None) -> None:
+         labels: dict[str, str] | None = None, wall_reliable: dict[str, bool | None] | None = None) -> None:
+    """``curves.png``: the metric against optimizer steps, against cost (when every group has cost data) and
+    against wall-clock (only when it is reliable for every group, see ``wall_clock_reliable``; computed against
+    the first baseline group when ``wall_reliable`` is not given). Mean line over seeds, band = min..max."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = labels or group_labels(groups)
+    if wall_reliable is None:
+        base = next((g for g, rs in groups.items() if all(is_baseline(r) for r in rs)), None)
+        wall_reliable = wall_clock_reliable(groups, metric, base)
+    has_cost = all(np.isfinite(r.curve(metric)["cost"]).all() for rs in groups.values() for r in rs)
+    axes_x = [("step", "optimizer steps")]
+    if has_cost:
+        axes_x.append(("cost", "training compute, cost (s)"))
+    if all(v is True for v in wall_reliable.values()):
+        axes_x.append(("time", "training wall-clock (s)"))
     ncol = min(3, len(groups))
     legend_h = 0.2 * math.ceil(len(groups) / ncol) + 0.2  # legend below the plots
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8 + legend_h))
+    fig, axes = plt.subplots(1, len(axes_x), figsize=(6.5 * len(axes_x), 4.8 + legend_h), squeeze=False)
+    axes = axes[0]
     for g, rs in groups.items():
         curves = [r.curve(metric) for r in rs]
         steps = np.unique(np.concatenate([c["step"].to_numpy() for c in curves]))
         vals = np.stack([np.interp(steps, c["step"], c["value"], right=np.nan) for c in curves])
-        times = np.stack([np.interp(steps, c["step"], c["time"], right=np.nan) for c in curves])
         mean, lo, hi = np.nanmean(vals, 0), np.nanmin(vals, 0), np.nanmax(vals, 0)
-        (line,) = axes[0].plot(steps, mean, label=f"{labels.get(g, g)} (n={len(rs)})")
-        axes[0].fill_between(steps, lo, hi, alpha=0.2, color=line.get_color())
-        axes[1].plot(np.nanmean(times, 0), mean, color=line.get_color())
-        axes[1].fill_between(np.nanmean(times, 0), lo, hi, alpha=0.2, color=line.get_color())
-    for ax, xl in zip(axes, ("optimizer steps", "training wall-clock (s)")):
+        color = None
+        for ax, (col, _) in zip(axes, axes_x):
+            x = steps if col == "step" else np.nanmean(
+                np.stack([np.interp(steps, c["step"], c[col], right=np.nan) for c in curves]), 0)
+            (line,) = ax.plot(x, mean, color=color, label=f"{labels.get(g, g)} (n={len(rs)})")
+            color = line.get_color()
+            ax.fill_between(x, lo, hi, alpha=0.2, color=color)
+    for ax, (_, xl) in zip(axes, axes_x):
         if target is not None:
             ax.axhline(target, color="k", ls="--", lw=0.8)
         ax.set_xlabel(xl)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    fig.suptitle(f"{metric}: mean over seeds, band = min..max" + (" ; dashed = target" if target is not None else ""))
+    left_out = [] if has_cost else ["cost: no cost data"]
+    if axes_x[-1][0] != "time":
+        left_out.append("wall-clock: " + ("unreliable (contention)" if any(v is False for v in wall_reliable.values())
+                                          else "not checkable without cost data"))
+    fig.suptitle(f"{metric}: mean over seeds, band = min..max" + (" ; dashed = target" if target is not None else "")
+                 + (f"\nleft out: {'; '.join(left_out)}" if left_out else ""))
     fig.tight_layout(rect=(0, legend_h / (4.8 + legend_h), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -758,7 +1075,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
     ap.add_argument("--bootstrap-seed", type=int, default=0, help="RNG seed of the bootstrap (tables regenerate "
                                                                   "identically)")
-    ap.add_argument("--verdict", action="store_true", help="also print a plain-text verdict, written to verdict.md")
+    ap.add_argument("--verdict", action="store_true", help="also print a plain-text verdict, written to verdict.md "
+                                                            "(and verdict.json, machine-readable)")
     ap.add_argument("--out", default="compare_out")
     args = ap.parse_args(argv)
     runs = load_runs(args.runs)
@@ -775,7 +1093,8 @@ def main(argv: list[str] | None = None) -> int:
     md = to_markdown(table, args.metric, target, base, **boot)
     (out / "table.md").write_text(md + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else ""))
     table.to_csv(out / "table.csv", index=False)
-    plot(groups, args.metric, target, out / "curves.png", dict(zip(table["group"], table["label"])))
+    plot(groups, args.metric, target, out / "curves.png", dict(zip(table["group"], table["label"])),
+         {g: _flag(v) for g, v in zip(table["group"], table["wall_reliable"])})
     print(f"{len(runs)} runs in {len(groups)} groups")
     print(md)
     for n in notes:
@@ -784,8 +1103,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.verdict:
         text = verdict(table, groups, args.metric, target, base, hib, **boot, bootstrap_seed=args.bootstrap_seed)
         (out / "verdict.md").write_text(text)
+        data = verdict_data(table, groups, args.metric, target, base, hib, **boot, bootstrap_seed=args.bootstrap_seed)
+        (out / "verdict.json").write_text(json.dumps(data, indent=1) + "\n")
         print(text)
-        written.append(out / "verdict.md")
+        written += [out / "verdict.md", out / "verdict.json"]
     print(f"wrote {', '.join(map(str, written))}")
     return 0
 
