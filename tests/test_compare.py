@@ -417,6 +417,12 @@ def test_old_import_path_is_a_shim():
 
     assert all(getattr(old, name) is getattr(new, name) for name in new.__all__)
     assert old.IGNORED_PREFIXES is new.IGNORED_PREFIXES
+    assert old.__all__ == ["main"]  # the shim exports only its entry point
+    from siftguide.compare import summarize  # older scripts' imports still resolve, through the new modules
+
+    assert summarize is new.summarize
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        old.nope  # noqa: B018
 
 
 def test_module_cli_in_a_subprocess(tmp_path):

@@ -122,9 +122,8 @@ def recommend(verdict: dict) -> dict:
         ev = _evidence(g, margin, verdict)
         out.update(status="recommended" if winners else "untested", setting=g["label"], overrides=g.get("overrides"),
                    evidence=ev, command=_command(common, g.get("overrides")))
-        ratios = ", ".join(f"{_num(ev[k]):.2f}x the baseline's {w}" for k, w in (("cost_ratio", "cost"),
-                                                                               ("steps_ratio", "steps"))
-                           if not math.isnan(_num(ev[k])))
+        axes = (("cost_ratio", "cost"), ("steps_ratio", "steps"))
+        ratios = ", ".join(f"{_num(ev[k]):.2f}x the baseline's {w}" for k, w in axes if not math.isnan(_num(ev[k])))
         fin = ev["paired_final_vs_baseline"] or {}
         s = (f"`{g['label']}` reaches the baseline's final {metric} in {ratios or 'an unknown share of its cost'}; "
              f"final {_num(g.get('final_mean')):.4f} ± {_num(g.get('final_std')):.4f} over {ev['n_seeds']} seeds")
