@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,88 +49,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .loading import NET_PREFIX, CheckpointError, encoder_state_dict, load_run_checkpoint
+
+# a checkpoint that cannot be read or exported (not a siftguide checkpoint, unknown model, bad ``--head``)
+ExportError = CheckpointError
+
 __all__ = ["ExportError", "load_run_checkpoint", "encoder_state_dict", "export_checkpoint", "load_snippet", "main"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 HEADS = ("auto", "keep", "drop", "probe")
-NET_PREFIX = "net."
 # pretrained_cfg fields describing the exported weights (the rest of the registry's cfg names its own weights)
 _CFG_FIELDS = ("input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std",
                "num_classes", "pool_size", "first_conv", "classifier")
-
-
-class ExportError(ValueError):
-    """The checkpoint cannot be exported (not a siftguide checkpoint, unknown model, bad ``--head``)."""
-
-
-# ---------------------------------------------------------------------------------------------------- reading
-def _resolve_ckpt(path: str | Path) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        for cand in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
-            if cand.is_file():
-                return cand
-        raise FileNotFoundError(f"no checkpoint in directory {p}: expected checkpoints/last.ckpt (a run directory) "
-                                "or last.ckpt")
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    return p
-
-
-def _config_beside(ckpt: Path) -> dict:
-    """The run directory's resolved ``config.yaml`` (``RUN/checkpoints/last.ckpt`` -> ``RUN/config.yaml``)."""
-    import yaml
-
-    for run_dir in (ckpt.parent.parent, ckpt.parent):
-        for cand in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
-            if cand.is_file():
-                cfg = yaml.safe_load(cand.read_text())
-                if isinstance(cfg, dict) and "model" in cfg:
-                    return cfg
-    return {}
-
-
-def load_run_checkpoint(path: str | Path, trust: bool = False) -> tuple[dict[str, Tensor], dict, dict]:
-    """Read a siftguide checkpoint (file or run directory); ``trust=True`` unpickles arbitrary objects.
-
-    Returns:
-        ``(state_dict, config, meta)``: the full Lightning ``state_dict``, the resolved run config (from
-        ``hyper_parameters["config"]``, else the run directory's ``config.yaml``) and ``meta`` (``path``,
-        ``global_step``, ``epoch``).
-    """
-    ckpt_path = _resolve_ckpt(path)
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():  # a pickled object the safe loader refuses
-            raise ExportError(f"{ckpt_path} holds objects that torch.load(weights_only=True) refuses; if you trust "
-                              f"the file, pass --trust-checkpoint (runs its pickled code)\n{e}") from e
-        raise ExportError(f"{ckpt_path} is not a PyTorch checkpoint ({e})") from e
-    except Exception as e:  # noqa: BLE001  (zip/pickle errors of every kind: not a torch file)
-        raise ExportError(f"{ckpt_path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ExportError(f"{ckpt_path} is not a Lightning checkpoint: no 'state_dict' entry")
-    state = ckpt["state_dict"]
-    if not any(k.startswith(NET_PREFIX) for k in state):
-        raise ExportError(f"{ckpt_path} is not a siftguide checkpoint: no '{NET_PREFIX}*' keys in its state_dict "
-                          f"(first keys: {list(state)[:5]})")
-    config = (ckpt.get("hyper_parameters") or {}).get("config") or _config_beside(ckpt_path)
-    if not config:
-        raise ExportError(f"{ckpt_path} holds no run config (hyper_parameters['config']) and no config.yaml was "
-                          "found in its run directory: the timm model kwargs are unknown")
-    meta = {"path": str(ckpt_path.resolve()), "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
-    return state, config, meta
-
-
-def encoder_state_dict(state_dict: dict[str, Tensor], prefix: str = NET_PREFIX) -> dict[str, Tensor]:
-    """The timm net's own entries, prefix removed (and torch.compile's ``_orig_mod.``); objective keys dropped."""
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith(prefix):
-            k = k[len(prefix):]
-            out[k.removeprefix("_orig_mod.")] = v
-    return out
 
 
 def _model_node(config: dict) -> dict:
