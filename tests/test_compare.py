@@ -214,6 +214,24 @@ def test_bootstrap_ci_is_deterministic_and_degenerate_cases():
     assert all(math.isnan(x) for x in bootstrap_ci([]))
 
 
+def test_bootstrap_ci_is_scipys_percentile_bootstrap_and_equals_the_former_numpy_one():
+    # scipy.stats.bootstrap draws the same resamples from the seeded generator as our former copy did (indices
+    # integers(0, n, (n_resamples, n))) and takes the same percentiles: equal up to the last bit of the level
+    from scipy import stats
+
+    def former(d, ci, n_resamples, seed):  # the hand-written interval bootstrap_ci used before
+        idx = np.random.default_rng(seed).integers(0, len(d), size=(n_resamples, len(d)))
+        return tuple(np.quantile(d[idx].mean(axis=1), [(1 - ci) / 2, 1 - (1 - ci) / 2]))
+
+    for n, ci, seed in [(2, 0.95, 0), (3, 0.95, 1), (5, 0.9, 0), (8, 0.95, 3), (20, 0.5, 7)]:
+        d = np.random.default_rng(n).normal(1.0, 0.5, n)
+        m, lo, hi = bootstrap_ci(d, ci, 10_000, seed)
+        assert m == d.mean() and (lo, hi) == pytest.approx(former(d, ci, 10_000, seed), rel=1e-12, abs=1e-15)
+        ref = stats.bootstrap((d,), np.mean, n_resamples=10_000, confidence_level=ci, method="percentile",
+                              random_state=np.random.default_rng(seed))
+        assert (lo, hi) == pytest.approx(tuple(ref.confidence_interval), rel=1e-12)
+
+
 def _offset_runs(root, offset, noise, n=8):
     """Baseline seeds with varied curves; guided = the same seed's curve + offset + per-seed noise."""
     rng = np.random.default_rng(123)

@@ -176,21 +176,28 @@ def wall_flag(v) -> bool | None:
 
 
 def bootstrap_ci(diffs, ci: float = 0.95, n_resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high): mean of ``diffs`` (n,) and its percentile bootstrap interval (resampling the n values
-    with replacement ``n_resamples`` times, RNG seeded with ``seed`` so the result is reproducible). With fewer
-    than 2 finite values the interval is (nan, nan).
+    """(mean, low, high): mean of ``diffs`` (n,) and its percentile bootstrap interval: ``scipy.stats.bootstrap``
+    of the mean, ``method="percentile"``, resampling the n values with replacement ``n_resamples`` times from
+    ``numpy.random.default_rng(seed)``, so the result is reproducible. With fewer than 2 finite values the interval
+    is (nan, nan).
 
     >>> bootstrap_ci([1.0, 1.0, 1.0])
     (1.0, 1.0, 1.0)
     """
+    from scipy import stats
+
     d = np.asarray(diffs, float)
     d = d[np.isfinite(d)]
     if len(d) == 0:
         return math.nan, math.nan, math.nan
     if len(d) < 2:
         return float(d.mean()), math.nan, math.nan
-    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_resamples, len(d)))
-    lo, hi = np.quantile(d[idx].mean(axis=1), [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    kw = dict(n_resamples=n_resamples, confidence_level=ci, method="percentile", vectorized=True)
+    try:
+        res = stats.bootstrap((d,), np.mean, rng=np.random.default_rng(seed), **kw)
+    except TypeError:  # scipy < 1.15 names the generator random_state
+        res = stats.bootstrap((d,), np.mean, random_state=np.random.default_rng(seed), **kw)
+    lo, hi = res.confidence_interval
     return float(d.mean()), float(lo), float(hi)
 
 
