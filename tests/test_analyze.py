@@ -99,6 +99,24 @@ def test_kl_spearman_distance_entropy():
     assert close(share, [0.7]) and close(uniform, [0.5])
 
 
+def test_spearman_agrees_with_torchmetrics_except_on_constant_rows():
+    # torchmetrics' spearman_corrcoef on columns: equal on every non-constant row, ties included (up to its
+    # 1e-6 in the denominator); a constant row gives 0 there, NaN here (undefined: the analysis skips such images)
+    from torchmetrics.functional import spearman_corrcoef
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 4, (6, 16), generator=g).float()  # keypoint counts: many ties
+    b = torch.rand(6, 16, generator=g)
+    b[2, :8] = b[2, 8:]  # ties in both
+    ours, theirs = spearman(a, b), spearman_corrcoef(a.T, b.T)
+    assert close(ours, theirs)
+    b[4] = 0.25
+    ours, theirs = spearman(a, b), spearman_corrcoef(a.T, b.T)
+    assert math.isnan(float(ours[4])) and float(theirs[4]) == 0.0
+    keep = torch.arange(6) != 4
+    assert close(ours[keep], theirs[keep])
+
+
 def test_stats_uniform_attention_is_ratio_one_and_kl_zero_when_cls_equals_relevance():
     """Two layers: uniform attention, and a CLS row equal to the relevance map."""
     torch.manual_seed(0)

@@ -176,7 +176,13 @@ def average_ranks(x: Tensor) -> Tensor:
 
 def spearman(x: Tensor, y: Tensor) -> Tensor:
     """Spearman's rank correlation along the last axis (Pearson of average ranks); NaN where ``x`` or ``y`` is
-    constant."""
+    constant.
+
+    Kept instead of ``torchmetrics.functional.spearman_corrcoef``, which agrees on every non-constant row (ties
+    included, tested) but differs where it matters here: it returns 0, not NaN, for a constant row (the analysis
+    counts NaN to skip images with a constant relevance map), divides by ``std * std + 1e-6``, works on columns of
+    a 2-D input only, and ranks each column in a Python loop (about 10^4 calls per batch of the analysis); this
+    function ranks every row of any ``(..., P)`` batch at once."""
     x, y = torch.broadcast_tensors(x, y)
     rx, ry = average_ranks(x), average_ranks(y)
     rx, ry = rx - rx.mean(-1, keepdim=True), ry - ry.mean(-1, keepdim=True)
