@@ -73,7 +73,7 @@ class InterrelationStats:
                 first = False
             self.send[li] += bin_mass(to_patches, levels, k).sum(0).double().cpu()
             self.cls[li] += bin_mass(cls, levels, k).sum(0).double().cpu()
-            self.kl[li] += kl_divergence(relevance.unsqueeze(1), cls).sum(0).double().cpu()
+            self.kl[li] += kl_divergence(relevance.unsqueeze(1), cls.clamp_min(EPS), 0.0).sum(0).double().cpu()
             rho = spearman(relevance.unsqueeze(1), cls)  # (B, h), NaN for constant relevance
             self.rho[li] += torch.nan_to_num(rho).sum(0).double().cpu()
             self.rho_n[li] += (~rho.isnan()).sum(0).double().cpu()

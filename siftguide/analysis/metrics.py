@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..guidance.alignment import kl_divergence  # the package's one KL (re-exported: kl_divergence(p, q, eps))
 from ..relevance import patch_positions
 
 __all__ = [
@@ -159,12 +160,6 @@ def bin_mass(values: Tensor, bins: Tensor, num_bins: int) -> Tensor:
     lead = values.shape[1:-1]
     out = values.reshape(values.shape[0], -1, values.shape[-1]) @ m  # (B, X, K)
     return out.reshape(values.shape[0], *lead, num_bins)
-
-
-def kl_divergence(p: Tensor, q: Tensor, eps: float = EPS) -> Tensor:
-    """``KL(p || q) = Σ p log(p / q)`` over the last axis (``0 log 0 = 0``; ``q`` floored at ``eps``)."""
-    p, q = torch.broadcast_tensors(p.float(), q.float())
-    return torch.where(p > 0, p * (p.clamp_min(eps).log() - q.clamp_min(eps).log()), torch.zeros_like(p)).sum(-1)
 
 
 def average_ranks(x: Tensor) -> Tensor:

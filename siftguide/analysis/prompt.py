@@ -42,7 +42,7 @@ from ..relevance import relevance_from_keypoints
 from ..sift import counts_from_keypoints, detect_keypoints
 from .images import dataset_source, image_batches, normalise
 from .loading import AnalyzeError, LoadedModel, load_checkpoint_model
-from .metrics import kl_divergence, poor_share, spearman
+from .metrics import EPS, kl_divergence, poor_share, spearman
 from .tables import md_table, write_csv
 
 __all__ = ["prompt_predictions", "prompting_rows", "class_rows", "main"]
@@ -91,7 +91,7 @@ def prompt_predictions(net: nn.Module, batches: Iterable[dict], *, mean: Sequenc
             cap.clear()
             acc["preds"][k].append(logits.argmax(-1).cpu())
             acc["poor_share"][k].append(poor_share(attn, counts)[0].cpu())
-            acc["kl"][k].append(kl_divergence(r, attn).cpu())
+            acc["kl"][k].append(kl_divergence(r, attn.clamp_min(EPS), 0.0).cpu())
             acc["spearman"][k].append(spearman(r, attn).cpu())
         labels.append(batch["label"].long().cpu())
         kps.append(kp.valid.sum(1).cpu())
