@@ -251,7 +251,9 @@ class PretrainModule(L.LightningModule):
         opt = self.optimizer_fn([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else \
             int(self.trainer.estimated_stepping_batches)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.warmup_steps, total, self.min_lr_factor))
+        from .guidance.schedule import warmup_cosine as lr_multiplier  # the package's one cosine schedule
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(self.warmup_steps, total, self.min_lr_factor))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
