@@ -6,12 +6,14 @@ decoder, the online probe) and is left out. The resolved run config stored in th
 (``hyper_parameters["config"]``, else the run directory's ``config.yaml``) gives the ``timm.create_model``
 kwargs (``model``) and the input normalisation (``transform.mean`` / ``transform.std``).
 
-``DIR`` gets the Hugging Face Hub layout that timm reads:
+``DIR`` gets the Hugging Face Hub layout that timm reads, written by timm's own ``save_for_hf``:
 
 * ``model.safetensors``: the ViT's state dict, ``net.`` prefix removed;
-* ``config.json``: ``architecture``, ``model_args`` (the create_model kwargs, ``num_classes`` as exported),
-  ``pretrained_cfg`` (``input_size``, ``mean``, ``std``, ``num_classes``, ``interpolation``, ``crop_pct``, ...)
-  and a ``siftguide`` entry (source checkpoint, objective, head policy, resolved run config).
+* ``config.json``: ``architecture``, ``model_args`` (the create_model kwargs, ``num_classes`` as exported; timm
+  >= 1.0.2x records them itself: ``img_size`` as ``[H, W]`` and the model's ``global_pool`` added),
+  ``pretrained_cfg`` (``input_size``, ``mean``, ``std``, ``num_classes``, ``interpolation``, ``crop_pct``, ...;
+  only fields that describe these weights, none of the registry's tag, license or hub id) and a ``siftguide``
+  entry (source checkpoint, objective, head policy, resolved run config).
 
 Load it with timm (>= 1.0.16 for ``local-dir:``)::
 
@@ -138,7 +140,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, head: str = "a
         ``num_params`` and ``snippet`` (Python that loads the export).
     """
     import timm
-    from safetensors.torch import save_file
+    from timm.models import save_for_hf
 
     if head not in HEADS:
         raise ExportError(f"head must be one of {HEADS}, got {head!r}")
@@ -197,22 +199,16 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, head: str = "a
         mean=mean, std=std, num_classes=int(model.num_classes), custom_load=False,
     )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    hub_config = {
-        "architecture": architecture,
-        "num_classes": int(model.num_classes),
-        "num_features": int(model.num_features),
-        "global_pool": getattr(model, "global_pool", None),
-        "model_args": model_args,
-        "pretrained_cfg": pretrained_cfg,
-        "siftguide": {
-            "checkpoint": meta["path"], "global_step": meta["global_step"], "objective": objective,
-            "head": action, "head_note": note, "config": config,
-        },
-    }
-    (out / CONFIG_NAME).write_text(json.dumps(hub_config, indent=2, default=str) + "\n")
+    siftguide_entry = {"checkpoint": meta["path"], "global_step": meta["global_step"], "objective": objective,
+                       "head": action, "head_note": note, "config": config}
+    # timm writes the hub layout: model.safetensors (the model's state_dict, i.e. the weights checked above) and
+    # config.json (architecture, num_classes, num_features, global_pool, model_args, pretrained_cfg, + our entry).
+    # The model's pretrained_cfg becomes ours first: the registry's names other weights (tag, license, hub id)
+    model.pretrained_cfg = {**pretrained_cfg, "architecture": architecture}
+    save_for_hf(model, str(out), model_args=model_args, safe_serialization=True,
+                model_config={"pretrained_cfg": pretrained_cfg,
+                              "siftguide": json.loads(json.dumps(siftguide_entry, default=str))})
+    tensors = model.state_dict()
     return {
         "out_dir": str(out), "weights": str(out / WEIGHTS_NAME), "config": str(out / CONFIG_NAME),
         "architecture": architecture, "model_args": model_args, "pretrained_cfg": pretrained_cfg,
