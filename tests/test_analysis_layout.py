@@ -22,7 +22,8 @@ def test_public_names_importable_from_their_old_homes():
     from siftguide.analysis import analyze, compare, export, images, interrelation, loading, metrics, plots
 
     assert analyze.spearman is metrics.spearman and analyze.InterrelationStats is interrelation.InterrelationStats
-    assert analyze.load_checkpoint_model is loading.load_checkpoint_model and analyze.plot_overlays is plots.plot_overlays
+    assert analyze.load_checkpoint_model is loading.load_checkpoint_model
+    assert analyze.plot_overlays is plots.plot_overlays
     assert analyze.dataset_source is images.dataset_source and callable(analyze.main)
     assert export.load_run_checkpoint is loading.load_run_checkpoint and export.ExportError is loading.CheckpointError
     assert all(hasattr(compare, n) for n in compare.__all__) and all(hasattr(analyze, n) for n in analyze.__all__)
