@@ -1,13 +1,24 @@
-"""Moved to ``siftguide.analysis.compare``; this module re-exports it so ``from siftguide.compare import ...`` and
-``python -m siftguide.compare RUN_DIR ... --out DIR`` keep working."""
+"""``python -m siftguide.compare RUN_DIR ... --out DIR``: the stable command name of :mod:`siftguide.analysis.compare`.
+
+Exports only the entry point ``main``. Older scripts' ``from siftguide.compare import summarize`` (any name of
+``siftguide.analysis.compare``) keeps working: such names are looked up there on first use.
+"""
 import sys
 
-from siftguide.analysis.compare import *  # noqa: F401,F403  (the public names, listed in __all__)
-from siftguide.analysis.compare import (  # noqa: F401  (module constants and helpers older scripts may use)
-    BASELINE_NAMES, GUIDANCE_PREFIXES, IGNORED_PREFIXES, KIND_KEYS, LABEL_ALIASES, MODE_TARGET_PREFIX, REFERENCE_KIND,
-    WRONG_MAP_KINDS,
-    __all__, main,
-)
+from siftguide.analysis.compare import main
+
+__all__ = ["main"]
+
+
+def __getattr__(name: str):
+    # PEP 562: names this shim does not define come from the module that now owns them
+    from siftguide.analysis import compare
+
+    try:
+        return getattr(compare, name)
+    except AttributeError:
+        raise AttributeError(f"module 'siftguide.compare' has no attribute {name!r}") from None
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -261,17 +261,22 @@ class PretrainModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            # no weight decay on biases, norms, tokens and position embeddings (timm/solo-learn convention)
-            (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token", "dist_token"))
-             else decay).append(p)
+        from timm.optim import param_groups_weight_decay
+
+        # no weight decay on biases, norms (1-D) and what a submodule's no_weight_decay() names (the ViT's
+        # pos_embed and cls/reg/dist tokens): timm's split; the optimizer's own weight_decay applies to the rest
+        skip = [f"{m}.{n}" if m else n for m, mod in self.named_modules()
+                if callable(getattr(mod, "no_weight_decay", None)) for n in mod.no_weight_decay()]
+        groups = param_groups_weight_decay(self, weight_decay=1.0, no_weight_decay_list=skip)
+        decay = [p for g in groups if g["weight_decay"] for p in g["params"]]
+        no_decay = [p for g in groups if not g["weight_decay"] for p in g["params"]]
+        # [decay, no decay] in this order: a checkpoint's optimizer state maps onto its groups by position
         opt = self.optimizer_fn([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else \
             int(self.trainer.estimated_stepping_batches)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.warmup_steps, total, self.min_lr_factor))
+        from .guidance.schedule import warmup_cosine as lr_multiplier  # the package's one cosine schedule
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(self.warmup_steps, total, self.min_lr_factor))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

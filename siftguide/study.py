@@ -4,8 +4,11 @@
 
 runs the baseline (``guidance=none``), every chosen guidance mode with SIFT relevance, and each mode's wrong-map
 controls (``relevance.kind=shuffled|rolled|mean``, ``random`` for token dropping and masking, the ``foreground``
-oracle on request) over the seeds, then writes the compare report (``report/table.md``, ``curves.png``) and a
-plain verdict (``report/verdict.md``).
+oracle on request) over the seeds, then writes the compare report (``report/table.md``, ``curves.png``), a
+plain verdict (``report/verdict.md``, the same machine-readable in ``report/verdict.json``) and the recipe
+(``report/recommended.yaml``): the best setting for this data, its evidence and the one command that trains with
+it, or a plain statement that no setting beat its wrong-map controls and the baseline is the one to use (see
+``siftguide.analysis.recipe``).
 
 * Every run is one ``train.py`` process with ``hydra.run.dir=OUT/<mode>/<kind>/s<seed>`` (the baseline:
   ``OUT/baseline/none/s<seed>``): one failing run does not stop the study, and runs can go in parallel
@@ -47,6 +50,8 @@ CONTROLS = {
     "masking": {"main": ["random"], "auto": ["random", "shuffled", "rolled", "mean"]},
 }
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+# put before the user's overrides in every run (see ``plan``); the recipe's command keeps them
+STUDY_OVERRIDES = ["relevance.cache=auto"]
 
 
 @dataclass
@@ -116,7 +121,7 @@ def plan(modes: list[str], seeds: list[int], controls: str = "main", oracle: boo
             per_seed.append((label, kind, [f"guidance={guidance}", f"relevance.kind={kind}", *extra]))
     # the keypoint cache wherever the data allows it (in-memory images, image folders), for every run (runs without
     # keypoints ignore it), so that it is not a compared setting; a user's relevance.cache=... comes later and wins
-    return [StudyRun(label, kind, s, ["relevance.cache=auto", *common, *ovr, f"seed={s}"])
+    return [StudyRun(label, kind, s, [*STUDY_OVERRIDES, *common, *ovr, f"seed={s}"])
             for s in seeds for label, kind, ovr in per_seed]
 
 
@@ -266,7 +271,48 @@ def _report(args, runs: list[StudyRun], out: Path, failed: list[StudyRun]) -> in
         return 1 if failed else 0
     metric = args.metric or ("val/knn_acc" if any("objective=mae" in o for o in args.overrides) else "val/acc")
     rc = compare.main([*map(str, done), "--out", str(out / "report"), "--metric", metric, "--verdict"])
+    if rc == 0:
+        _write_recipe(args, runs, out)
     return 1 if failed else rc
+
+
+def _data_name(common: list[str]) -> str:
+    """The data the study ran on, from its overrides (``data=...``, plus ``data.root``), else the default."""
+    data = next((o.split("=", 1)[1] for o in reversed(common) if o.startswith("data=")), "fashion_mnist (default)")
+    root = next((o.split("=", 1)[1] for o in reversed(common) if o.startswith("data.root=")), None)
+    return f"{data} (root={root})" if root else data
+
+
+def _write_recipe(args, runs: list[StudyRun], out: Path) -> None:
+    """``report/verdict.json`` gets each group's overrides and the study's common ones; ``report/recommended.yaml``
+    the setting to train with (``siftguide.analysis.recipe.recommend``)."""
+    from .analysis import recipe
+
+    path = out / "report" / "verdict.json"
+    if not path.is_file():
+        return
+    verdict = json.loads(path.read_text())
+    common = [*STUDY_OVERRIDES, *args.overrides]
+    by_dir = {str(r.directory(out).resolve()): r for r in runs}
+    for g in verdict["groups"]:
+        mine = [by_dir.get(str(Path(d).resolve())) for d in g["runs"]]
+        own = {tuple(_mode_overrides(r, common)) for r in mine if r is not None}
+        g["overrides"] = list(own.pop()) if len(own) == 1 and None not in mine else None
+    verdict.update(common_overrides=common, data=_data_name(args.overrides))
+    path.write_text(json.dumps(verdict, indent=1) + "\n")
+    rec = recipe.recommend(verdict)
+    (out / "report" / "recommended.yaml").write_text(recipe.recommendation_yaml(rec))
+    print(f"{rec['status']}: {rec['statement']}")
+    if rec["command"]:
+        print(f"command: {rec['command']}")
+    print(f"wrote {path} and {out / 'report' / 'recommended.yaml'}")
+
+
+def _mode_overrides(run: StudyRun, common: list[str]) -> list[str]:
+    """A run's own overrides: those of its mode and map kind, without the study's common ones and the seed."""
+    own = run.overrides[len(common):] if run.overrides[:len(common)] == common else \
+        [o for o in run.overrides if o not in common]
+    return [o for o in own if not o.startswith("seed=")]
 
 
 if __name__ == "__main__":

@@ -75,8 +75,8 @@ def opencv_patch_counts(points: list[np.ndarray], grid: tuple[int, int], patch_s
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
     """Per-row Spearman rank correlation of ``(B, M)`` tensors (average ranks for ties); NaN for constant rows.
-    The batched implementation of :func:`siftguide.analysis.analyze.spearman`, in float64."""
-    from .analysis.analyze import spearman as batched
+    The batched implementation of :func:`siftguide.analysis.metrics.spearman`, in float64."""
+    from .analysis.metrics import spearman as batched
 
     return batched(a.double(), b.double())
 

@@ -99,6 +99,44 @@ def test_kl_spearman_distance_entropy():
     assert close(share, [0.7]) and close(uniform, [0.5])
 
 
+def test_one_kl_for_the_guidance_loss_and_the_analysis():
+    from siftguide.guidance.alignment import divergence, kl_divergence as guidance_kl
+
+    assert kl_divergence is guidance_kl
+    g = torch.Generator().manual_seed(0)
+    rel = torch.rand(4, 3, 16, generator=g) * (torch.rand(4, 3, 16, generator=g) > 0.3)  # zeros in p
+    rel = rel / rel.sum(-1, keepdim=True)
+    att = torch.softmax(4 * torch.randn(4, 3, 16, generator=g), -1)
+    att[0, 0] = torch.nn.functional.one_hot(torch.tensor(3), 16).float()  # zeros in q
+    # the training loss is bit for bit what divergence(kind="kl") computed before
+    former_loss = (torch.xlogy(rel, rel) - rel * torch.log(att + 1e-8)).sum(-1)
+    assert torch.equal(divergence(att, rel, "kl", 1e-8), former_loss)
+    # the analysis floors q at 1e-12 (InterrelationStats and prompt call kl_divergence(r, q.clamp_min(EPS), 0.0)):
+    # what its own KL computed before, though q holds values far below 1e-12 here
+    p, q = torch.broadcast_tensors(rel, att)
+    former = torch.where(p > 0, p * (p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log()), torch.zeros_like(p)).sum(-1)
+    assert torch.allclose(kl_divergence(rel, att.clamp_min(1e-12), 0.0), former, rtol=1e-6, atol=1e-6)
+    assert kl_divergence(rel[:, :1], att, 1e-12).shape == (4, 3)  # (B, 1, P) relevance against (B, h, P) heads
+
+
+def test_spearman_agrees_with_torchmetrics_except_on_constant_rows():
+    # torchmetrics' spearman_corrcoef on columns: equal on every non-constant row, ties included (up to its
+    # 1e-6 in the denominator); a constant row gives 0 there, NaN here (undefined: the analysis skips such images)
+    from torchmetrics.functional import spearman_corrcoef
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 4, (6, 16), generator=g).float()  # keypoint counts: many ties
+    b = torch.rand(6, 16, generator=g)
+    b[2, :8] = b[2, 8:]  # ties in both
+    ours, theirs = spearman(a, b), spearman_corrcoef(a.T, b.T)
+    assert close(ours, theirs)
+    b[4] = 0.25
+    ours, theirs = spearman(a, b), spearman_corrcoef(a.T, b.T)
+    assert math.isnan(float(ours[4])) and float(theirs[4]) == 0.0
+    keep = torch.arange(6) != 4
+    assert close(ours[keep], theirs[keep])
+
+
 def test_stats_uniform_attention_is_ratio_one_and_kl_zero_when_cls_equals_relevance():
     """Two layers: uniform attention, and a CLS row equal to the relevance map."""
     torch.manual_seed(0)

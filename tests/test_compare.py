@@ -1,4 +1,5 @@
 """compare on synthetic runs whose answers are known by construction."""
+import json
 import math
 import subprocess
 import sys
@@ -9,8 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from siftguide.analysis.compare import (auc, bootstrap_ci, group_labels, group_runs, is_baseline, load_runs, main,
-                                        paired_differences, reach, summarize, verdict)
+from siftguide.analysis.compare import (auc, bootstrap_ci, contention, group_labels, group_runs, is_baseline,
+                                        load_runs, main, paired_differences, reach, summarize, verdict, verdict_data,
+                                        wall_clock_reliable)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,13 +25,15 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 def make_run(root, name, weight, seed, values, steps=(100, 200, 300, 400), sec_per_step=0.5, kind="sift",
-             max_steps=400, extra=None):
+             max_steps=400, extra=None, cost_per_step=None):
+    """A finished run's directory; ``cost_per_step`` adds ``val/cost_s`` (runs made before the cost axis lack it)."""
     d = root / name
     d.mkdir(parents=True)
     rows = []
     for s, v in zip(steps, values):
         rows.append({"step": s - 1, "train/loss": 1.0, "val/acc": None})
-        rows.append({"step": s, "val/acc": v, "val/step": s, "val/elapsed_s": s * sec_per_step})
+        rows.append({"step": s, "val/acc": v, "val/step": s, "val/elapsed_s": s * sec_per_step,
+                     **({"val/cost_s": s * cost_per_step} if cost_per_step is not None else {})})
     pd.DataFrame(rows).to_csv(d / "metrics.csv", index=False)
     cfg = {"seed": seed, "guidance": {"weight": weight, "target": {"kind": kind, "seed": seed}},
            "paths": {"output_dir": str(d)}, "trainer": {"max_steps": max_steps}}
@@ -208,6 +212,24 @@ def test_bootstrap_ci_is_deterministic_and_degenerate_cases():
     assert bootstrap_ci(d, ci=0.5)[1] > lo
     assert math.isnan(bootstrap_ci([0.5])[1]) and bootstrap_ci([0.5])[0] == 0.5
     assert all(math.isnan(x) for x in bootstrap_ci([]))
+
+
+def test_bootstrap_ci_is_scipys_percentile_bootstrap_and_equals_the_former_numpy_one():
+    # scipy.stats.bootstrap draws the same resamples from the seeded generator as our former copy did (indices
+    # integers(0, n, (n_resamples, n))) and takes the same percentiles: equal up to the last bit of the level
+    from scipy import stats
+
+    def former(d, ci, n_resamples, seed):  # the hand-written interval bootstrap_ci used before
+        idx = np.random.default_rng(seed).integers(0, len(d), size=(n_resamples, len(d)))
+        return tuple(np.quantile(d[idx].mean(axis=1), [(1 - ci) / 2, 1 - (1 - ci) / 2]))
+
+    for n, ci, seed in [(2, 0.95, 0), (3, 0.95, 1), (5, 0.9, 0), (8, 0.95, 3), (20, 0.5, 7)]:
+        d = np.random.default_rng(n).normal(1.0, 0.5, n)
+        m, lo, hi = bootstrap_ci(d, ci, 10_000, seed)
+        assert m == d.mean() and (lo, hi) == pytest.approx(former(d, ci, 10_000, seed), rel=1e-12, abs=1e-15)
+        ref = stats.bootstrap((d,), np.mean, n_resamples=10_000, confidence_level=ci, method="percentile",
+                              random_state=np.random.default_rng(seed))
+        assert (lo, hi) == pytest.approx(tuple(ref.confidence_interval), rel=1e-12)
 
 
 def _offset_runs(root, offset, noise, n=8):
@@ -413,6 +435,12 @@ def test_old_import_path_is_a_shim():
 
     assert all(getattr(old, name) is getattr(new, name) for name in new.__all__)
     assert old.IGNORED_PREFIXES is new.IGNORED_PREFIXES
+    assert old.__all__ == ["main"]  # the shim exports only its entry point
+    from siftguide.compare import summarize  # older scripts' imports still resolve, through the new modules
+
+    assert summarize is new.summarize
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        old.nope  # noqa: B018
 
 
 def test_module_cli_in_a_subprocess(tmp_path):
@@ -427,3 +455,169 @@ def test_module_cli_in_a_subprocess(tmp_path):
     assert "Δ AUC" in md and (out / "verdict.md").read_text() in proc.stdout
     t = pd.read_csv(out / "table.csv")
     assert {"label", "auc", "auc_seed_std", "pairs", "d_final_lo", "d_steps_hi", "steps_censored"} <= set(t.columns)
+
+
+# --- the cost axis: time to target on compute that contention cannot bend; wall-clock only where it is reliable ----
+
+
+def test_runs_without_cost_data_report_steps_only(tmp_path):
+    make_run(tmp_path, "b0", 0.0, 0, [0.5, 0.6, 0.7, 0.8])
+    make_run(tmp_path, "g0", 1.0, 0, [0.6, 0.8, 0.85, 0.86])
+    groups = group_runs(load_runs([tmp_path]))
+    assert math.isnan(contention(groups["guidance.weight=1.0"][0], "val/acc"))
+    table, target, base, _ = summarize(groups, "val/acc")
+    g = table.set_index("group").loc["guidance.weight=1.0"]
+    assert math.isnan(g["cost_to_target_s"]) and math.isnan(g["cost_ratio"]) and g["wall_reliable"] is None
+    assert g["steps_ratio"] == 0.5  # the steps are reported as before
+    md = main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0 and (tmp_path / "out" / "table.md").read_text()
+    assert "No cost data (`val/cost_s`" in md and "steps only" in md
+    row = next(line for line in md.splitlines() if line.startswith("| w=1 |"))
+    assert "| 0.50 | — | — | — | — |" in row  # steps ratio, then no cost ratio, time, time ratio, contention
+    text = verdict(table, groups, "val/acc", target, base)
+    assert "0.50x the baseline's steps. No cost data" in text and "wall-clock left out" in text
+    assert "training time" not in text and "Cost to target" not in text
+
+
+def test_cost_to_target_ratio_and_paired_cost_with_equal_conditions(tmp_path):
+    # the guided step costs half a baseline step (0.25 vs 0.5 s, as token dropping does); both ran under equal
+    # conditions (wall-clock 2x the cost): wall-clock is reliable and shown
+    for s in (0, 1):
+        make_run(tmp_path, f"b{s}", 0.0, s, [0.5, 0.6, 0.7, 0.8], sec_per_step=1.0, cost_per_step=0.5)
+    make_run(tmp_path, "g0", 0.3, 0, [0.6, 0.8, 0.85, 0.86], sec_per_step=0.5, cost_per_step=0.25)
+    make_run(tmp_path, "g1", 0.3, 1, [0.6, 0.7, 0.8, 0.84], sec_per_step=0.5, cost_per_step=0.25)
+    groups = group_runs(load_runs([tmp_path]))
+    table, target, base, notes = summarize(groups, "val/acc")
+    t = table.set_index("group")
+    b, g = t.loc[base], t.loc["guidance.weight=0.3"]
+    assert b["cost_to_target_s"] == pytest.approx(200) and b["total_cost_s"] == pytest.approx(200)
+    # the mean curve crosses 0.8 at 266.7 steps, at 0.25 s of compute per step
+    assert g["cost_to_target_s"] == pytest.approx(800 / 3 * 0.25)
+    assert g["cost_ratio"] == pytest.approx(800 / 3 * 0.25 / 200)
+    assert g["steps_ratio"] == pytest.approx(800 / 3 / 400)
+    # per seed: reached at steps 200 and 300, i.e. 50 and 75 s against the baseline's 200 s
+    p = paired_differences(groups["guidance.weight=0.3"], groups[base], "val/acc", target)
+    assert p["cost"] == pytest.approx([-150, -125]) and g["d_cost"] == pytest.approx(-137.5)
+    assert (g["d_cost_lo"], g["d_cost_hi"]) == (-150, -125)
+    assert (g["contention"], b["contention"]) == (2.0, 2.0) and g["wall_reliable"] and b["wall_reliable"]
+    assert g["time_ratio"] == pytest.approx(g["cost_ratio"])
+    text = verdict(table, groups, "val/acc", target, base)
+    assert f"{800 / 3 / 400:.2f}x the baseline's steps and {800 / 3 * 0.25 / 200:.2f}x its compute (cost)" in text
+    assert "Wall-clock 0.33x the baseline's (reliable" in text and "cost to target (s) -137.5" in text
+    md = main([str(tmp_path), "--out", str(tmp_path / "out"), "--verdict"]) == 0 and \
+        (tmp_path / "out" / "table.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| w=0.3 |"))
+    assert "| 66.7 | 0.67 | 0.33 | 133.3 | 0.33 | 2.00 |" in row and "unreliable" not in md
+    assert "| -137.5 [-150.0, -125.0] * |" in md
+
+
+def test_contended_wall_clock_is_marked_unreliable_and_the_cost_ratio_is_right(tmp_path):
+    # the baseline shared its cores (wall-clock 2x its compute), the guided runs had the machine to themselves
+    # (wall-clock = compute); a guided step costs what a baseline step costs. Wall-clock would claim 0.33x; the
+    # cost axis gives the true 0.67x (= the steps ratio)
+    for s in (0, 1):
+        make_run(tmp_path, f"b{s}", 0.0, s, [0.5, 0.6, 0.7, 0.8], sec_per_step=1.0, cost_per_step=0.5)
+    make_run(tmp_path, "g0", 0.3, 0, [0.6, 0.8, 0.85, 0.86], sec_per_step=0.5, cost_per_step=0.5)
+    make_run(tmp_path, "g1", 0.3, 1, [0.6, 0.7, 0.8, 0.84], sec_per_step=0.5, cost_per_step=0.5)
+    groups = group_runs(load_runs([tmp_path]))
+    table, target, base, _ = summarize(groups, "val/acc")
+    t = table.set_index("group")
+    g = t.loc["guidance.weight=0.3"]
+    assert g["cost_ratio"] == pytest.approx(2 / 3) and g["cost_ratio"] == pytest.approx(g["steps_ratio"])
+    assert g["time_ratio"] == pytest.approx(1 / 3)  # the raw number stays in the table, flagged:
+    assert g["wall_reliable"] is False and t.loc[base, "wall_reliable"] is True
+    out = tmp_path / "out"
+    assert main([str(tmp_path), "--out", str(out), "--verdict"]) == 0
+    md = (out / "table.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| w=0.3 |"))
+    assert "| 0.67 | 0.67 | unreliable | unreliable | 1.00 |" in row and "0.33" not in row
+    assert "Wall-clock unreliable for `w=0.3`" in md and "`baseline` 2.00, `w=0.3` 1.00" in md
+    text = (out / "verdict.md").read_text()
+    para = next(p for p in text.split("\n\n") if p.startswith("`w=0.3`"))
+    assert "0.67x the baseline's steps and 0.67x its compute (cost)" in para
+    assert "Wall-clock ratio left out: the runs' contention factors (wall-clock / cost) are 1.00 here and 2.00 in " \
+           "the baseline, more than 10% apart" in para and "0.33" not in text
+    data = json.loads((out / "verdict.json").read_text())
+    gd = next(x for x in data["groups"] if x["label"] == "w=0.3")
+    assert gd["wall_reliable"] is False and gd["time_ratio"] is None and gd["cost_ratio"] == pytest.approx(2 / 3)
+    assert gd["contention"] == [1.0, 1.0] and (out / "curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("factor, reliable", [(2.0, True), (2.19, True), (1.81, True), (2.25, False), (1.7, False)])
+def test_wall_clock_is_reliable_within_10_percent_of_the_baseline_median(tmp_path, factor, reliable):
+    # baseline factors 1.9, 2.0, 2.1 (median 2.0, all within 10 %); one guided run at `factor`, another at 2.0
+    for s, f in enumerate([1.9, 2.0, 2.1]):
+        make_run(tmp_path, f"b{s}", 0.0, s, [0.5, 0.6, 0.7, 0.8], sec_per_step=0.5 * f, cost_per_step=0.5)
+    for s, f in enumerate([factor, 2.0]):
+        make_run(tmp_path, f"g{s}", 1.0, s, [0.6, 0.8, 0.85, 0.86], sec_per_step=0.5 * f, cost_per_step=0.5)
+    groups = group_runs(load_runs([tmp_path]))
+    base = "guidance.weight=0.0"
+    assert wall_clock_reliable(groups, "val/acc", base) == {base: True, "guidance.weight=1.0": reliable}
+    # a baseline whose own runs disagree leaves every group's wall-clock unreliable
+    make_run(tmp_path, "b3", 0.0, 3, [0.5, 0.6, 0.7, 0.8], sec_per_step=1.5, cost_per_step=0.5)
+    groups = group_runs(load_runs([tmp_path]))
+    assert set(wall_clock_reliable(groups, "val/acc", base).values()) == {False}
+
+
+def _cost_study(root, sift_cost):
+    """``_study`` with cost data: every control step costs 0.5 s, a SIFT step ``sift_cost``; equal conditions."""
+    for s, e in enumerate([0.0, 0.01, -0.01]):
+        make_run(root, f"b{s}", 0.0, s, np.array([0.5, 0.6, 0.7, 0.8]) + e, cost_per_step=0.5, sec_per_step=1.0)
+        make_run(root, f"s{s}", 1.0, s, np.array([0.6, 0.75, 0.82, 0.86]) + e, cost_per_step=sift_cost,
+                 sec_per_step=2 * sift_cost)
+        make_run(root, f"sh{s}", 1.0, s, np.array([0.52, 0.62, 0.72, 0.81]) + e, kind="shuffled", cost_per_step=0.5,
+                 sec_per_step=1.0)
+        make_run(root, f"ro{s}", 1.0, s, np.array([0.5, 0.6, 0.7, 0.79]) + e, kind="rolled", cost_per_step=0.5,
+                 sec_per_step=1.0)
+
+
+@pytest.mark.parametrize("sift_cost, beats", [(0.4, "yes"), (1.0, "no")])
+def test_cost_criterion_against_the_cheapest_control(tmp_path, sift_cost, beats):
+    # steps as in test_verdict_reports_ratios_cis_and_the_best_wrong_map_control (SIFT 271 ± 14 vs shuffled 389 ± 11
+    # per seed: fewer by more than 2 std); in compute a SIFT step costs sift_cost against 0.5 s: at 0.4 s it still
+    # wins, at 1.0 s (twice a control step) it needs more compute than the control though fewer steps
+    _cost_study(tmp_path, sift_cost)
+    groups = group_runs(load_runs([tmp_path]))
+    table, target, base, _ = summarize(groups, "val/acc")
+    paras = verdict(table, groups, "val/acc", target, base).strip().split("\n\n")
+    assert len(paras) == 1 + 3 + 3  # header, one per group, SIFT vs controls: final, steps, cost
+    assert paras[-2].startswith("Steps to target 0.8000") and paras[-2].endswith("? yes.")
+    cost = paras[-1]
+    steps = np.array([1900 / 7, 1800 / 7, 2000 / 7])  # per seed, interpolated
+    shuffled = np.array([3500 / 9, 3400 / 9, 400.0])
+    a, b = steps * sift_cost, shuffled * 0.5
+    assert cost.startswith(f"Cost to target 0.8000, SIFT vs the cheapest wrong-map control: `sift w=1` "
+                           f"{a.mean():.1f} ± {a.std(ddof=1):.1f} s vs `shuffled w=1` {b.mean():.1f} ± "
+                           f"{b.std(ddof=1):.1f} s")
+    assert f"difference {a.mean() - b.mean():+.1f} s" in cost and cost.endswith(f"? {beats}.")
+    c = verdict_data(table, groups, "val/acc", target, base)["controls"][0]
+    assert (c["sift"], c["cost"]["control"], c["steps"]["beats_by_2std"]) == ("sift w=1", "shuffled w=1", True)
+    assert c["cost"]["beats_by_2std"] is (beats == "yes")
+    assert c["cost"]["difference"] == pytest.approx(a.mean() - b.mean())
+    assert c["cost"]["pooled_std"] == pytest.approx(math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2))
+
+
+def test_a_seed_that_never_reaches_counts_at_its_total_cost(tmp_path):
+    make_run(tmp_path, "b0", 0.0, 0, [0.5, 0.6, 0.7, 0.8], cost_per_step=0.5)
+    make_run(tmp_path, "g0", 1.0, 0, [0.5, 0.6, 0.7, 0.75], cost_per_step=0.3)  # never reaches: 400 * 0.3 = 120 s
+    groups = group_runs(load_runs([tmp_path]))
+    p = paired_differences(groups["guidance.weight=1.0"], groups["guidance.weight=0.0"], "val/acc", 0.8)
+    assert p["cost"] == pytest.approx([120 - 200]) and p["steps_censored"] == 1
+
+
+def test_verdict_json_is_machine_readable(tmp_path):
+    _cost_study(tmp_path / "runs", 0.4)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "runs"), "--out", str(out), "--verdict"]) == 0
+    data = json.loads((out / "verdict.json").read_text())
+    assert (data["metric"], data["baseline"], data["target"]) == ("val/acc", "baseline", pytest.approx(0.8))
+    g = {x["label"]: x for x in data["groups"]}
+    assert set(g) == {"baseline", "sift w=1", "shuffled w=1", "rolled w=1"}
+    s = g["sift w=1"]
+    assert (s["kind"], s["seeds"], s["n_runs"], s["is_baseline"]) == ("sift", [0, 1, 2], 3, False)
+    assert g["baseline"]["is_baseline"] and g["baseline"]["kind"] == "" and "paired" not in g["baseline"]
+    assert s["paired"]["final"]["better"] and s["paired"]["final"]["excludes_zero"] and s["paired"]["pairs"] == 3
+    assert s["paired"]["cost"]["mean"] < 0 and s["cost_ratio"] < s["steps_ratio"] < 1
+    assert s["wall_reliable"] and s["time_ratio"] == pytest.approx(s["cost_ratio"])
+    c = data["controls"][0]
+    assert c["controls"] == ["rolled w=1", "shuffled w=1"] and c["final"]["more_than_2std"] is True
+    assert c["final"]["control"] == "shuffled w=1" and set(c["final"]["paired"]) >= {"mean", "lo", "hi"}

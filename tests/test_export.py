@@ -115,6 +115,22 @@ def test_mae_probe_becomes_the_timm_head(runs, tmp_path, caplog):
         assert torch.allclose(model(x), ref, atol=1e-6)
 
 
+def test_timm_save_for_hf_writes_the_weights_and_our_pretrained_cfg(runs, tmp_path):
+    # the files come from timm.models.save_for_hf: the weights are the checkpoint's net.* entries, and the
+    # pretrained_cfg describes them only (the registry's tag, license, hub id of other weights are not carried over)
+    cfg, ckpt = runs["supervised"]
+    res = export_checkpoint(ckpt, tmp_path / "out")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(saved) == {k[4:] for k in state if k.startswith("net.")}
+    assert all(torch.equal(saved[k], state["net." + k]) for k in saved)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["pretrained_cfg"] == json.loads(json.dumps(res["pretrained_cfg"]))
+    assert not {"tag", "license", "hf_hub_id", "url"} & set(config["pretrained_cfg"])
+    assert config["architecture"] == res["architecture"] and config["num_classes"] == cfg.num_classes
+    assert config["siftguide"]["head"] == "kept" and config["siftguide"]["config"]["model"]["depth"] == 2
+
+
 def test_keep_and_drop_override_the_default(runs, tmp_path):
     res = export_checkpoint(runs["mae"][1], tmp_path / "mae_keep", head="keep")
     assert res["head"] == "kept" and "UNTRAINED" in res["head_note"]

@@ -1,3 +1,4 @@
+import pytest
 import timm
 import torch
 
@@ -68,3 +69,22 @@ def test_eval_forward_captures_the_masked_pass():
         out = obj(net, torch.rand(2, 1, 32, 32), {"label": torch.tensor([0, 1])}, "val")
     rel = torch.full((2, 4, 4), 1 / 16)
     assert torch.isfinite(guide.divergence_value(rel, out.ids_keep))
+
+
+@pytest.mark.parametrize("dim, grid", [(128, (8, 8)), (64, (4, 7)), (16, (14, 14)), (4, (1, 3))])
+def test_sincos_pos_embed_is_timms_in_the_former_layout(dim, grid):
+    """sincos_pos_embed comes from timm.layers.build_sincos2d_pos_embed; bit for bit the former hand-written one."""
+    def former(dim, grid):
+        yy, xx = torch.meshgrid(torch.arange(grid[0], dtype=torch.float32),
+                                torch.arange(grid[1], dtype=torch.float32), indexing="ij")
+        omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+
+        def emb(pos):
+            out = pos.reshape(-1, 1) * omega.reshape(1, -1)
+            return torch.cat([out.sin(), out.cos()], dim=1)
+
+        return torch.cat([emb(yy), emb(xx)], dim=1)
+
+    assert torch.equal(sincos_pos_embed(dim, grid), former(dim, grid))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_pos_embed(6, grid)

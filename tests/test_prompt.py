@@ -9,7 +9,8 @@ import pytest
 import timm
 import torch
 
-from siftguide.analysis.analyze import _batches, dataset_source, load_checkpoint_model
+from siftguide.analysis.images import dataset_source, image_batches
+from siftguide.analysis.loading import load_checkpoint_model
 from siftguide.analysis.prompt import class_rows, main, prompt_predictions, prompting_rows
 from tests.conftest import blob_image, compose_cfg
 
@@ -85,7 +86,7 @@ def test_cli_reports_accuracy_with_and_without_prompting(tiny_ckpt, tmp_path, ca
     src = dataset_source(model, [], "val")
     correct = 0
     mean, std = torch.tensor(model.mean).view(1, -1, 1, 1), torch.tensor(model.std).view(1, -1, 1, 1)
-    for b in _batches(src, list(range(24)), 24, model.in_chans, model.img_size):
+    for b in image_batches(src, list(range(24)), 24, model.in_chans, model.img_size):
         with torch.no_grad():
             correct += int((model.net.eval()((b["image"] - mean) / std).argmax(-1) == b["label"]).sum())
     assert rows["correct"].iloc[0] == correct

@@ -168,3 +168,123 @@ def test_study_on_an_image_folder_runs_every_arm(tmp_path):
     for arm in ("baseline/none", "prior/sift", "prior/shuffled"):
         assert study.is_finished(tmp_path / "study" / arm / "s0"), arm
     assert len(list((tmp_path / "kp").glob("folder-*"))) == 2  # one train and one val cache, shared by the arms
+
+
+# --- the recipe: verdict.json and recommended.yaml after the report, the headline ------------------------------
+
+MODE_NODES = {"prior": {"_target_": "siftguide.guidance.AttentionPrior", "beta": 1.0},
+              "token_drop": {"_target_": "siftguide.guidance.TokenDrop", "keep": 0.5}}
+
+
+def _fake_finished_run(d, seed, mode, kind, reach_step, cost_per_step, steps=(100, 200, 300, 400)):
+    """A finished run dir (what train.py leaves): val/acc climbs linearly from 0.5 to 0.8 at ``reach_step``,
+    then on to at most 0.9; wall-clock = 2 x cost (equal conditions)."""
+    import pandas as pd
+    import yaml
+
+    d.mkdir(parents=True, exist_ok=True)
+    guidance = {"weight": 0.0} if mode == "baseline" else {"weight": 1.0, mode: MODE_NODES[mode]}
+    (d / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "guidance": guidance,
+                                                   "relevance": {"kind": "sift" if kind == "none" else kind}}))
+    acc = [min(0.9, 0.5 + 0.3 * s / reach_step) for s in steps]
+    pd.DataFrame({"step": steps, "val/step": steps, "val/acc": acc,
+                  "val/elapsed_s": [2 * s * cost_per_step for s in steps],
+                  "val/cost_s": [s * cost_per_step for s in steps]}).to_csv(d / "metrics.csv", index=False)
+    (d / "results.json").write_text(json.dumps({"status": "finished"}))
+
+
+def _fake_study(out, settings, modes=("prior", "token_drop"), controls="main",
+                overrides=("data=fashion_mnist_translated", "trainer.max_steps=400")):
+    """Fake every run the study plans (3 seeds): ``settings[(mode, kind)] = (steps to 0.8 per seed, cost/step)``;
+    then the study writes its report only."""
+    for r in study.plan(list(modes), [0, 1, 2], controls, overrides=list(overrides)):
+        reach, cost = settings[(r.mode, r.kind)]
+        _fake_finished_run(r.directory(out), r.seed, r.mode, r.kind, reach[r.seed], cost)
+    return study.main([*overrides, "--modes", *modes, "--controls", controls, "--seeds", "3", "--out", str(out),
+                       "--report-only"])
+
+
+def test_study_recommends_the_cheapest_setting_that_beats_its_controls(tmp_path, capsys):
+    import yaml
+
+    # prior: 0.6x the baseline's steps at a baseline step's cost, far ahead of the shuffled map; token_drop: 0.75x
+    # the steps at 0.6x the step cost (0.45x the cost), far ahead of random dropping: the cheaper one wins
+    settings = {("baseline", "none"): ((400, 400, 400), 0.5),
+                ("prior", "sift"): ((240, 230, 250), 0.5), ("prior", "shuffled"): ((390, 400, 380), 0.5),
+                ("token_drop", "sift"): ((300, 290, 310), 0.3), ("token_drop", "random"): ((400, 390, 400), 0.3)}
+    assert _fake_study(tmp_path, settings) == 0
+    text = capsys.readouterr().out
+    rec = yaml.safe_load((tmp_path / "report" / "recommended.yaml").read_text())
+    assert rec["status"] == "recommended" and rec["setting"] == "sift token_drop w=1"
+    assert rec["overrides"] == ["guidance=token_drop", "relevance.kind=sift"]
+    assert rec["command"] == ("python train.py relevance.cache=auto data=fashion_mnist_translated "
+                              "trainer.max_steps=400 guidance=token_drop relevance.kind=sift")
+    ev = rec["evidence"]
+    # the seed-averaged curve crosses 0.8 just before step 300 (seeds at 290, 300, 310): ~0.75x the steps and
+    # 0.75 x 0.3 / 0.5 = ~0.45x the cost
+    assert ev["cost_ratio"] == pytest.approx(0.45, abs=2e-3) and ev["steps_ratio"] == pytest.approx(0.75, abs=2e-3)
+    assert ev["seeds"] == [0, 1, 2] and ev["paired_final_vs_baseline"]["better"]
+    m = ev["best_control"]
+    assert (m["axis"], m["control"], m["beats_by_2std"]) == ("cost", "random token_drop w=1", True)
+    assert m["margin"] == pytest.approx(0.3 * (1190 - 900) / 3) and m["margin"] > m["two_std"]
+    assert rec["data"] == "fashion_mnist_translated"
+    assert {c["setting"]: c["against_controls"] for c in rec["considered"]} == {
+        "sift prior w=1": "beats", "sift token_drop w=1": "beats"}
+    assert "recommended: `sift token_drop w=1`" in text and "recommended.yaml" in text
+    assert (tmp_path / "report" / "recommended.yaml").read_text().startswith("# written by")
+    verdict = json.loads((tmp_path / "report" / "verdict.json").read_text())
+    ov = {g["label"]: g["overrides"] for g in verdict["groups"]}
+    assert ov["baseline"] == ["guidance=none"]
+    assert ov["shuffled prior w=1"] == ["guidance=prior", "relevance.kind=shuffled"]
+    assert verdict["common_overrides"] == ["relevance.cache=auto", "data=fashion_mnist_translated",
+                                           "trainer.max_steps=400"]
+    c = {x["sift"]: x for x in verdict["controls"]}["sift prior w=1"]
+    assert c["cost"]["beats_by_2std"] and c["steps"]["beats_by_2std"] and c["final"]["control"]
+
+    # the headline for tools and the README
+    from siftguide.analysis.recipe import write_headline
+
+    h = write_headline(tmp_path / "report" / "verdict.json", tmp_path / "docs" / "results" / "headline.json")
+    assert json.loads((tmp_path / "docs" / "results" / "headline.json").read_text()) == h
+    assert {k: h[k] for k in ("data", "setting", "seeds", "beats_best_control_by_2std", "command")} == {
+        "data": "fashion_mnist_translated", "setting": "sift token_drop w=1", "seeds": 3,
+        "beats_best_control_by_2std": True, "command": rec["command"]}
+    assert (h["cost_ratio"], h["steps_ratio"]) == (pytest.approx(0.45, abs=2e-3), pytest.approx(0.75, abs=2e-3))
+    from siftguide.analysis import recipe
+
+    assert recipe.main([str(tmp_path / "report" / "verdict.json"), "--headline", str(tmp_path / "h.json")]) == 0
+    assert json.loads((tmp_path / "h.json").read_text()) == h
+
+
+def test_study_recommends_the_baseline_when_no_setting_beats_its_controls(tmp_path, capsys):
+    import yaml
+
+    # both modes beat the baseline, but their wrong maps do as well (seeds overlap): not more than 2 seed std
+    settings = {("baseline", "none"): ((400, 400, 400), 0.5),
+                ("prior", "sift"): ((240, 300, 260), 0.5), ("prior", "shuffled"): ((250, 310, 240), 0.5),
+                ("token_drop", "sift"): ((300, 250, 330), 0.3), ("token_drop", "random"): ((310, 260, 320), 0.3)}
+    assert _fake_study(tmp_path, settings) == 0
+    rec = yaml.safe_load((tmp_path / "report" / "recommended.yaml").read_text())
+    assert rec["status"] == "baseline" and rec["evidence"] is None
+    assert rec["statement"].startswith("No setting beat its controls (`sift prior w=1`, `sift token_drop w=1` beat "
+                                       "the baseline but not their best wrong-map control")
+    assert rec["statement"].endswith("use the baseline (guidance=none).")
+    assert rec["command"] == ("python train.py relevance.cache=auto data=fashion_mnist_translated "
+                              "trainer.max_steps=400 guidance=none")
+    from siftguide.analysis.recipe import write_headline
+
+    h = write_headline(tmp_path / "report" / "verdict.json", tmp_path / "headline.json")
+    assert (h["setting"], h["cost_ratio"], h["beats_best_control_by_2std"]) == ("baseline", 1.0, False)
+
+
+def test_study_without_controls_says_the_candidate_is_untested(tmp_path):
+    import yaml
+
+    settings = {("baseline", "none"): ((400, 400, 400), 0.5), ("prior", "sift"): ((240, 230, 250), 0.5)}
+    assert _fake_study(tmp_path, settings, modes=("prior",), controls="none", overrides=("trainer.max_steps=400",)) == 0
+    rec = yaml.safe_load((tmp_path / "report" / "recommended.yaml").read_text())
+    assert rec["status"] == "untested" and rec["setting"] == "prior w=1"  # one map kind: not in labels
+    assert "Untested against controls" in rec["statement"] and rec["evidence"]["best_control"] is None
+    assert rec["command"] == "python train.py relevance.cache=auto trainer.max_steps=400 guidance=prior " \
+                             "relevance.kind=sift"
+    assert rec["data"] == "fashion_mnist (default)"

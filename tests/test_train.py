@@ -256,3 +256,33 @@ def test_supervised_on_unlabelled_data_is_a_clear_error(tiny_cfg, tmp_path):
                    fashion_mnist=False)
     with pytest.raises(ValueError, match="objective=mae"):
         train(cfg)
+
+
+@pytest.mark.parametrize("overrides", [["model=vit_tiny_fm"], ["model=vit_tiny_fm", "objective=mae"],
+                                       ["model=vit_small_patch16_224", "guidance=[attention,prior]"],
+                                       ["model=vit_tiny_fm", "+model.reg_tokens=2"]])
+def test_weight_decay_groups_are_timms_and_unchanged(overrides):
+    """configure_optimizers splits with timm.optim.param_groups_weight_decay (honouring no_weight_decay()): the
+    same groups, in the same order, as the former rule (no decay for 1-D parameters and names ending in
+    pos_embed / cls_token / reg_token / dist_token) on the project's ViTs and objectives."""
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tests.conftest import CONFIGS
+    from train import build_module
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("train.yaml", overrides=[*overrides, "paths.output_dir=unused"])
+    GlobalHydra.instance().clear()
+    module = build_module(cfg)
+    module._trainer = SimpleNamespace(max_steps=100, estimated_stepping_batches=100)  # all configure_optimizers reads
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    former = [p.ndim <= 1 or n.endswith(("pos_embed", "cls_token", "reg_token", "dist_token")) for n, p in params]
+    assert [id(p) for p in no_decay["params"]] == [id(p) for (_, p), f in zip(params, former) if f]
+    assert [id(p) for p in decay["params"]] == [id(p) for (_, p), f in zip(params, former) if not f]
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == cfg.optimizer.weight_decay
+    assert any(n == "net.reg_token" for n, _ in params) == ("+model.reg_tokens=2" in overrides)

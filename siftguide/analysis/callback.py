@@ -8,7 +8,7 @@ images, the first ``num_images`` of the validation split, and logs to every logg
 * ``monitor/poor_share_l{L}``: the share of ``c`` on keypoint-free patches (a rising share is attention drifting
   to what SIFT calls background: the spurious-feature signal of :mod:`siftguide.analysis.analyze`).
 
-Each is the mean over images of the head-mean of :class:`~siftguide.analysis.analyze.InterrelationStats`'s
+Each is the mean over images of the head-mean of :class:`~siftguide.analysis.interrelation.InterrelationStats`'s
 per-head values, so the numbers are those of ``python -m siftguide.analyze`` on the same images. With a
 ``WandbLogger`` the callback also logs ``monitor/overlays`` (image + keypoints, attention, keypoints per patch) of
 the first ``overlays`` images of the last monitored block. Keypoints and relevance are computed once, at the
@@ -29,7 +29,8 @@ from torch import Tensor
 from ..attention import AttentionCapture, prefix_tokens
 from ..relevance import relevance_from_keypoints
 from ..sift import Keypoints, counts_from_keypoints, detect_keypoints
-from .analyze import InterrelationStats, plot_overlays
+from .interrelation import InterrelationStats
+from .plots import plot_overlays
 
 log = logging.getLogger(__name__)
 

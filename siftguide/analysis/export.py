@@ -6,12 +6,14 @@ decoder, the online probe) and is left out. The resolved run config stored in th
 (``hyper_parameters["config"]``, else the run directory's ``config.yaml``) gives the ``timm.create_model``
 kwargs (``model``) and the input normalisation (``transform.mean`` / ``transform.std``).
 
-``DIR`` gets the Hugging Face Hub layout that timm reads:
+``DIR`` gets the Hugging Face Hub layout that timm reads, written by timm's own ``save_for_hf``:
 
 * ``model.safetensors``: the ViT's state dict, ``net.`` prefix removed;
-* ``config.json``: ``architecture``, ``model_args`` (the create_model kwargs, ``num_classes`` as exported),
-  ``pretrained_cfg`` (``input_size``, ``mean``, ``std``, ``num_classes``, ``interpolation``, ``crop_pct``, ...)
-  and a ``siftguide`` entry (source checkpoint, objective, head policy, resolved run config).
+* ``config.json``: ``architecture``, ``model_args`` (the create_model kwargs, ``num_classes`` as exported; timm
+  >= 1.0.2x records them itself: ``img_size`` as ``[H, W]`` and the model's ``global_pool`` added),
+  ``pretrained_cfg`` (``input_size``, ``mean``, ``std``, ``num_classes``, ``interpolation``, ``crop_pct``, ...;
+  only fields that describe these weights, none of the registry's tag, license or hub id) and a ``siftguide``
+  entry (source checkpoint, objective, head policy, resolved run config).
 
 Load it with timm (>= 1.0.16 for ``local-dir:``)::
 
@@ -49,85 +51,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .loading import NET_PREFIX, CheckpointError, encoder_state_dict, load_run_checkpoint
+
+# a checkpoint that cannot be read or exported (not a siftguide checkpoint, unknown model, bad ``--head``)
+ExportError = CheckpointError
+
 __all__ = ["ExportError", "load_run_checkpoint", "encoder_state_dict", "export_checkpoint", "load_snippet", "main"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 HEADS = ("auto", "keep", "drop", "probe")
-NET_PREFIX = "net."
 # pretrained_cfg fields describing the exported weights (the rest of the registry's cfg names its own weights)
 _CFG_FIELDS = ("input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std",
                "num_classes", "pool_size", "first_conv", "classifier")
-
-
-class ExportError(ValueError):
-    """The checkpoint cannot be exported (not a siftguide checkpoint, unknown model, bad ``--head``)."""
-
-
-# ---------------------------------------------------------------------------------------------------- reading
-def _resolve_ckpt(path: str | Path) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        for cand in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
-            if cand.is_file():
-                return cand
-        raise FileNotFoundError(f"no checkpoint in directory {p}: expected checkpoints/last.ckpt (a run directory) "
-                                "or last.ckpt")
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    return p
-
-
-def _config_beside(ckpt: Path) -> dict:
-    """The run directory's resolved ``config.yaml`` (``RUN/checkpoints/last.ckpt`` -> ``RUN/config.yaml``)."""
-    import yaml
-
-    for run_dir in (ckpt.parent.parent, ckpt.parent):
-        for cand in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
-            if cand.is_file():
-                cfg = yaml.safe_load(cand.read_text())
-                if isinstance(cfg, dict) and "model" in cfg:
-                    return cfg
-    return {}
-
-
-def load_run_checkpoint(path: str | Path, trust: bool = False) -> tuple[dict[str, Tensor], dict, dict]:
-    """Read a siftguide checkpoint (file or run directory); ``trust=True`` unpickles arbitrary objects.
-
-    Returns:
-        ``(state_dict, config, meta)``: the full Lightning ``state_dict``, the resolved run config (from
-        ``hyper_parameters["config"]``, else the run directory's ``config.yaml``) and ``meta`` (``path``,
-        ``global_step``, ``epoch``).
-    """
-    from .loading import CheckpointError, load_checkpoint
-
-    ckpt_path = _resolve_ckpt(path)
-    try:  # the loader shared with resume (siftguide.analysis.loading)
-        ckpt = load_checkpoint(ckpt_path, trust=trust, switch="--trust-checkpoint")
-    except CheckpointError as e:
-        raise ExportError(str(e)) from e
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ExportError(f"{ckpt_path} is not a Lightning checkpoint: no 'state_dict' entry")
-    state = ckpt["state_dict"]
-    if not any(k.startswith(NET_PREFIX) for k in state):
-        raise ExportError(f"{ckpt_path} is not a siftguide checkpoint: no '{NET_PREFIX}*' keys in its state_dict "
-                          f"(first keys: {list(state)[:5]})")
-    config = (ckpt.get("hyper_parameters") or {}).get("config") or _config_beside(ckpt_path)
-    if not config:
-        raise ExportError(f"{ckpt_path} holds no run config (hyper_parameters['config']) and no config.yaml was "
-                          "found in its run directory: the timm model kwargs are unknown")
-    meta = {"path": str(ckpt_path.resolve()), "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
-    return state, config, meta
-
-
-def encoder_state_dict(state_dict: dict[str, Tensor], prefix: str = NET_PREFIX) -> dict[str, Tensor]:
-    """The timm net's own entries, prefix removed (and torch.compile's ``_orig_mod.``); objective keys dropped."""
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith(prefix):
-            k = k[len(prefix):]
-            out[k.removeprefix("_orig_mod.")] = v
-    return out
 
 
 def _model_node(config: dict) -> dict:
@@ -204,7 +140,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, head: str = "a
         ``num_params`` and ``snippet`` (Python that loads the export).
     """
     import timm
-    from safetensors.torch import save_file
+    from timm.models import save_for_hf
 
     if head not in HEADS:
         raise ExportError(f"head must be one of {HEADS}, got {head!r}")
@@ -263,22 +199,16 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, head: str = "a
         mean=mean, std=std, num_classes=int(model.num_classes), custom_load=False,
     )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    hub_config = {
-        "architecture": architecture,
-        "num_classes": int(model.num_classes),
-        "num_features": int(model.num_features),
-        "global_pool": getattr(model, "global_pool", None),
-        "model_args": model_args,
-        "pretrained_cfg": pretrained_cfg,
-        "siftguide": {
-            "checkpoint": meta["path"], "global_step": meta["global_step"], "objective": objective,
-            "head": action, "head_note": note, "config": config,
-        },
-    }
-    (out / CONFIG_NAME).write_text(json.dumps(hub_config, indent=2, default=str) + "\n")
+    siftguide_entry = {"checkpoint": meta["path"], "global_step": meta["global_step"], "objective": objective,
+                       "head": action, "head_note": note, "config": config}
+    # timm writes the hub layout: model.safetensors (the model's state_dict, i.e. the weights checked above) and
+    # config.json (architecture, num_classes, num_features, global_pool, model_args, pretrained_cfg, + our entry).
+    # The model's pretrained_cfg becomes ours first: the registry's names other weights (tag, license, hub id)
+    model.pretrained_cfg = {**pretrained_cfg, "architecture": architecture}
+    save_for_hf(model, str(out), model_args=model_args, safe_serialization=True,
+                model_config={"pretrained_cfg": pretrained_cfg,
+                              "siftguide": json.loads(json.dumps(siftguide_entry, default=str))})
+    tensors = model.state_dict()
     return {
         "out_dir": str(out), "weights": str(out / WEIGHTS_NAME), "config": str(out / CONFIG_NAME),
         "architecture": architecture, "model_args": model_args, "pretrained_cfg": pretrained_cfg,

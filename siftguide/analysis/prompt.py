@@ -11,7 +11,7 @@ therefore unchanged and counted). ``beta = 0`` is the model as trained, bit for 
 reports on a labelled split: accuracy, its change from ``beta = 0``, images fixed (wrong -> right) and broken
 (right -> wrong), and where the class token's attention (head mean, last biased block) goes: its share on
 keypoint-free patches and its KL / Spearman agreement with ``r`` (the functions of
-:mod:`siftguide.analysis.analyze`). If a model leans on a SIFT-invisible spurious feature (a background tint),
+:mod:`siftguide.analysis.metrics`). If a model leans on a SIFT-invisible spurious feature (a background tint),
 pushing attention onto the keypoints may recover accuracy on a split where that feature is decorrelated; a
 SIFT-visible one (a marked corner) attracts the bias instead.
 
@@ -40,8 +40,10 @@ from ..attention import AttentionCapture, attention_to_patches, prefix_tokens, r
 from ..guidance.prior import AttentionPrior
 from ..relevance import relevance_from_keypoints
 from ..sift import counts_from_keypoints, detect_keypoints
-from .analyze import (AnalyzeError, LoadedModel, _batches, _md_table, _normalise, _write_csv, dataset_source,
-                      kl_divergence, load_checkpoint_model, poor_share, spearman)
+from .images import dataset_source, image_batches, normalise
+from .loading import AnalyzeError, LoadedModel, load_checkpoint_model
+from .metrics import EPS, kl_divergence, poor_share, spearman
+from .tables import md_table, write_csv
 
 __all__ = ["prompt_predictions", "prompting_rows", "class_rows", "main"]
 
@@ -81,7 +83,7 @@ def prompt_predictions(net: nn.Module, batches: Iterable[dict], *, mean: Sequenc
         counts = counts_from_keypoints(kp, grid, (ph, pw)).flatten(1).to(device)  # (B, P)
         rel = relevance_from_keypoints(kp, grid, (ph, pw), **(relevance or {})).to(device)  # (B, Gh, Gw)
         r = rel.flatten(1)
-        x = _normalise(images, mean_t, std_t)
+        x = normalise(images, mean_t, std_t)
         for k, beta in enumerate(betas):
             with torch.no_grad(), prior.apply(rel, beta=float(beta)), cap.capture():
                 logits = net(x)
@@ -89,7 +91,7 @@ def prompt_predictions(net: nn.Module, batches: Iterable[dict], *, mean: Sequenc
             cap.clear()
             acc["preds"][k].append(logits.argmax(-1).cpu())
             acc["poor_share"][k].append(poor_share(attn, counts)[0].cpu())
-            acc["kl"][k].append(kl_divergence(r, attn).cpu())
+            acc["kl"][k].append(kl_divergence(r, attn.clamp_min(EPS), 0.0).cpu())
             acc["spearman"][k].append(spearman(r, attn).cpu())
         labels.append(batch["label"].long().cpu())
         kps.append(kp.valid.sum(1).cpu())
@@ -194,13 +196,13 @@ def _markdown(rows: list[dict], crows: list[dict], res: dict, command: str, desc
         f"(bias beta * log(P r + eps), eps {eps:g}); attention measured at block "
         f"{res['measured_layer']} (class token, head mean). {none} image(s) without SIFT keypoints get a uniform "
         f"relevance, hence no bias. {seconds:.1f} s.", "",
-        _md_table(["beta", "accuracy", "Δ vs β=0", "fixed", "broken", "attn on 0-kp patches", "KL(r‖attn)",
-                   "Spearman"],
-                  [[f"{r['beta']:g}", f"{r['accuracy']:.4f}", f"{r['delta']:+.4f}", r["fixed"], r["broken"],
-                    f"{r['poor_share']:.3f}", f"{r['kl']:.3f}", f"{r['spearman']:.3f}"] for r in rows]), "",
+        md_table(["beta", "accuracy", "Δ vs β=0", "fixed", "broken", "attn on 0-kp patches", "KL(r‖attn)",
+                  "Spearman"],
+                 [[f"{r['beta']:g}", f"{r['accuracy']:.4f}", f"{r['delta']:+.4f}", r["fixed"], r["broken"],
+                   f"{r['poor_share']:.3f}", f"{r['kl']:.3f}", f"{r['spearman']:.3f}"] for r in rows]), "",
         "Accuracy per class:", "",
-        _md_table(["class", "images"] + [f"β={b:g}" for b in betas],
-                  [[r["name"], r["images"]] + [f"{r[f'acc_beta{b:g}']:.3f}" for b in betas] for r in crows]), "",
+        md_table(["class", "images"] + [f"β={b:g}" for b in betas],
+                 [[r["name"], r["images"]] + [f"{r[f'acc_beta{b:g}']:.3f}" for b in betas] for r in crows]), "",
         f"Command: `{command}`", "",
     ]
     return "\n".join(lines)
@@ -232,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         desc = f"the {args.split} split of {node.get('_target_', '?')}" + (
             " with " + " ".join(args.overrides) if args.overrides else "")
         t0 = time.time()
-        res = prompt_predictions(model.net, _batches(source, ids, args.batch_size, model.in_chans, model.img_size),
+        res = prompt_predictions(model.net, image_batches(source, ids, args.batch_size, model.in_chans, model.img_size),
                                  mean=model.mean, std=model.std, betas=betas, layers=layers, eps=args.eps,
                                  sift=model.sift, relevance=model.relevance, device=args.device)
         seconds = time.time() - t0
@@ -245,8 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     crows = class_rows(res["preds"], res["labels"], betas, source.class_names)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "prompting.csv", rows)
-    _write_csv(out / "prompting_classes.csv", crows)
+    write_csv(out / "prompting.csv", rows)
+    write_csv(out / "prompting_classes.csv", crows)
     (out / "prompting.md").write_text(_markdown(rows, crows, res, command, desc, model, args.eps, seconds))
     for r in rows:
         print(f"beta {r['beta']:g}: accuracy {r['accuracy']:.4f} ({r['delta']:+.4f}; fixed {r['fixed']}, broken "

@@ -28,9 +28,16 @@ from ..precision import fp32_region
 from .base import AttentionLoss, visible_relevance
 from .schedule import GuidanceSchedule
 
-__all__ = ["SiftGuidance", "AttentionAlignment", "divergence", "DIVERGENCES", "visible_relevance"]
+__all__ = ["SiftGuidance", "AttentionAlignment", "divergence", "kl_divergence", "DIVERGENCES", "visible_relevance"]
 
 DIVERGENCES = ("kl", "ce", "mse")
+
+
+def kl_divergence(p: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
+    """``KL(p || q) = sum p (log p - log(q + eps))`` over the last axis: ``(..., P)`` -> ``(...)``, ``p`` and ``q``
+    broadcast; ``0 log 0 = 0``, and ``eps`` keeps ``log q`` finite where ``q = 0``. The package's one KL: the ``kl``
+    guidance loss (:func:`divergence`) and the analysis' agreement of attention with relevance use it."""
+    return (torch.xlogy(p, p) - p * torch.log(q + eps)).sum(-1)
 
 
 def divergence(att: Tensor, rel: Tensor, kind: str = "kl", eps: float = 1e-8) -> Tensor:
@@ -39,7 +46,7 @@ def divergence(att: Tensor, rel: Tensor, kind: str = "kl", eps: float = 1e-8) ->
     if att.shape != rel.shape:
         raise ValueError(f"attention {tuple(att.shape)} and relevance {tuple(rel.shape)} must both be (B, P)")
     if kind == "kl":
-        return (torch.xlogy(rel, rel) - rel * torch.log(att + eps)).sum(-1)
+        return kl_divergence(rel, att, eps)
     if kind == "ce":
         return -(rel * torch.log(att + eps)).sum(-1)
     if kind == "mse":

@@ -51,19 +51,18 @@ def random_masking(batch: int, num_patches: int, keep: int, device: torch.device
 
 
 def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> Tensor:
-    """Fixed 2-D sine-cosine position embeddings ``(Gh * Gw, dim)`` (MAE's decoder embedding)."""
-    gh, gw = grid
+    """Fixed 2-D sine-cosine position embeddings ``(Gh * Gw, dim)`` (MAE's decoder embedding), patches in row-major
+    order: ``[sin(y w), cos(y w), sin(x w), cos(x w)]`` with ``w_k = 10000^(-k / (dim / 4))``, ``k < dim / 4``.
+
+    timm's ``build_sincos2d_pos_embed`` computes it; its channels come as ``[sin y, sin x, cos y, cos x]`` and are
+    reordered to the layout above, which the decoder has always used.
+    """
+    from timm.layers import build_sincos2d_pos_embed
+
     if dim % 4:
         raise ValueError(f"decoder_dim must be divisible by 4 for 2-D sin-cos embeddings, got {dim}")
-    yy, xx = torch.meshgrid(torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32),
-                            indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-
-    def emb(pos: Tensor) -> Tensor:
-        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    return torch.cat([emb(yy), emb(xx)], dim=1)
+    emb = build_sincos2d_pos_embed(list(grid), dim=dim, temperature=10000.0)  # (P, dim): [sin y, sin x, cos y, cos x]
+    return emb.view(-1, 2, 2, dim // 4).transpose(1, 2).reshape(-1, dim)  # (P, [sin, cos], [y, x], dim/4) -> y, x
 
 
 class MAEObjective(Objective):
