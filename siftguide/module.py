@@ -17,7 +17,6 @@ KL from SIFT relevance to the last block's class-token attention on a few valida
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import lightning as L
@@ -27,22 +26,11 @@ from torch import Tensor, nn
 from .data import DeviceTransform
 from .guidance import Guidance, SiftGuidance
 from .objectives.base import Objective
+from .guidance.schedule import warmup_cosine  # the package's one cosine schedule (kept importable from here)
 from .relevance import RelevanceStage
 
 __all__ = ["PretrainModule", "warmup_cosine", "RANK_SEED_STRIDE"]
 RANK_SEED_STRIDE = 1_000_003  # seed offset between data-parallel ranks (PretrainModule.decorrelate_ranks)
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float = 0.0) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over ``warmup_steps``, cosine decay to ``min_factor`` at ``total_steps``."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return f
 
 
 def _accuracy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -274,9 +262,8 @@ class PretrainModule(L.LightningModule):
         opt = self.optimizer_fn([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else \
             int(self.trainer.estimated_stepping_batches)
-        from .guidance.schedule import warmup_cosine as lr_multiplier  # the package's one cosine schedule
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(self.warmup_steps, total, self.min_lr_factor))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.warmup_steps, total, self.min_lr_factor))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
