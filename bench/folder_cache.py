@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     from siftguide.relevance.folder_cache import FolderKeypointCache, WithKeypoints
 
     common = [f"data=image_folder", f"data.root={root}", "data.num_workers=0", "model.in_chans=1", "transform=grey",
-              "num_classes=10", "knn.enabled=false", *args.overrides]
+              "num_classes=10", "callbacks.knn=null", *args.overrides]
     variants = {"baseline": ["guidance=none"], "prior+cache": ["guidance=prior", "relevance.cache=true"],
                 "prior+on-the-fly": ["guidance=prior", "relevance.cache=false"]}
     built = {k: make_module(common + v, dev) for k, v in variants.items()}

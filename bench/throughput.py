@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_module(overrides: list[str], device: torch.device):
-    from train import build_module
+    from siftguide.train import build_module
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "siftguide" / "conf"), version_base="1.3"):
         cfg = compose("train.yaml", overrides=["paths.output_dir=/tmp/siftguide-bench", "logger=csv", *overrides])
     torch.manual_seed(0)
     return cfg, build_module(cfg).to(device)

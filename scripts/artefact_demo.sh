@@ -23,7 +23,7 @@ NUM_IMAGES=${NUM_IMAGES:-500}      # test images analysed (attention + input gra
 NUM_PROMPT=${NUM_PROMPT:-1000}      # test images prompted (forwards only)
 export WANDB_MODE=offline WANDB_SILENT=true OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 COMMON=(logger=csv trainer.enable_progress_bar=false trainer.max_steps=$STEPS trainer.val_check_interval=100
-        data.val_subset=2000 knn.enabled=false test=true)
+        data.val_subset=2000 callbacks.knn=null test=true)
 # name -> overrides
 declare -A RUNS=(
   [clean_baseline]="data=fashion_mnist guidance=none"

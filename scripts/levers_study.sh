@@ -23,7 +23,7 @@ JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-5}
 export WANDB_MODE=offline WANDB_SILENT=true
 SUP=(logger=csv trainer.enable_progress_bar=false trainer.max_steps=300 trainer.val_check_interval=25
-     data.val_subset=2000 scheduler.warmup_steps=30 knn.enabled=false)
+     data.val_subset=2000 module.warmup_steps=30 callbacks.knn=null)
 PRIOR="guidance.prior.schedule.fraction=0.5"
 DROP540="trainer.max_steps=540"
 FLIP="guidance.token_drop.full_after=0.8 trainer.max_steps=475"

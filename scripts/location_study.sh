@@ -41,9 +41,9 @@ GPU_OUT=${GPU_OUT:-logs/location_study_gpu}
 export WANDB_MODE=offline WANDB_SILENT=true
 # dense validation on a fixed 2,000-image subset every 25 steps; short warm-up for the short schedule
 COMMON=(logger=csv trainer.enable_progress_bar=false trainer.max_steps=$STEPS trainer.val_check_interval=25
-        data.val_subset=2000 scheduler.warmup_steps=30)
-SUP=("${COMMON[@]}" knn.enabled=false)
-MAE=("${COMMON[@]}" objective=mae knn.query_size=2000)
+        data.val_subset=2000 module.warmup_steps=30)
+SUP=("${COMMON[@]}" callbacks.knn=null)
+MAE=("${COMMON[@]}" objective=mae callbacks.knn.query_size=2000)
 # the part, then arguments for the study
 part=${1:?part: screen_sup | confirm_sup | confirm_clut | knobs_sup | screen_mae | mae_long | mae_long_ctrl | screen_clut | centred | report}; shift
 study() { $PY -m siftguide.study --jobs "$JOBS" "$@" "${EXTRA[@]}"; }

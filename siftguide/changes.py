@@ -34,7 +34,7 @@ HISTORY_FILE = "config_history.yaml"
 # resolved config keys (fnmatch patterns) a resumed run takes from the new config at the resumed step
 APPLIED_ON_RESUME = (
     # optimisation: the restored optimizer gets them (ResumeState); the schedule is rebuilt from the config
-    "optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps", "scheduler.*",
+    "optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps", "module.warmup_steps", "module.min_lr_factor",
     "trainer.gradient_clip_val", "trainer.precision",
     # guidance weights and schedules: the modes are built from the config and keep no state in the checkpoint
     "guidance.weight", "guidance.*.weight", "guidance.*.schedule.*", "guidance.*.beta", "guidance.*.total_steps",
@@ -43,13 +43,13 @@ APPLIED_ON_RESUME = (
     "trainer.max_steps", "trainer.max_time", "trainer.val_check_interval", "trainer.check_val_every_n_epoch",
     "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.num_sanity_val_steps", "trainer.accelerator", "trainer.benchmark", "trainer.deterministic",
-    "logger.*", "knn.*", "attention_monitor.*", "align_batches", "align_layers", "test", "optimized_metric",
+    "logger.*", "callbacks.*", "module.align_batches", "module.align_layers", "test", "optimized_metric",
     "task_name", "compile", "relevance.compile", "resume.*",
     # how data is loaded (not which data)
     "data.num_workers", "data.pin_memory", "data.download", "data.cache_dir", "data.val_subset",
     "data.max_skip_fraction",
 )
-_IGNORED = ("paths.*", "hydra.*", "ckpt_path", "*save_dir", "*default_root_dir")  # where the run lives
+_IGNORED = ("paths.*", "hydra.*", "ckpt_path", "*save_dir", "*default_root_dir", "*dirpath")  # where the run lives
 _ABSENT = "<absent>"
 
 

@@ -22,10 +22,11 @@ _NUMBERS = (
     ("trainer.devices", True), ("trainer.num_nodes", True), ("data.batch_size", True), ("data.num_workers", True),
     ("data.val_size", True), ("data.train_subset", True), ("data.val_subset", True), ("data.img_size", True),
     ("data.max_skip_fraction", False), ("optimizer.lr", False), ("optimizer.weight_decay", False),
-    ("scheduler.warmup_steps", True), ("scheduler.min_lr_factor", False), ("guidance.weight", False),
+    ("module.warmup_steps", True), ("module.min_lr_factor", False), ("guidance.weight", False),
     ("model.num_classes", True), ("model.in_chans", True), ("model.embed_dim", True), ("model.depth", True),
-    ("model.num_heads", True), ("model.mlp_ratio", False), ("knn.bank_size", True), ("knn.query_size", True),
-    ("knn.k", True), ("knn.batch_size", True), ("align_batches", True),
+    ("model.num_heads", True), ("model.mlp_ratio", False), ("callbacks.knn.bank_size", True),
+    ("callbacks.knn.query_size", True), ("callbacks.knn.k", True), ("callbacks.knn.batch_size", True),
+    ("module.align_batches", True),
 )
 
 __all__ = ["validate_config"]
@@ -83,9 +84,9 @@ def _data_problems(cfg: DictConfig) -> list[str]:
     d, out = cfg.data, []
     if d.get("batch_size") is not None and int(d.batch_size) < 1:
         out.append(f"data.batch_size={d.batch_size} must be >= 1 (images per device and step)")
-    knn = cfg.get("knn") or {}
-    if knn.get("enabled") and int(knn.get("batch_size", 1)) < 1:
-        out.append(f"knn.batch_size={knn.batch_size} must be >= 1")
+    knn = (cfg.get("callbacks") or {}).get("knn") or {}
+    if int(knn.get("batch_size", 1)) < 1:
+        out.append(f"callbacks.knn.batch_size={knn.batch_size} must be >= 1")
     if str(d.get("_target_", "")).endswith("ImageFolderDataModule"):
         if OmegaConf.is_missing(d, "root") or not d.get("root"):
             out.append("data=image_folder needs data.root=/path/to/images (a folder holding train/<class>/* and "
@@ -179,7 +180,7 @@ def validate_config(cfg: DictConfig) -> None:
         problems += _trainer_problems(cfg.trainer)
     if cfg.get("data") is not None:
         problems += _data_problems(cfg)
-    if (cfg.get("scheduler") or {}).get("warmup_steps", 0) < 0:
-        problems.append(f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} must be >= 0")
+    if (cfg.get("module") or {}).get("warmup_steps", 0) < 0:
+        problems.append(f"module.warmup_steps={cfg.module.warmup_steps} must be >= 0")
     if problems:
         raise ValueError("config problems found before training:\n  - " + "\n  - ".join(problems))

@@ -179,7 +179,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return self._loader(self.test_set, False)
 
 
-_WARNED: set[str] = set()  # unreadable files reported in this run (main process; siftguide.skips resets it)
+_WARNED: set[str] = set()  # unreadable files reported in this run (main process; siftguide.callbacks.skips resets it)
 
 
 def warn_unreadable(path: str, reason: str) -> bool:
@@ -248,7 +248,7 @@ def collate_skipping(samples: list[dict]) -> dict[str, Tensor]:
 
     ``batch["skipped"]`` is their number, a 0-d int64 tensor: it travels to the device with the batch, so the
     module counts skips without a host sync. ``batch["skipped_files"]`` lists their ``(path, reason)``: the main
-    process warns once per file and run (:class:`~siftguide.skips.SkippedFiles`), not each loader worker. A batch
+    process warns once per file and run (:class:`~siftguide.callbacks.skips.SkippedFiles`), not each loader worker. A batch
     may come out smaller than ``batch_size``, or empty.
     """
     from torch.utils.data import default_collate
@@ -349,7 +349,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     (``batch["skipped"]``, :func:`collate_skipping`). ``num_workers=None``: ``min(8, CPUs - 1)``;
     ``pin_memory=None``: only when CUDA is available. Empty folders or classes, and train/val class lists that
     differ, are errors at ``setup``. ``max_skip_fraction``: the share of unreadable training samples above which
-    the run stops (:class:`~siftguide.skips.SkippedFiles`; 1: never).
+    the run stops (:class:`~siftguide.callbacks.skips.SkippedFiles`; 1: never).
     """
 
     def __init__(self, root: str, img_size: int = 224, batch_size: int = 64, num_workers: int | None = None,

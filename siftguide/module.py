@@ -191,7 +191,7 @@ class PretrainModule(L.LightningModule):
         with self.guidance.forward(rel, "train", keep):
             out = self.objective(self.net, images, batch, "train", keep=keep)
         extra, logs = self.guidance.losses(rel, out.ids_keep)
-        # for siftguide.balance.GuidanceBalance (a guidance term drowning the task loss), detached
+        # for siftguide.callbacks.balance.GuidanceBalance (a guidance term drowning the task loss), detached
         self.last_terms = (out.loss.detach(),
                            {k: v.detach() for k, v in logs.items() if k.endswith("_loss") and torch.is_tensor(v)})
         self.log("train/task_loss", out.loss, batch_size=bs)

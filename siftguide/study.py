@@ -49,7 +49,7 @@ CONTROLS = {
     "token_drop": {"main": ["random"], "auto": ["random", "shuffled", "rolled", "mean"]},
     "masking": {"main": ["random"], "auto": ["random", "shuffled", "rolled", "mean"]},
 }
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+TRAIN_MODULE = "siftguide.train"  # each run: `python -m siftguide.train` (works from an installed wheel too)
 # put before the user's overrides in every run (see ``plan``); the recipe's command keeps them
 STUDY_OVERRIDES = ["relevance.cache=auto"]
 
@@ -166,12 +166,13 @@ def lock_note(run_dir: Path) -> str:
 
 
 def _launch(run: StudyRun, out: Path, threads: int | None, python: str,
-            script: Path) -> tuple[StudyRun, int | None, float]:
+            script: Path | None) -> tuple[StudyRun, int | None, float]:
     """Train one run; ``rc`` None when it was skipped (finished or trained by another study meanwhile)."""
     d = run.directory(out)
     if not claim(d):
         return run, None, 0.0
-    cmd = [python, str(script), *run.overrides, f"hydra.run.dir={d}"]
+    entry = [str(script)] if script is not None else ["-m", TRAIN_MODULE]
+    cmd = [python, *entry, *run.overrides, f"hydra.run.dir={d}"]
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("WANDB_SILENT", "true")
@@ -211,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     ap.add_argument("--report-only", action="store_true", help="only write the report of the finished runs")
     ap.add_argument("--python", default=sys.executable)
-    ap.add_argument("--train-script", default=str(TRAIN_SCRIPT))
+    ap.add_argument("--train-script", default=None,
+                    help="a training script to run instead of the package's entry point (python -m siftguide.train)")
     # intermixed: overrides may also follow the options (scripts append a user's extra overrides at the end)
     args = ap.parse_intermixed_args(argv)
     if args.seeds < 1:
@@ -223,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{o!r} is not a key=value override")
         if o.split("=", 1)[0].lstrip("+~") in ("guidance", "relevance.kind", "seed", "hydra.run.dir"):
             ap.error(f"{o!r}: the study sets {o.split('=', 1)[0]} itself (use --modes, --controls, --seeds)")
-    script = Path(args.train_script)
-    if not script.is_file():
-        ap.error(f"train script {script} not found (run from a siftguide checkout or pass --train-script)")
+    script = Path(args.train_script) if args.train_script else None
+    if script is not None and not script.is_file():
+        ap.error(f"train script {script} not found")
     try:
         runs = plan(args.modes, list(range(args.seed_start, args.seed_start + args.seeds)), args.controls,
                     args.oracle, args.overrides, baseline=not args.no_baseline)

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = str(ROOT / "configs")
+CONFIGS = str(ROOT / "siftguide" / "conf")
 
 # a few optimizer steps of a 2-block ViT on 32 px images: the real pipeline, small
 TINY_DATA = ["data.train_subset=256", "data.val_size=128", "data.batch_size=32"]
@@ -19,7 +19,7 @@ TINY = [
     *TINY_DATA,
     "trainer.max_steps=4", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "scheduler.warmup_steps=1", "logger=csv",
+    "module.warmup_steps=1", "logger=csv",
 ]
 
 

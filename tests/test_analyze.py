@@ -220,10 +220,10 @@ def test_collect_with_forced_attention_on_known_keypoint_patches():
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A siftguide checkpoint of the tiny test config after 2 optimizer steps."""
-    from train import train
+    from siftguide.train import train
 
     out = tmp_path_factory.mktemp("run")
-    cfg = compose_cfg(out, ["trainer.max_steps=2", "trainer.val_check_interval=2", "knn.enabled=false",
+    cfg = compose_cfg(out, ["trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.knn=null",
                             "data.train_subset=64", "data.val_size=32", "data.batch_size=16"])
     train(cfg)
     return out / "checkpoints" / "last.ckpt"

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from siftguide.analysis.analyze import InterrelationStats
-from siftguide.analysis.callback import AttentionMonitor
-from train import build, train
+from siftguide.callbacks.attention_monitor import AttentionMonitor
+from siftguide.train import build, train
 
-ON = ["attention_monitor.enabled=true", "attention_monitor.every_n_steps=2", "attention_monitor.layers=[0,-1]",
-      "attention_monitor.num_images=16", "knn.enabled=false", "guidance=none"]
+ON = ["callbacks=[default,attention_monitor]", "callbacks.attention_monitor.every_n_steps=2", "callbacks.attention_monitor.layers=[0,-1]",
+      "callbacks.attention_monitor.num_images=16", "callbacks.knn=null", "guidance=none"]
 
 
 def test_monitor_logs_per_layer_alignment_at_every_n_steps(tiny_cfg):
@@ -29,8 +29,8 @@ def test_monitor_logs_per_layer_alignment_at_every_n_steps(tiny_cfg):
 
 
 def test_monitor_is_off_by_default(tiny_cfg):
-    cfg = tiny_cfg(["knn.enabled=false", "guidance=none"], name="off")
-    assert cfg.attention_monitor.enabled is False
+    cfg = tiny_cfg(["callbacks.knn=null", "guidance=none"], name="off")
+    assert "attention_monitor" not in cfg.callbacks  # off unless selected
     _, _, trainer = build(cfg)
     assert not any(isinstance(c, AttentionMonitor) for c in trainer.callbacks)
     train(cfg)
@@ -49,7 +49,7 @@ def test_monitor_values_match_the_analysis_restore_train_mode_and_send_overlays(
         def log_image(self, key, images, step=None, **kwargs):
             self.calls.append((key, images, step))
 
-    cfg = tiny_cfg(ON + ["attention_monitor.overlays=3"], name="direct")
+    cfg = tiny_cfg(ON + ["callbacks.attention_monitor.overlays=3"], name="direct")
     module, dm, trainer = build(cfg)
     mon = next(c for c in trainer.callbacks if isinstance(c, AttentionMonitor))
     dm.setup("fit")

@@ -12,9 +12,9 @@ from PIL import Image
 
 from siftguide.checks import validate_config
 from siftguide.data import ImageFolderDataModule, _FolderImages, collate_skipping
-from siftguide.eval import KNNEvaluator
+from siftguide.callbacks.knn import KNNEvaluator
 from tests.test_resume import _killed_at
-from train import build, build_module, train
+from siftguide.train import build, build_module, train
 
 S = 32  # decoded image side in these tests
 
@@ -64,7 +64,7 @@ def _metrics(cfg) -> pd.DataFrame:
 
 def _folder_cfg(tiny_cfg, root: Path, extra=(), name="folder"):
     return tiny_cfg(["data=image_folder", f"data.root={root}", "data.num_workers=0", "data.batch_size=4",
-                     "num_classes=2", "model.in_chans=1", "knn.bank_size=8", "knn.query_size=8",
+                     "num_classes=2", "model.in_chans=1", "callbacks.knn.bank_size=8", "callbacks.knn.query_size=8",
                      "trainer.max_steps=3", *extra], name=name, fashion_mnist=False)
 
 
@@ -231,7 +231,7 @@ def test_an_unreadable_dataset_stops_with_a_clear_error(tiny_cfg, tmp_path):
     # without the check, all-empty steps would count towards max_steps and save an untrained model
     # (kNN off: its own check, no readable bank image, would stop the run first; see the kNN test above; the
     # ceiling on the skipped share off: it would stop the run after one epoch, see the test below)
-    cfg = _folder_cfg(tiny_cfg, root, ["trainer.max_steps=30", "knn.enabled=false", "data.max_skip_fraction=1"],
+    cfg = _folder_cfg(tiny_cfg, root, ["trainer.max_steps=30", "callbacks.knn=null", "data.max_skip_fraction=1"],
                       name="unreadable")
     with pytest.raises(RuntimeError, match="in a row held no readable image"):
         train(cfg)
@@ -247,7 +247,7 @@ def test_a_mostly_unreadable_folder_stops_with_the_files_named(tiny_cfg, tmp_pat
     for c in (0, 1):
         for i in range(15):
             (root / "train" / f"c{c}" / f"bad{i:02d}.png").write_bytes(b"")
-    cfg = _folder_cfg(tiny_cfg, root, ["trainer.max_steps=30", "knn.enabled=false"], name="mostly")
+    cfg = _folder_cfg(tiny_cfg, root, ["trainer.max_steps=30", "callbacks.knn=null"], name="mostly")
     with caplog.at_level(logging.WARNING, logger="siftguide.data"):
         with pytest.raises(RuntimeError, match=r"30 of the 32 training samples seen \(94%\) were unreadable, more "
                                                r"than data.max_skip_fraction=0.5.*bad"):
@@ -257,7 +257,7 @@ def test_a_mostly_unreadable_folder_stops_with_the_files_named(tiny_cfg, tmp_pat
     assert '"status": "failed"' in result and "UnreadableDataError" in result
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="siftguide.data"):  # a ceiling above the share: trains
-        train(_folder_cfg(tiny_cfg, root, ["trainer.max_steps=2", "knn.enabled=false", "data.max_skip_fraction=0.95"],
+        train(_folder_cfg(tiny_cfg, root, ["trainer.max_steps=2", "callbacks.knn=null", "data.max_skip_fraction=0.95"],
                           name="tolerant"))
     assert "unreadable files were skipped in this run" in caplog.text
 
@@ -267,7 +267,7 @@ def test_each_unreadable_file_is_warned_once_per_run_not_per_worker(tiny_cfg, tm
     (the workers' own warnings never reached the run's log)."""
     root = _folder(tmp_path / "imgs", n=3, bad=True)
     cfg = _folder_cfg(tiny_cfg, root, ["data.num_workers=2", "trainer.max_steps=6", "trainer.val_check_interval=6",
-                                       "knn.enabled=false", "data.batch_size=3"], name="workers")
+                                       "callbacks.knn=null", "data.batch_size=3"], name="workers")
     with caplog.at_level(logging.WARNING, logger="siftguide.data"):
         train(cfg)
     warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable image")]
@@ -390,7 +390,7 @@ def test_image_folder_root_is_checked_before_training(tiny_cfg, tmp_path):
     (["guidance.attention.heads=[2]"], r"heads \[2\] out of range for 2 heads"),
     (["guidance=interrelation", "guidance.interrelation.layers=[-3]"], "layer index -3 out of range"),
     (["guidance=prior", "guidance.prior.layers=[2]"], "layer index 2 out of range"),
-    (["align_layers=[7]"], "layer index 7 out of range"),
+    (["module.align_layers=[7]"], "layer index 7 out of range"),
 ])
 def test_guidance_layers_and_heads_out_of_range_fail_at_build(tiny_cfg, overrides, match):
     with pytest.raises(ValueError, match=match):

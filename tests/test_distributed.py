@@ -19,9 +19,9 @@ import torch.multiprocessing as mp
 
 from siftguide.relevance import KeypointCache
 from siftguide.data import DeviceTransform, load_fashion_mnist
-from siftguide.eval import KNNEvaluator, shard_rows, unshard_rows
+from siftguide.callbacks.knn import KNNEvaluator, shard_rows, unshard_rows
 from tests.conftest import ROOT, TINY
-from train import build_module, train
+from siftguide.train import build_module, train
 
 SIFT = dict(max_keypoints=16)
 
@@ -154,8 +154,8 @@ def test_cache_built_once_and_knn_features_gathered_across_2_gloo_processes(tmp_
 # 2 x 16 vs 1 x 32: a training set of exactly one global batch (so the data order cannot differ), no augmentation
 # (each rank draws its own), a validation set divisible by the world size (no DistributedSampler padding)
 SAME = ["data.train_subset=32", "data.val_size=64", "transform.crop_scale=null", "transform.hflip=false",
-        "trainer.max_steps=3", "trainer.val_check_interval=3", "knn.bank_size=32", "knn.query_size=64",
-        "knn.k=5", "logger=csv"]
+        "trainer.max_steps=3", "trainer.val_check_interval=3", "callbacks.knn.bank_size=32", "callbacks.knn.query_size=64",
+        "callbacks.knn.k=5", "logger=csv"]
 COMPARED = ("val/acc", "val/loss", "val/knn_acc", "val/attn_div")
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from siftguide.eval import KNNEvaluator, knn_predict
+from siftguide.callbacks.knn import KNNEvaluator, knn_predict
 
 
 def test_knn_separable_clusters():
@@ -25,7 +25,7 @@ def test_knn_weights_votes_by_similarity():
 
 
 def test_knn_features_of_both_poolings_in_one_pass(tiny_cfg):
-    from train import build_module
+    from siftguide.train import build_module
 
     module = build_module(tiny_cfg()).eval()
     images = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))

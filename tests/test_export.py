@@ -26,7 +26,7 @@ RUNS = {"supervised": ["trainer.max_steps=2"], "mae": ["objective=mae", "trainer
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One tiny trained run per objective (trained once for the whole file): ``{objective: (cfg, ckpt)}``."""
-    from train import train
+    from siftguide.train import train
 
     out = {}
     with pytest.MonkeyPatch.context() as mp:

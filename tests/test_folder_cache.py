@@ -218,12 +218,12 @@ def test_ddp_ranks_share_the_build(tmp_path):
 
 
 def test_training_on_an_image_folder_uses_the_cache_by_default(tmp_path, tiny_cfg):
-    from train import train
+    from siftguide.train import train
 
     write_folder(tmp_path / "data")
     cfg = tiny_cfg(["data=image_folder", f"data.root={tmp_path / 'data'}", "data.num_workers=0", "model.in_chans=1",
                     "model.img_size=32", "transform=grey", "num_classes=2", "data.batch_size=4",
-                    "knn.enabled=false", "guidance=prior"], name="folder", fashion_mnist=False)
+                    "callbacks.knn=null", "guidance=prior"], name="folder", fashion_mnist=False)
     assert cfg.relevance.cache == "auto"
     train(cfg)
     caches = list((tmp_path / "keypoint_cache").glob("folder-*"))
@@ -240,13 +240,13 @@ def test_prefetched_keypoints_give_the_cached_run(tiny_cfg, monkeypatch):
     import pandas as pd
 
     from siftguide.module import PretrainModule
-    from train import train
+    from siftguide.train import train
 
     prefetched = []
     real = PretrainModule._prefetch
     monkeypatch.setattr(PretrainModule, "_prefetch", lambda self, b: (prefetched.append(1), real(self, b))[1])
 
-    common = ["guidance=prior", "knn.enabled=false", "trainer.max_steps=3"]
+    common = ["guidance=prior", "callbacks.knn=null", "trainer.max_steps=3"]
     runs = {}
     for name, extra in (("cached", ["relevance.cache=true"]),
                         ("prefetch", ["relevance.cache=false", "relevance.prefetch=true"])):

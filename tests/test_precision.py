@@ -14,7 +14,7 @@ from siftguide.guidance import AttentionLoss, PatchInterrelation, SiftGuidance
 from siftguide.precision import fp32_region
 from siftguide.relevance import RelevanceSource
 from tests.conftest import blob_image
-from train import train
+from siftguide.train import train
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
@@ -75,7 +75,7 @@ def test_guidance_divergences_are_fp32_under_bf16_autocast():
 
 def test_bf16_mixed_guided_run_has_finite_losses(tiny_cfg):
     cfg = tiny_cfg(["trainer.precision=bf16-mixed", "guidance=[attention,interrelation]", "relevance.mode=gaussian",
-                    "relevance.smoothing=0.5", "trainer.max_steps=3", "knn.enabled=false"], name="bf16")
+                    "relevance.smoothing=0.5", "trainer.max_steps=3", "callbacks.knn=null"], name="bf16")
     final = train(cfg)
     m = pd.read_csv(Path(cfg.paths.output_dir) / "metrics.csv")
     for name in ("train/loss", "train/task_loss", "train/guidance/attention_loss", "train/guidance/interrelation_loss"):

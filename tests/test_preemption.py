@@ -13,14 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
-import train as train_py
+import siftguide.train as train_py
 from tests.conftest import ROOT, TINY
 from tests.test_resume import _rows
-from train import train
+from siftguide.train import train
 
 # 2 batches per epoch, validation (and a checkpoint) every 3 steps
 FAST = ["data.train_subset=64", "data.val_size=64", "trainer.max_steps=7", "trainer.val_check_interval=3",
-        "knn.enabled=false", "align_batches=0", "trainer.log_every_n_steps=1"]
+        "callbacks.knn=null", "module.align_batches=0", "trainer.log_every_n_steps=1"]
 
 
 class _Send(L.Callback):
@@ -104,7 +104,7 @@ def test_sigterm_to_train_py_saves_exits_non_zero_and_resumes(tmp_path):
     """The real thing: `python train.py` sent SIGTERM at whatever step it reached."""
     tiny = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval", "logger"))]
     args = [*tiny, "data.train_subset=96", "trainer.max_steps=400", "trainer.val_check_interval=2",
-            "knn.enabled=false", "logger=csv"]
+            "callbacks.knn=null", "logger=csv"]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run}"]

@@ -65,10 +65,10 @@ def test_prompting_moves_attention_onto_keypoints_and_beta_zero_is_the_plain_mod
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A supervised siftguide checkpoint of the tiny test config after 2 optimizer steps."""
-    from train import train
+    from siftguide.train import train
 
     out = tmp_path_factory.mktemp("run")
-    cfg = compose_cfg(out, ["trainer.max_steps=2", "trainer.val_check_interval=2", "knn.enabled=false",
+    cfg = compose_cfg(out, ["trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.knn=null",
                             "guidance=none", "data.train_subset=64", "data.val_size=32", "data.batch_size=16"])
     train(cfg)
     return out / "checkpoints" / "last.ckpt"

@@ -12,18 +12,18 @@ import pytest
 import torch
 import yaml
 
-import train as train_py
+import siftguide.train as train_py
 from siftguide.module import warmup_cosine
 from siftguide.analysis.loading import UnreadableCheckpointError
 from siftguide.changes import ResumeRefused
 from siftguide.resume import WANDB_ID_FILE, resolve_ckpt_path
 from siftguide.sampler import ResumableSampler
 from tests.conftest import ROOT, TINY
-from train import train
+from siftguide.train import train
 
 # 3 batches per epoch: 7 steps cross two epoch boundaries; validation (and a checkpoint) every 2 steps
-SHORT = ["data.train_subset=96", "trainer.max_steps=7", "trainer.val_check_interval=2", "knn.enabled=false",
-         "scheduler.warmup_steps=2", "trainer.log_every_n_steps=1"]
+SHORT = ["data.train_subset=96", "trainer.max_steps=7", "trainer.val_check_interval=2", "callbacks.knn=null",
+         "module.warmup_steps=2", "trainer.log_every_n_steps=1"]
 COMPARED = ["step", "train/lr", "train/loss", "train/task_loss", "val/acc", "val/loss"]
 
 
@@ -80,7 +80,7 @@ def test_killed_run_resumes_exactly(tiny_cfg, monkeypatch):
     """2 batches per epoch, a checkpoint every 2 steps: killed at step 3 (mid-epoch, past the checkpoint of step
     2), the resumed run logs exactly the uninterrupted run's rows (LR, losses, validation, across an epoch)."""
     fast = ["data.train_subset=64", "data.val_size=64", "trainer.max_steps=5", "trainer.val_check_interval=2",
-            "knn.enabled=false", "align_batches=0", "trainer.log_every_n_steps=1"]
+            "callbacks.knn=null", "module.align_batches=0", "trainer.log_every_n_steps=1"]
     _, run = _kill_and_resume(tiny_cfg, monkeypatch, fast, k=3, ckpt_step=2)
     b = _rows(run)
     assert b["val/acc"].notna().sum() == 3 and b["train/loss"].notna().sum() == 5
@@ -91,7 +91,7 @@ def test_killed_run_resumes_exactly_with_wandb_and_generators(tiny_cfg, monkeypa
     """Longer, more epochs, token dropping and the shuffled control (their own generators), the kNN probe, and
     wandb: the resumed run continues the wandb run id kept in the run directory."""
     overrides = [*SHORT, "logger=default", "guidance=[attention,token_drop]", "relevance.kind=shuffled",
-                 "knn.enabled=true", "knn.bank_size=64", "knn.query_size=64"]
+                 "callbacks.knn.k=20", "callbacks.knn.bank_size=64", "callbacks.knn.query_size=64"]
     _, run = _kill_and_resume(tiny_cfg, monkeypatch, overrides, k=5, ckpt_step=4)
     run_id = (run / WANDB_ID_FILE).read_text()
     segments = sorted((run / "wandb").glob("offline-run-*"))
@@ -101,14 +101,14 @@ def test_killed_run_resumes_exactly_with_wandb_and_generators(tiny_cfg, monkeypa
 def test_resuming_a_finished_run_with_more_steps_follows_the_new_schedule(tiny_cfg):
     """The LR after resuming is the new schedule's at the resumed step (the optimizer saved the old one), and the
     logged steps continue at the checkpoint's step (Lightning's end-of-fit checkpoint advanced them by one)."""
-    cheap = ["knn.enabled=false", "align_batches=0", "data.val_size=64"]
+    cheap = ["callbacks.knn=null", "module.align_batches=0", "data.val_size=64"]
     first = tiny_cfg(["trainer.max_steps=4", *cheap], name="ext")
     train(first)
     train(tiny_cfg(["trainer.max_steps=6", *cheap, "ckpt_path=last"], name="ext"))
     m = pd.read_csv(Path(first.paths.output_dir) / "metrics.csv")
     lr = m.dropna(subset=["train/lr"])
     assert lr["step"].tolist() == [0, 1, 2, 3, 4, 5]
-    sched = warmup_cosine(1, 6, 0.01)  # TINY: scheduler.warmup_steps=1; min_lr_factor 0.01; optimizer.lr 1e-3
+    sched = warmup_cosine(1, 6, 0.01)  # TINY: module.warmup_steps=1; min_lr_factor 0.01; optimizer.lr 1e-3
     assert lr["train/lr"].iloc[4:].tolist() == pytest.approx([1e-3 * sched(4), 1e-3 * sched(5)], rel=1e-6)
 
 
@@ -151,7 +151,7 @@ def test_sigkilled_train_py_resumes_exactly(tmp_path):
     """The real thing: `python train.py` killed with SIGKILL at whatever step it reached, then the same command
     with `hydra.run.dir=<run dir> ckpt_path=last`."""
     tiny = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval", "logger"))]
-    args = [*tiny, "data.train_subset=96", "trainer.max_steps=30", "trainer.val_check_interval=3", "knn.enabled=false",
+    args = [*tiny, "data.train_subset=96", "trainer.max_steps=30", "trainer.val_check_interval=3", "callbacks.knn=null",
             "logger=csv"]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "train.py"), *args]
@@ -184,7 +184,7 @@ def test_config_changes_name_what_differs():
 
 
 # ------------------------------------------------------------------------------------------ resume with changes
-CHEAP = ["knn.enabled=false", "align_batches=0", "data.val_size=64"]
+CHEAP = ["callbacks.knn=null", "module.align_batches=0", "data.val_size=64"]
 
 
 def _keep_trainer(monkeypatch, trainers: list):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from siftguide.callbacks import NonFiniteCheck, NonFiniteLossError
-from train import build_module, train
+from siftguide.train import build_module, train
 
 
 def _fake_trainer(step: int, every: int = 5):
@@ -36,7 +36,7 @@ def test_non_finite_check_reads_the_device_flag_only_at_the_interval():
 
 def test_diverging_run_stops_failed_without_a_nan_checkpoint(tiny_cfg):
     cfg = tiny_cfg(["optimizer.lr=1e4", "trainer.max_steps=12", "trainer.val_check_interval=6",
-                    "trainer.log_every_n_steps=4", "knn.enabled=false"], name="nan")
+                    "trainer.log_every_n_steps=4", "callbacks.knn=null"], name="nan")
     with pytest.raises(NonFiniteLossError, match=r"NaN or infinite at step \d+.*learning rate too high"):
         train(cfg)
     run = Path(cfg.paths.output_dir)
@@ -51,7 +51,7 @@ def test_diverging_run_stops_failed_without_a_nan_checkpoint(tiny_cfg):
 def test_step_progress_bar_and_no_third_party_warnings(tiny_cfg, capsys):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", append=True)  # whatever train.py does not filter is recorded
-        train(tiny_cfg(["trainer.enable_progress_bar=true", "knn.enabled=false", "trainer.log_every_n_steps=50"],
+        train(tiny_cfg(["trainer.enable_progress_bar=true", "callbacks.knn=null", "trainer.log_every_n_steps=50"],
                        name="bar"))
     out = capsys.readouterr().out
     assert "Steps" in out and "4/4" in out and "Epoch" not in out
@@ -70,20 +70,28 @@ def test_compile_switch_compiles_the_blocks(tiny_cfg, monkeypatch):
     assert compiled == []
 
 
-def test_siftguide_train_console_script(monkeypatch, capsys):
+def test_siftguide_train_console_script(monkeypatch, capsys, tmp_path):
+    """siftguide-train is the package's entry point (siftguide.train:main), with the configs inside the package:
+    it runs from any directory, no checkout needed (the non-editable install: tests/test_install.py)."""
     import tomllib
 
-    from siftguide import cli
+    import siftguide.train
     from tests.conftest import ROOT
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["siftguide-train"] == "siftguide.cli:train"
-    assert cli.checkout_root() == ROOT
-    monkeypatch.chdir(ROOT.parent)  # any directory: Hydra finds configs/ next to train.py
+    assert scripts["siftguide-train"] == "siftguide.train:main"
+    monkeypatch.chdir(tmp_path)  # any directory
     monkeypatch.setattr("sys.argv", ["siftguide-train", "--cfg", "job", "trainer.max_steps=7", "compile=true"])
-    cli.train()  # --cfg job: print the composed config, do not train
+    siftguide.train.main()  # --cfg job: print the composed config, do not train
     out = capsys.readouterr().out
-    assert "max_steps: 7" in out and "compile: true" in out
+    assert "max_steps: 7" in out and "compile: true" in out and "callbacks:" in out
+
+
+def test_root_train_py_is_a_wrapper_of_the_package_entry_point():
+    from tests.conftest import ROOT
+
+    code = [line for line in (ROOT / "train.py").read_text().splitlines() if line and not line.startswith('"""')]
+    assert code == ["from siftguide.train import main", 'if __name__ == "__main__":', "    main()"]
 
 
 @pytest.mark.slow
@@ -94,7 +102,7 @@ def test_compiled_run_matches_eager(tiny_cfg):
 
     losses = []
     for name, extra in (("eager", []), ("compiled", ["compile=true"])):
-        cfg = tiny_cfg(["trainer.max_steps=2", "knn.enabled=false", *extra], name=name)
+        cfg = tiny_cfg(["trainer.max_steps=2", "callbacks.knn=null", *extra], name=name)
         train(cfg)
         m = pd.read_csv(Path(cfg.paths.output_dir) / "metrics.csv")
         losses.append(m[["train/task_loss", "train/guidance_loss"]].dropna().to_numpy())
@@ -103,7 +111,7 @@ def test_compiled_run_matches_eager(tiny_cfg):
 
 
 def test_guidance_balance_warns_once_for_a_whole_dominated_window(caplog):
-    from siftguide.balance import GuidanceBalance
+    from siftguide.callbacks.balance import GuidanceBalance
 
     def step(cb, k, task, term, every=4):
         module = SimpleNamespace(last_terms=(torch.tensor(task), {"attention_loss": torch.tensor(term)}),
@@ -126,5 +134,5 @@ def test_guidance_balance_warns_once_for_a_whole_dominated_window(caplog):
 
 def test_a_guidance_loss_drowning_the_task_is_warned_in_a_run(tiny_cfg, caplog):
     with caplog.at_level(logging.WARNING, logger="siftguide.train"):
-        train(tiny_cfg(["guidance.weight=1e5", "knn.enabled=false", "trainer.log_every_n_steps=2"], name="heavy"))
+        train(tiny_cfg(["guidance.weight=1e5", "callbacks.knn=null", "trainer.log_every_n_steps=2"], name="heavy"))
     assert sum("guidance dominates the task loss: attention_loss" in r.getMessage() for r in caplog.records) == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from siftguide.runlock import LOCK_FILE, RunDirectoryInUse, RunLock
-from train import train
+from siftguide.train import train
 
 
 def _dead_pid() -> int:
@@ -19,7 +19,7 @@ def _dead_pid() -> int:
 
 
 def test_a_second_training_into_a_directory_in_use_fails_naming_the_holder(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(["knn.enabled=false", "trainer.max_steps=2"], name="busy")
+    cfg = tiny_cfg(["callbacks.knn=null", "trainer.max_steps=2"], name="busy")
     run = Path(cfg.paths.output_dir)
     run.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live training elsewhere
@@ -39,7 +39,7 @@ def test_a_second_training_into_a_directory_in_use_fails_naming_the_holder(tiny_
 
 
 def test_a_stale_lock_is_taken_over_and_the_lock_is_released(tiny_cfg, caplog):
-    cfg = tiny_cfg(["knn.enabled=false", "trainer.max_steps=2"], name="stale")
+    cfg = tiny_cfg(["callbacks.knn=null", "trainer.max_steps=2"], name="stale")
     run = Path(cfg.paths.output_dir)
     run.mkdir(parents=True)
     pid = _dead_pid()  # a killed training of this host

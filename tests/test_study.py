@@ -87,10 +87,10 @@ def test_study_runs_skips_finished_reports_failures(tmp_path, capsys):
 def test_overrides_may_follow_the_options(tmp_path, capsys):
     # scripts append a user's overrides after the study's options (location_study.sh PART data.root=...)
     rc = study.main(["trainer.max_steps=7", "--modes", "prior", "--seeds", "1", "--out", str(tmp_path), "--dry-run",
-                     "data.root=/somewhere", "knn.enabled=false"])
+                     "data.root=/somewhere", "callbacks.knn=null"])
     lines = [l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("[todo]")]
     assert rc == 0 and len(lines) == 3  # baseline, sift, shuffled
-    assert all("trainer.max_steps=7" in l and "data.root=/somewhere" in l and "knn.enabled=false" in l for l in lines)
+    assert all("trainer.max_steps=7" in l and "data.root=/somewhere" in l and "callbacks.knn=null" in l for l in lines)
 
 
 def test_study_rejects_settings_it_owns(tmp_path):
@@ -160,7 +160,7 @@ def test_study_on_an_image_folder_runs_every_arm(tmp_path):
     tiny = [o for o in TINY if not o.startswith("data.")]
     cmd = [sys.executable, "-m", "siftguide.study", "data=image_folder", f"data.root={tmp_path / 'data'}",
            "data.num_workers=0", "data.batch_size=4", "model.in_chans=1", "transform=grey", "num_classes=2",
-           "knn.enabled=false", "trainer.max_steps=2", f"relevance.cache_dir={tmp_path / 'kp'}", *tiny,
+           "callbacks.knn=null", "trainer.max_steps=2", f"relevance.cache_dir={tmp_path / 'kp'}", *tiny,
            "--modes", "prior", "--controls", "shuffled", "--seeds", "1", "--out", str(tmp_path / "study")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "WANDB_MODE": "offline"})

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from tests.conftest import ROOT
-from train import train
+from siftguide.train import train
 
 
 def metrics(run_dir: Path) -> pd.DataFrame:
@@ -71,7 +71,7 @@ def test_resume_from_checkpoint(tiny_cfg):
 
 def test_control_targets_run(tiny_cfg):
     for kind in ("shuffled", "rolled", "mean", "gradient", "uniform", "random", "foreground"):
-        cfg = tiny_cfg([f"relevance.kind={kind}", "trainer.max_steps=2", "knn.enabled=false",
+        cfg = tiny_cfg([f"relevance.kind={kind}", "trainer.max_steps=2", "callbacks.knn=null",
                         "relevance.mean_images=64"], name=kind)
         train(cfg)
         assert metrics(Path(cfg.paths.output_dir))["train/guidance_loss"].notna().sum() == 2
@@ -79,7 +79,7 @@ def test_control_targets_run(tiny_cfg):
 
 def test_supervised_modes_combine_in_one_run(tiny_cfg):
     cfg = tiny_cfg(["guidance=[attention,interrelation,background,prior,token_drop]", "relevance.cache=true",
-                    "relevance.cache_dir=null", "trainer.max_steps=3", "knn.enabled=false"], name="combo")
+                    "relevance.cache_dir=null", "trainer.max_steps=3", "callbacks.knn=null"], name="combo")
     train(cfg)
     m = metrics(Path(cfg.paths.output_dir))
     for name in ("attention", "interrelation", "background"):
@@ -90,7 +90,7 @@ def test_supervised_modes_combine_in_one_run(tiny_cfg):
 
 def test_mae_modes_combine_and_bad_combinations_fail(tiny_cfg):
     mae = ["objective=mae", "objective.decoder_dim=32", "objective.decoder_depth=1", "objective.decoder_heads=2",
-           "knn.enabled=false", "trainer.max_steps=2"]
+           "callbacks.knn=null", "trainer.max_steps=2"]
     cfg = tiny_cfg([*mae, "guidance=[masking,recon_weight,attention]"], name="mae_modes")
     train(cfg)
     assert metrics(Path(cfg.paths.output_dir))["train/mae_loss"].notna().sum() == 2
@@ -144,7 +144,7 @@ def test_elapsed_time_includes_the_device_pipeline(tiny_cfg, monkeypatch):
         return real(self, batch, idx)
 
     monkeypatch.setattr(PretrainModule, "on_after_batch_transfer", slow)
-    cfg = tiny_cfg(["knn.enabled=false"], name="slow")
+    cfg = tiny_cfg(["callbacks.knn=null"], name="slow")
     train(cfg)
     m = metrics(Path(cfg.paths.output_dir))
     assert m["train/elapsed_s"].max() >= 4 * 0.2
@@ -178,7 +178,7 @@ def test_multirun_sweep_then_compare(tmp_path):
 
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     sweep = tmp_path / "sweep"
-    overrides = [o for o in TINY if not o.startswith("logger")] + ["trainer.max_steps=3", "knn.enabled=false"]
+    overrides = [o for o in TINY if not o.startswith("logger")] + ["trainer.max_steps=3", "callbacks.knn=null"]
     proc = subprocess.run([sys.executable, "train.py", "-m", "guidance.weight=0,1", *overrides,
                            f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -203,7 +203,7 @@ def test_optuna_search_config_runs_two_trials(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     # 4 blocks: the search space guides up to layer -3
     overrides = [o for o in TINY if not o.startswith(("logger", "model.depth"))] + [
-        "model.depth=4", "logger=csv", "trainer.max_steps=2", "knn.enabled=false", "hydra.sweeper.n_trials=2",
+        "model.depth=4", "logger=csv", "trainer.max_steps=2", "callbacks.knn=null", "hydra.sweeper.n_trials=2",
         "hydra.sweeper.sampler.n_startup_trials=2"]
     proc = subprocess.run([sys.executable, "train.py", "-m", "hparams_search=optuna", *overrides,
                            f"hydra.sweep.dir={tmp_path / 'optuna'}"], cwd=ROOT, env=env, capture_output=True,
@@ -215,7 +215,7 @@ def test_optuna_search_config_runs_two_trials(tmp_path):
 
 def test_mae_run_writes_knn_and_guidance(tiny_cfg):
     cfg = tiny_cfg(["objective=mae", "objective.decoder_dim=32", "objective.decoder_depth=1",
-                    "objective.decoder_heads=2", "knn.bank_size=64", "knn.query_size=64"], name="mae")
+                    "objective.decoder_heads=2", "callbacks.knn.bank_size=64", "callbacks.knn.query_size=64"], name="mae")
     train(cfg)
     m = metrics(Path(cfg.paths.output_dir))
     assert m["val/knn_acc"].notna().any() and m["train/guidance_loss"].notna().sum() == 4
@@ -244,8 +244,8 @@ def test_unlabelled_image_folder_mae(tiny_cfg, tmp_path):
     cfg = tiny_cfg(["data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.labels=false",
                     "data.num_workers=0", "data.batch_size=8", "data.pin_memory=false", "num_classes=2",
                     "model.in_chans=1", "data.in_chans=1", "objective=mae", "objective.decoder_dim=32",
-                    "objective.decoder_depth=1", "objective.decoder_heads=2", "knn.bank_size=8",
-                    "knn.query_size=24", "trainer.max_steps=3"], name="folder", fashion_mnist=False)
+                    "objective.decoder_depth=1", "objective.decoder_heads=2", "callbacks.knn.bank_size=8",
+                    "callbacks.knn.query_size=24", "trainer.max_steps=3"], name="folder", fashion_mnist=False)
     train(cfg)
     m = metrics(Path(cfg.paths.output_dir))
     assert m["val/knn_acc"].notna().any() and m["train/guidance_loss"].notna().sum() == 3
@@ -271,7 +271,7 @@ def test_weight_decay_groups_are_timms_and_unchanged(overrides):
     from hydra.core.global_hydra import GlobalHydra
 
     from tests.conftest import CONFIGS
-    from train import build_module
+    from siftguide.train import build_module
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):

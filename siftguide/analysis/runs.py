@@ -22,7 +22,7 @@ __all__ = ["Run", "load_runs", "group_runs", "group_labels", "is_baseline", "var
 IGNORED_PREFIXES = ("seed", "guidance.target.seed", "relevance.seed", "paths.", "hydra.", "logger.", "ckpt_path",
                     "task_name", "trainer.default_root_dir", "data.cache_dir", "guidance.cache_dir",
                     "relevance.cache_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-                    "optimized_metric", "test")
+                    "optimized_metric", "test", "callbacks.checkpoint.", "callbacks.progress.")
 
 # How a config key reads in a group label, matched on the key's last components (the longest match wins):
 # "" = the value alone (names that read as words: "sift", "token_drop", "cosine"), other text = a short prefix

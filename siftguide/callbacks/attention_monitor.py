@@ -1,4 +1,4 @@
-"""``AttentionMonitor``: watch attention/SIFT agreement during training (``attention_monitor.enabled=true``).
+"""``AttentionMonitor``: watch attention/SIFT agreement during training (``callbacks=[default,attention_monitor]``).
 
 Every ``every_n_steps`` optimizer steps the callback runs the network (eval mode, no gradients) on a fixed set of
 images, the first ``num_images`` of the validation split, and logs to every logger, per monitored block ``L``:
@@ -28,9 +28,9 @@ from torch import Tensor
 
 from ..attention import AttentionCapture, prefix_tokens
 from ..relevance import relevance_from_keypoints
-from ..sift import Keypoints, counts_from_keypoints, detect_keypoints
-from .interrelation import InterrelationStats
-from .plots import plot_overlays
+from ..relevance import Keypoints, counts_from_keypoints, detect_keypoints
+from ..analysis.interrelation import InterrelationStats
+from ..analysis.plots import plot_overlays
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,11 @@ class AttentionMonitor(L.Callback):
     def __init__(self, every_n_steps: int = 100, layers: Sequence[int] = (-1,), num_images: int = 64,
                  overlays: int = 4) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"attention_monitor.every_n_steps must be >= 1, got {every_n_steps}")
+            raise ValueError(f"callbacks.attention_monitor.every_n_steps must be >= 1, got {every_n_steps}")
         if num_images < 1:
-            raise ValueError(f"attention_monitor.num_images must be >= 1, got {num_images}")
+            raise ValueError(f"callbacks.attention_monitor.num_images must be >= 1, got {num_images}")
         if overlays < 0:
-            raise ValueError(f"attention_monitor.overlays must be >= 0, got {overlays}")
+            raise ValueError(f"callbacks.attention_monitor.overlays must be >= 0, got {overlays}")
         self.every_n_steps, self.layer_spec = int(every_n_steps), list(layers)
         self.num_images, self.overlays = int(num_images), int(overlays)
         self.images: Tensor | None = None  # (n, C, H, W) in [0, 1] at the model's size

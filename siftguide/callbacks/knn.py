@@ -119,7 +119,7 @@ class KNNEvaluator(L.Callback):
         items = [it for it in items if it.get("valid", True)]  # unreadable files (image folders) stay out
         if not items:
             raise RuntimeError(f"kNN evaluation: none of the first {n} images of {type(ds).__name__} could be read "
-                               "(the warnings above name the files); fix them or set knn.enabled=false")
+                               "(the warnings above name the files); fix them or set callbacks.knn=null")
         return torch.stack([it["image"] for it in items]), torch.stack([torch.as_tensor(it["label"]) for it in items])
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module) -> None:

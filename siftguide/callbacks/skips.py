@@ -14,7 +14,7 @@ import logging
 
 import lightning as L
 
-from . import data
+from .. import data
 
 __all__ = ["SkippedFiles", "UnreadableDataError"]
 
