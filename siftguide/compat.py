@@ -7,18 +7,23 @@ keeps working. New code imports from the new places.
 | ``siftguide.sift`` | :mod:`siftguide.relevance.detector` (+ patch counting: :mod:`siftguide.relevance.maps`) |
 | ``siftguide.source`` | :mod:`siftguide.relevance.stage` |
 | ``siftguide.cache`` | :mod:`siftguide.relevance.cache` |
+| ``siftguide.guidance.alignment`` | :mod:`siftguide.guidance.attention` (each mode's file is named as its config) |
+| ``siftguide.guidance.recon`` | :mod:`siftguide.guidance.recon_weight` |
 """
 from __future__ import annotations
 
 import sys
 import types
 
+from .guidance import attention, recon_weight
 from .relevance import cache, detector, maps, stage
 
 _ALIASES = {
     "siftguide.sift": (detector, [(maps, ("counts_from_keypoints", "keypoint_patch_counts"))]),
     "siftguide.source": (stage, []),
     "siftguide.cache": (cache, []),
+    "siftguide.guidance.alignment": (attention, []),
+    "siftguide.guidance.recon": (recon_weight, []),
 }
 
 

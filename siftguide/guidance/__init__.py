@@ -12,14 +12,14 @@
 
 :class:`Guidance` composes several in one run. No Lightning import anywhere in this package.
 """
-from .alignment import DIVERGENCES, AttentionAlignment, SiftGuidance, divergence
+from .attention import DIVERGENCES, AttentionAlignment, SiftGuidance, divergence
 from .background import BackgroundSuppression
 from .base import AttentionLoss, GuidanceMode, visible_relevance
 from .composite import Guidance
 from .interrelation import PatchInterrelation, interrelation_target
 from .masking import KeypointMasking, guided_masking
 from .prior import AttentionPrior, relevance_bias
-from .recon import KeypointReconWeight, keypoint_weights, weighted_patch_loss
+from .recon_weight import KeypointReconWeight, keypoint_weights, weighted_patch_loss
 from .schedule import GuidanceSchedule
 from .token_drop import TokenDrop, select_tokens
 
