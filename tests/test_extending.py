@@ -1,9 +1,12 @@
 """Extension points (docs/extending.md): a new guidance mode is one ``.py`` plus one ``.yaml``, with no edit of the
-package; the composite calls declared hooks only; an objective-side mode plugs into a declared hook point."""
+package; the composite calls declared hooks only; an objective-side mode plugs into a declared hook point. The toy
+mode and the code excerpts are read from docs/extending.md, so the page stays true."""
+import collections
 import contextlib
 import importlib
+import importlib.util
+import re
 import sys
-import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -13,97 +16,66 @@ import torch
 
 from siftguide.guidance import BIAS, CAPTURE, Guidance, GuidanceMode, KeypointMasking, TokenDrop
 from siftguide.objectives import MAEObjective, SupervisedObjective
+from tests.conftest import ROOT
 
 try:  # the entry point moves into the package (issue 23); the root train.py stays a wrapper
     from siftguide.train import train
 except ImportError:  # pragma: no cover - before the move
     from train import train
 
-TOY_MODULE = "siftguide_toy_mode"  # a name no installed package uses
-
-# the whole mode: what a user writes in one file (kept in step with docs/extending.md)
-TOY_PY = '''
-"""Mode ``toy``: the last block's patch-token energies, as a distribution, pulled toward the relevance."""
-import contextlib
-
-from siftguide.guidance import GuidanceMode
-
-CALLS = {"bind": 0, "forward_context": 0, "loss_terms": 0, "logs": 0, "grad": []}
+DOC = ROOT / "docs" / "extending.md"
 
 
-class ToyMode(GuidanceMode):
-    """Args: model (the timm ViT); weight (0: the off switch, bit-identical to the baseline)."""
-
-    name = "toy"
-
-    def __init__(self, model, weight=1.0):
-        self.block, self.num_prefix = model.blocks[-1], int(model.num_prefix_tokens)
-        self.weight, self.tokens = float(weight), None
-
-    @property
-    def active(self):
-        return self.weight > 0
-
-    def bind(self, objective):
-        CALLS["bind"] += 1
-        super().bind(objective)
-
-    @contextlib.contextmanager
-    def forward_context(self, relevance, stage, step, ids_keep=None):
-        CALLS["forward_context"] += 1
-        if stage != "train":
-            yield self
-            return
-        handle = self.block.register_forward_hook(lambda mod, args, out: setattr(self, "tokens", out))
-        try:
-            yield self
-        finally:
-            handle.remove()
-
-    def loss_terms(self, relevance, step, ids_keep=None):
-        CALLS["loss_terms"] += 1
-        energy = self.tokens[:, self.num_prefix:].pow(2).mean(-1)  # (B, P)
-        CALLS["grad"].append(energy.requires_grad)
-        value = -(relevance.flatten(1) * energy.log_softmax(-1)).sum(-1).mean()  # cross-entropy, relevance first
-        self.tokens = None
-        return self.weight * value, value.detach(), self.weight
-
-    def logs(self, step):
-        CALLS["logs"] += 1
-        return {"calls": float(CALLS["loss_terms"])}
-'''
-
-TOY_YAML = f"""
-# Mode toy: the last block's patch-token energies pulled toward the relevance (tests/test_extending.py).
-weight: 1.0
-toy:
-  _target_: {TOY_MODULE}.ToyMode
-  _partial_: true
-  weight: 0.5
-"""
+def doc_blocks(kind: str) -> list[tuple[str, str]]:
+    """``(path, code)`` of the fenced blocks after ``<!-- kind: path -->`` in docs/extending.md."""
+    return re.findall(rf"<!-- {kind}: (\S+) -->\n```\w*\n(.*?)```", DOC.read_text(), flags=re.S)
 
 
-def test_a_new_mode_is_one_py_and_one_yaml(tiny_cfg, tmp_path, monkeypatch):
+def test_docs_excerpts_match_the_code():
+    excerpts = doc_blocks("excerpt")
+    assert len(excerpts) >= 5
+    for path, code in excerpts:
+        lines = (ROOT / path).read_text().splitlines()
+        at = 0
+        for line in code.rstrip().splitlines():
+            if line == "...":  # elision: the next lines come later in the file
+                continue
+            assert line in lines[at:], f"docs/extending.md quotes {path}, which has no line {line!r} (in order)"
+            at += lines[at:].index(line) + 1
+
+
+def test_a_new_mode_is_one_py_and_one_yaml(tiny_cfg, tmp_path, monkeypatch, request):
+    files = dict(doc_blocks("file"))
+    assert set(files) == {"toy_mode.py", "guidance/toy.yaml"}
+    assert importlib.util.find_spec("toy_mode") is None  # nothing installed under the toy's name
     code, conf = tmp_path / "code", tmp_path / "conf"
     (conf / "guidance").mkdir(parents=True)
     code.mkdir()
-    (code / f"{TOY_MODULE}.py").write_text(textwrap.dedent(TOY_PY))
-    (conf / "guidance" / "toy.yaml").write_text(TOY_YAML)
+    (code / "toy_mode.py").write_text(files["toy_mode.py"])
+    (conf / "guidance" / "toy.yaml").write_text(files["guidance/toy.yaml"])
     monkeypatch.syspath_prepend(str(code))
-    monkeypatch.delitem(sys.modules, TOY_MODULE, raising=False)
+    request.addfinalizer(lambda: sys.modules.pop("toy_mode", None))
+    toy = importlib.import_module("toy_mode")  # the module Hydra's _target_ then finds
+    calls, results = collections.Counter(), collections.defaultdict(list)
+    for hook in ("bind", "forward_context", "loss_terms", "logs"):  # count the calls the package makes
+        def counted(self, *a, _real=getattr(toy.ToyMode, hook), _hook=hook, **k):
+            calls[_hook] += 1
+            out = _real(self, *a, **k)
+            results[_hook].append(out)
+            return out
+        monkeypatch.setattr(toy.ToyMode, hook, counted)
+
     cfg = tiny_cfg([f"hydra.searchpath=[file://{conf}]", "guidance=[prior,toy]", "trainer.max_steps=3",
                     "knn.enabled=false"], name="toy")
     assert cfg.guidance.toy.weight == 0.5 and "prior" in cfg.guidance
     train(cfg)
-    calls = importlib.import_module(TOY_MODULE).CALLS
-    monkeypatch.delitem(sys.modules, TOY_MODULE)
     assert calls["bind"] == 1 and calls["loss_terms"] == 3 and calls["logs"] == 3
-    assert calls["forward_context"] >= 3 + 1  # 3 training steps and the validation forwards
-    assert calls["grad"] == [True] * 3  # its term reaches the net's weights
+    assert calls["forward_context"] >= 3 + 1  # the 3 training steps and the validation forwards
+    assert all(loss.requires_grad for loss, _, _ in results["loss_terms"])  # its term reaches the net's weights
     m = pd.read_csv(Path(cfg.paths.output_dir) / "metrics.csv")
     steps = m.dropna(subset=["train/guidance/toy_loss"])
     assert len(steps) == 3 and (steps["train/guidance/toy_loss"] > 0).all()
-    assert list(steps["train/guidance/toy_calls"]) == [1.0, 2.0, 3.0] and (steps["train/guidance/toy_weight"] == 0.5).all()
+    assert (steps["train/guidance/toy_weight"] == 0.5).all() and steps["train/guidance/toy_peak"].between(0, 1).all()
     assert steps["train/guidance/prior_beta"].notna().all()  # composed with a packaged mode
     # the toy term is what the step optimised on top of the task loss (the prior adds no term)
     torch.testing.assert_close(torch.tensor(steps["train/guidance_loss"].values),

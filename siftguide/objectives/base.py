@@ -60,8 +60,8 @@ def encode(net: nn.Module, images: Tensor, ids_keep: Tensor | None = None, num_p
 class Objective(nn.Module):
     """Base class (see the module docstring)."""
 
-    needs_labels = False
-    supports_token_drop = False
+    needs_labels = False  # True: training reads batch["label"] (a run with data.labels=false is refused)
+    supports_token_drop = False  # True: forward() runs the given ``keep`` tokens (a token-selecting mode may serve it)
     hook_points: dict[str, str] = {}  # name -> the callable's contract; the points a guidance mode may take over
 
     def __init__(self) -> None:
