@@ -4,7 +4,7 @@ Public API (stable)::
 
     from siftguide import detect_keypoints, keypoint_patch_counts, patch_relevance, SiftGuidance
 """
-from . import compat  # noqa: F401 - old import paths (siftguide.sift, .source, .cache)
+from . import compat  # noqa: F401 - old import paths (siftguide.sift, .source, .cache, .guidance.alignment, ...)
 from .guidance import GuidanceSchedule, SiftGuidance
 from .relevance import (Keypoints, SIFTDetector, detect_keypoints, keypoint_patch_counts, patch_relevance,
                         relevance_from_keypoints)

@@ -10,6 +10,8 @@ places.
 | ``siftguide.cache`` | :mod:`siftguide.relevance.cache` |
 | ``siftguide.eval`` | :mod:`siftguide.callbacks.knn` |
 | ``siftguide.analysis.callback`` | :mod:`siftguide.callbacks.attention_monitor` |
+| ``siftguide.guidance.alignment`` | :mod:`siftguide.guidance.attention` (each mode's file is named as its config) |
+| ``siftguide.guidance.recon`` | :mod:`siftguide.guidance.recon_weight` |
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ _ALIASES: dict[str, tuple[str, dict[str, str]]] = {
     "siftguide.cache": ("siftguide.relevance.cache", {}),
     "siftguide.eval": ("siftguide.callbacks.knn", {}),
     "siftguide.analysis.callback": ("siftguide.callbacks.attention_monitor", {}),
+    "siftguide.guidance.alignment": ("siftguide.guidance.attention", {}),
+    "siftguide.guidance.recon": ("siftguide.guidance.recon_weight", {}),
 }
 
 

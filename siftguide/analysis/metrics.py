@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..guidance.alignment import kl_divergence  # the package's one KL (re-exported: kl_divergence(p, q, eps))
+from ..guidance.attention import kl_divergence  # the package's one KL (re-exported: kl_divergence(p, q, eps))
 from ..relevance import patch_positions
 
 __all__ = [

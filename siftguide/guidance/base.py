@@ -1,12 +1,22 @@
-"""What every guidance mode is: a small object that consumes the batch's relevance in one place of the step.
+"""What every guidance mode is: a small object that consumes the batch's relevance in declared places of the step.
 
-A mode acts in one of three places (``acts_in``):
+A mode says what it does by overriding hooks of :class:`GuidanceMode` (each a no-op by default) and by a few
+class attributes; :class:`~siftguide.guidance.Guidance` calls the hooks of every active mode and knows no
+concrete class. Per training step, in this order:
 
-* ``loss``: a term computed after the forward from attention captured in chosen blocks (alignment,
-  interrelation, background);
-* ``forward``: it changes the forward itself (token dropping, the attention-logit prior);
-* ``objective``: it is injected into the objective (keypoint-guided masking and keypoint-weighted
-  reconstruction for MAE) through :meth:`bind`.
+* :meth:`~GuidanceMode.select_tokens` ``(relevance, step) -> ids_keep (B, K) | None``: the patch tokens the
+  forward runs (token dropping). Only modes with ``selects_tokens = True`` are asked, and at most one per run;
+* :meth:`~GuidanceMode.forward_context` ``(relevance, stage, step, ids_keep)``: a context manager around the
+  objective's forward (the prior's logit bias; the loss modes' attention capture). Contexts are entered in
+  ascending ``forward_order`` (:data:`BIAS` before :data:`CAPTURE`, so a capture records the biased attention);
+* :meth:`~GuidanceMode.loss_terms` ``(relevance, step, ids_keep) -> (loss, value, weight) | None``: a term added
+  to the task loss (times the composite's ``weight``), logged as ``<name>_loss/_value/_weight``;
+* :meth:`~GuidanceMode.logs` ``(step) -> {key: value}``: extra values, logged as ``<name>_<key>``.
+
+Objective-side modes name an objective hook point (``objective_hook = "masking"``); :meth:`~GuidanceMode.bind`
+plugs the mode itself (a callable with the hook point's signature) into an objective that declares that point
+(``Objective.hook_points``). ``acts_in`` (``loss`` / ``forward`` / ``objective``) says where the mode acts; a
+``loss`` mode is switched off by the composite's ``weight == 0``.
 
 Modes take the timm ViT as their first constructor argument (Hydra builds them as partials and the module
 passes the net), never import Lightning, and are off (bit-identical to the baseline) when inactive.
@@ -14,7 +24,7 @@ passes the net), never import Lightning, and are off (bit-identical to the basel
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import ContextManager, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +33,10 @@ from ..attention import AttentionCapture, attention_to_patches, prefix_tokens
 from ..precision import fp32_region
 from .schedule import GuidanceSchedule
 
-__all__ = ["GuidanceMode", "AttentionLoss", "visible_relevance"]
+__all__ = ["GuidanceMode", "AttentionLoss", "visible_relevance", "LossTerms", "BIAS", "CAPTURE"]
+
+LossTerms = tuple[Tensor, "Tensor | None", float]  # (weighted loss, unweighted value or None, scheduled weight)
+BIAS, CAPTURE = 0, 10  # forward_order: contexts that change the attention, then those that record it
 
 
 def visible_relevance(rel: Tensor, ids_keep: Tensor) -> Tensor:
@@ -35,10 +48,15 @@ def visible_relevance(rel: Tensor, ids_keep: Tensor) -> Tensor:
 
 
 class GuidanceMode:
-    """Base class: the hooks the composing :class:`~siftguide.guidance.Guidance` (and the module) call."""
+    """Base class: declared hooks with no-op defaults (see the module docstring). A subclass overrides the ones
+    it needs; ``active == False`` (its off switch) keeps it out of the step entirely."""
 
-    acts_in = "loss"
-    name = "mode"
+    name = "mode"  # the mode's config name (its file siftguide/guidance/<name>.py and configs/guidance/<name>.yaml)
+    acts_in = "loss"  # loss | forward | objective; loss modes are off when the composite's weight is 0
+    selects_tokens = False  # True: select_tokens() chooses the forward's patch tokens (at most one mode per run)
+    forward_order = CAPTURE  # order of forward_context() among the modes (ascending; BIAS before CAPTURE)
+    objective_hook: str | None = None  # the objective hook point this mode plugs into at bind() (e.g. "masking")
+    objective_hint = ""  # said when bind() finds an objective that cannot serve the mode ("use objective=mae")
 
     @property
     def active(self) -> bool:
@@ -49,11 +67,49 @@ class GuidanceMode:
         return self.active and stage == "train"
 
     def bind(self, objective: nn.Module) -> None:
-        """Called once with the objective (objective-side modes inject themselves here)."""
+        """Called once with the objective: checks that the objective can serve this mode and plugs the mode into
+        its ``objective_hook`` point (``objective.set_hook(point, self)``)."""
+        kind = type(objective).__name__
+        hint = f"; {self.objective_hint}" if self.objective_hint else ""
+        if self.selects_tokens and not getattr(objective, "supports_token_drop", False):
+            raise ValueError(f"guidance mode {self.name} cannot serve objective {kind}: the mode selects the forward's "
+                             f"patch tokens and {kind} does not run given tokens (supports_token_drop is False: it "
+                             f"selects its own){hint}")
+        if self.objective_hook is None:
+            return
+        points = getattr(objective, "hook_points", {})
+        if self.objective_hook not in points:
+            raise ValueError(f"guidance mode {self.name} cannot serve objective {kind}: it plugs into the hook point "
+                             f"{self.objective_hook!r}, which {kind} does not declare (its hook_points: "
+                             f"{sorted(points) or 'none'}){hint}")
+        objective.set_hook(self.objective_hook, self)
 
     def set_step(self, step: int) -> None:
         """Called before each training step with the optimizer step (curricula, schedules)."""
         self.step = step
+
+    # ------------------------------------------------------------------------------------------ the step's hooks
+    def select_tokens(self, relevance: Tensor, step: int) -> Tensor | None:
+        """``ids_keep (B, K)`` patch tokens for this training step, or None (all tokens). Asked only when the
+        class declares ``selects_tokens = True``."""
+        return None
+
+    def forward_context(self, relevance: Tensor | None, stage: str, step: int,
+                        ids_keep: Tensor | None = None) -> ContextManager:
+        """A context manager around the objective's forward at ``stage`` (``ids_keep``: the selected tokens)."""
+        return contextlib.nullcontext(self)
+
+    def loss_terms(self, relevance: Tensor | None, step: int, ids_keep: Tensor | None = None) -> LossTerms | None:
+        """``(loss, value, weight)`` after the training forward (``ids_keep``: the patches the encoder saw), or
+        None: no term."""
+        return None
+
+    def logs(self, step: int) -> dict[str, Tensor | float]:
+        """Extra values of this step, logged as ``train/guidance/<name>_<key>``."""
+        return {}
+
+    def clear(self) -> None:
+        """Drop what the forward left behind (captured attention) without computing a loss."""
 
 
 class AttentionLoss(GuidanceMode):
@@ -113,6 +169,14 @@ class AttentionLoss(GuidanceMode):
 
     def value(self, relevance: Tensor, ids_keep: Tensor | None = None) -> Tensor:
         raise NotImplementedError
+
+    def forward_context(self, relevance: Tensor | None, stage: str, step: int,
+                        ids_keep: Tensor | None = None) -> ContextManager:
+        """Attention capture during the training forward (evaluation forwards are not captured)."""
+        return self.capture() if stage == "train" else contextlib.nullcontext(self)
+
+    def loss_terms(self, relevance: Tensor | None, step: int, ids_keep: Tensor | None = None) -> LossTerms:
+        return self.terms(relevance, step, ids_keep)
 
     def loss(self, relevance: Tensor, step: int | None = None, ids_keep: Tensor | None = None) -> Tensor:
         """``weight * schedule(step) * value``; clears the captured attention (one loss per capture).

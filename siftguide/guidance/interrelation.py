@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..relevance import patch_positions
-from .alignment import divergence
+from .attention import divergence
 from .base import AttentionLoss
 from .schedule import GuidanceSchedule
 

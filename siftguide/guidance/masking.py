@@ -53,6 +53,8 @@ class KeypointMasking(GuidanceMode):
 
     acts_in = "objective"
     name = "masking"
+    objective_hook = "masking"  # bind() plugs __call__ into the objective's training masks
+    objective_hint = "it needs a masked objective (objective=mae)"
 
     def __init__(self, model: nn.Module | None = None, alpha: float = 1.0, hint: float = 0.1, eps: float = 0.1,
                  curriculum_steps: int = 0) -> None:
@@ -71,13 +73,8 @@ class KeypointMasking(GuidanceMode):
             return self.alpha
         return self.alpha * min(1.0, s / self.curriculum_steps)
 
-    def bind(self, objective: nn.Module) -> None:
-        if not hasattr(objective, "set_masking"):
-            raise ValueError(f"guidance mode masking cannot serve objective {type(objective).__name__}: it needs a "
-                             f"masked objective (objective=mae)")
-        objective.set_masking(self)
-
     def __call__(self, relevance: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+        """The ``masking`` hook point: ``ids_keep (B, keep)`` and ``mask (B, P)`` from ``relevance``."""
         return guided_masking(relevance, keep, self.current_alpha(), self.hint, self.eps)
 
     def __repr__(self) -> str:

@@ -10,13 +10,13 @@ evaluation unless ``at_eval=True``; the same mechanism serves inference promptin
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import ContextManager, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..attention import AttentionBias, prefix_tokens
-from .base import GuidanceMode, visible_relevance
+from .base import BIAS, GuidanceMode, visible_relevance
 from .schedule import GuidanceSchedule
 
 __all__ = ["AttentionPrior", "relevance_bias"]
@@ -41,6 +41,7 @@ class AttentionPrior(GuidanceMode):
 
     acts_in = "forward"
     name = "prior"
+    forward_order = BIAS  # before the loss modes' capture, which then records the biased attention
 
     def __init__(self, model: nn.Module, layers: int | Sequence[int] = -1, beta: float = 1.0,
                  schedule: GuidanceSchedule | dict | None = None, eps: float = 0.1, at_eval: bool = False) -> None:
@@ -83,6 +84,16 @@ class AttentionPrior(GuidanceMode):
 
         with self.bias.apply(bias_fn):
             yield self
+
+    def forward_context(self, relevance: Tensor | None, stage: str, step: int,
+                        ids_keep: Tensor | None = None) -> ContextManager:
+        """The bias during training forwards (and evaluation ones with ``at_eval``)."""
+        if not self.needs_relevance(stage):
+            return contextlib.nullcontext(self)
+        return self.apply(relevance, step, ids_keep)
+
+    def logs(self, step: int) -> dict[str, float]:
+        return {"beta": self.current_beta(step)}
 
     def __repr__(self) -> str:
         return f"AttentionPrior(layers={self.layers}, beta={self.beta}, eps={self.eps}, schedule={self.schedule})"

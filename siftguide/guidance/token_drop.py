@@ -45,6 +45,8 @@ class TokenDrop(GuidanceMode):
 
     acts_in = "forward"
     name = "token_drop"
+    selects_tokens = True  # bind() then requires an objective that runs given tokens (supports_token_drop)
+    objective_hint = "use it with objective=supervised, or masking with MAE"
 
     def __init__(self, model: nn.Module, keep: float = 0.5, random_share: float = 0.0,
                  full_after: float | None = None, total_steps: int = 0, seed: int = 0) -> None:
@@ -78,11 +80,6 @@ class TokenDrop(GuidanceMode):
     def needs_relevance(self, stage: str) -> bool:
         return stage == "train" and self.active
 
-    def bind(self, objective: nn.Module) -> None:
-        if not getattr(objective, "supports_token_drop", False):
-            raise ValueError(f"guidance mode token_drop cannot serve objective {type(objective).__name__} (it "
-                             f"selects its own tokens); use it with objective=supervised, or masking with MAE")
-
     def select(self, relevance: Tensor, step: int | None = None) -> Tensor | None:
         """``ids_keep (B, K)`` for a training step, or None when all tokens are used."""
         if not self.dropping(self.step if step is None else step):
@@ -90,6 +87,9 @@ class TokenDrop(GuidanceMode):
         if self._gen is None or self._gen.device != relevance.device:
             self._gen = torch.Generator(device=relevance.device).manual_seed(self.seed)
         return select_tokens(relevance, self.keep_count, self.random_count, self._gen)
+
+    def select_tokens(self, relevance: Tensor, step: int) -> Tensor | None:  # the hook (see GuidanceMode)
+        return self.select(relevance, step)
 
     def __repr__(self) -> str:
         return (f"TokenDrop(keep={self.keep} ({self.keep_count}/{self.num_patches}), random_share={self.random_share},"

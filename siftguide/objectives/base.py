@@ -10,12 +10,17 @@ An objective is a small ``nn.Module`` called as ``objective(net, images, batch, 
   ``supports_token_drop``.
 
 It returns an :class:`ObjectiveOutput`. Hooks: :meth:`Objective.setup` (once, with the net: build own parameters),
-:meth:`Objective.on_train_batch_end` (after each optimizer step: e.g. an EMA teacher's update), and for masked
-objectives ``set_masking`` / ``set_patch_weighting`` (injected by the masking and recon_weight guidance modes).
+:meth:`Objective.on_train_batch_end` (after each optimizer step: e.g. an EMA teacher's update).
+
+Hook points: an objective declares, in ``hook_points``, the named places of its computation that a guidance mode
+may take over (``{"masking": "<signature>", ...}``); a mode with ``objective_hook = "masking"`` is plugged in by
+:meth:`Objective.set_hook` when it is bound, and the objective reads it with :meth:`Objective.hook` (None: its
+own default). So a new objective-side mode for an existing hook point needs no change to the objective.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -55,8 +60,27 @@ def encode(net: nn.Module, images: Tensor, ids_keep: Tensor | None = None, num_p
 class Objective(nn.Module):
     """Base class (see the module docstring)."""
 
-    needs_labels = False
-    supports_token_drop = False
+    needs_labels = False  # True: training reads batch["label"] (a run with data.labels=false is refused)
+    supports_token_drop = False  # True: forward() runs the given ``keep`` tokens (a token-selecting mode may serve it)
+    hook_points: dict[str, str] = {}  # name -> the callable's contract; the points a guidance mode may take over
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hooks: dict[str, Callable] = {}  # hook point -> the callable plugged in (not a submodule: no state)
+
+    def set_hook(self, point: str, fn: Callable | None) -> None:
+        """Plug ``fn`` into the hook point ``point`` (None: back to the objective's default)."""
+        if point not in self.hook_points:
+            raise ValueError(f"{type(self).__name__} has no hook point {point!r} (its hook_points: "
+                             f"{sorted(self.hook_points) or 'none'})")
+        if fn is None:
+            self.hooks.pop(point, None)
+        else:
+            self.hooks[point] = fn
+
+    def hook(self, point: str) -> Callable | None:
+        """What is plugged into ``point``, or None."""
+        return self.hooks.get(point)
 
     def setup(self, net: nn.Module) -> None:
         """Called once with the net before training (build the objective's own parameters here)."""

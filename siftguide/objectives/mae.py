@@ -9,11 +9,10 @@ Decoder: linear projection, learned mask token, fixed 2-D sin-cos position embed
 ``Block``s, linear prediction of each patch's pixels. Loss: mean squared error on the masked patches, per-patch
 normalised targets with ``norm_pix_loss`` (as in the paper).
 
-Masking is injectable: :meth:`MAEObjective.set_masking` takes a callable ``(relevance, keep) -> (ids_keep, mask)``
+Hook points (:attr:`MAEObjective.hook_points`): ``masking``, a callable ``(relevance, keep) -> (ids_keep, mask)``
 (the ``masking`` guidance mode), used in training when the batch carries ``relevance``; otherwise masking is
-uniformly random. :meth:`MAEObjective.set_patch_weighting` takes ``(per_patch, mask, relevance) -> loss`` (the
-``recon_weight`` mode). Validation always uses random masks and the plain loss, so ``val/loss`` compares across
-modes.
+uniformly random. ``patch_weighting``, ``(per_patch, mask, relevance) -> loss`` (the ``recon_weight`` mode).
+Validation always uses random masks and the plain loss, so ``val/loss`` compares across modes.
 
 Online linear probe (solo-learn style): a linear classifier on the stop-gradient pooled encoder features of
 labelled batches, trained alongside; it cannot change the encoder. ``val/acc`` is the probe's accuracy on full
@@ -69,6 +68,11 @@ class MAEObjective(Objective):
     """MAE loss + online linear probe. Call :meth:`setup` with the encoder before use (the module does)."""
 
     needs_labels = False
+    hook_points = {
+        "masking": "(relevance (B, Gh, Gw), keep) -> (ids_keep (B, keep) sorted, mask (B, P), 1 = masked): the "
+                   "training masks",
+        "patch_weighting": "(per_patch (B, P), mask (B, P), relevance (B, Gh, Gw)) -> scalar: the training loss",
+    }
 
     def __init__(self, mask_ratio: float = 0.75, decoder_dim: int = 128, decoder_depth: int = 2,
                  decoder_heads: int = 4, norm_pix_loss: bool = True, num_classes: int = 0,
@@ -82,16 +86,15 @@ class MAEObjective(Objective):
         self.decoder_dim, self.decoder_depth, self.decoder_heads = decoder_dim, decoder_depth, decoder_heads
         self.num_classes = num_classes
         self._ready = False
-        self.masking: Callable[[Tensor, int], tuple[Tensor, Tensor]] | None = None
-        self.patch_weighting: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
     def set_masking(self, masking: Callable[[Tensor, int], tuple[Tensor, Tensor]] | None) -> None:
-        """Training masks from ``masking(relevance (B, Gh, Gw), keep) -> (ids_keep (B, keep), mask (B, P))``."""
-        self.masking = masking
+        """``set_hook("masking", masking)``: training masks from ``masking(relevance, keep)`` (kept alias)."""
+        self.set_hook("masking", masking)
 
     def set_patch_weighting(self, weighting: Callable[[Tensor, Tensor, Tensor], Tensor] | None) -> None:
-        """Training loss from ``weighting(per_patch (B, P), mask (B, P), relevance) -> scalar``."""
-        self.patch_weighting = weighting
+        """``set_hook("patch_weighting", weighting)``: training loss from ``weighting(per_patch, mask, relevance)``
+        (kept alias)."""
+        self.set_hook("patch_weighting", weighting)
 
     def setup(self, net: nn.Module) -> None:
         from timm.models.vision_transformer import Block
@@ -146,8 +149,9 @@ class MAEObjective(Objective):
         full_feats = self.pooled(self.tokens(net, images)) if not training and self.probe is not None else None
         n_keep = max(1, int(round(self.num_patches * (1 - self.mask_ratio))))
         rel = batch.get("relevance") if training else None
-        if self.masking is not None and rel is not None:
-            ids_keep, mask = self.masking(rel, n_keep)
+        masking, weighting = self.hook("masking"), self.hook("patch_weighting")
+        if masking is not None and rel is not None:
+            ids_keep, mask = masking(rel, n_keep)
         else:
             ids_keep, mask = random_masking(b, self.num_patches, n_keep, images.device)
         tokens = self.encode(net, images, ids_keep)
@@ -162,8 +166,8 @@ class MAEObjective(Objective):
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
         per_patch = (pred - target).pow(2).mean(-1)
-        if self.patch_weighting is not None and rel is not None:
-            loss = self.patch_weighting(per_patch, mask, rel)
+        if weighting is not None and rel is not None:
+            loss = weighting(per_patch, mask, rel)
         else:
             loss = (per_patch * mask).sum() / mask.sum()
         out = ObjectiveOutput(loss=loss, ids_keep=ids_keep, metrics={"mae_loss": loss.detach()})

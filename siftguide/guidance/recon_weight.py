@@ -48,6 +48,8 @@ class KeypointReconWeight(GuidanceMode):
 
     acts_in = "objective"
     name = "recon_weight"
+    objective_hook = "patch_weighting"  # bind() plugs __call__ into the objective's reconstruction loss
+    objective_hint = "it weights a reconstruction loss (objective=mae)"
 
     def __init__(self, model: nn.Module | None = None, temperature: float = 0.25, normalize: str = "mask") -> None:
         if temperature <= 0:
@@ -57,13 +59,8 @@ class KeypointReconWeight(GuidanceMode):
         self.temperature, self.normalize = float(temperature), normalize
         self.step = 0
 
-    def bind(self, objective: nn.Module) -> None:
-        if not hasattr(objective, "set_patch_weighting"):
-            raise ValueError(f"guidance mode recon_weight cannot serve objective {type(objective).__name__}: it "
-                             f"weights a reconstruction loss (objective=mae)")
-        objective.set_patch_weighting(self)
-
     def __call__(self, per_patch: Tensor, mask: Tensor, relevance: Tensor) -> Tensor:
+        """The ``patch_weighting`` hook point: the scalar loss from ``per_patch (B, P)`` losses and ``mask (B, P)``."""
         return weighted_patch_loss(per_patch, mask, keypoint_weights(relevance, self.temperature), self.normalize)
 
     def __repr__(self) -> str:
