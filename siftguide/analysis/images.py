@@ -81,14 +81,10 @@ class DatasetImages:
         return len(self.ds)
 
     def load(self, ids: Sequence[int], in_chans: int, size: tuple[int, int]) -> tuple[Tensor, Tensor, list]:
-        if hasattr(self.ds, "images") and hasattr(self.ds, "labels"):  # in-memory tensors: slice
-            idx = torch.as_tensor(list(ids))
-            x, y = self.ds.images[idx], self.ds.labels[idx]
-        else:
-            items = [self.ds[i] for i in ids]
-            x = torch.stack([it["image"] for it in items])
-            y = torch.stack([torch.as_tensor(it["label"]) for it in items])
-        return prepare_images(x, in_chans, size), y.long(), list(ids)
+        from ..data.protocol import take
+
+        x, y, kept = take(self.ds, ids)  # unreadable files left out
+        return prepare_images(x, in_chans, size), y, kept
 
 
 def dataset_source(model: LoadedModel, overrides: Sequence[str], split: str) -> DatasetImages:

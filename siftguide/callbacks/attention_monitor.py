@@ -72,10 +72,9 @@ class AttentionMonitor(L.Callback):
         if ds is None or len(ds) == 0:
             raise ValueError(f"attention_monitor: {type(dm).__name__} has no validation images to monitor")
         n = min(self.num_images, len(ds))
-        if hasattr(ds, "images"):  # in-memory uint8 tensors (Fashion-MNIST and its variants): slice
-            raw = ds.images[:n]
-        else:
-            raw = torch.stack([ds[i]["image"] for i in range(n)])
+        from ..data.protocol import take
+
+        raw = take(ds, range(n))[0]
         net = pl_module.net
         self.capture = AttentionCapture(net, layers=self.layer_spec)
         x = pl_module.transform.resize(raw.to(pl_module.device))  # the un-augmented validation input, [0, 1]

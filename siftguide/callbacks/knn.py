@@ -113,14 +113,13 @@ class KNNEvaluator(L.Callback):
 
     @staticmethod
     def _images_labels(ds, n: int) -> tuple[Tensor, Tensor]:
-        if hasattr(ds, "images"):  # in-memory datasets: slice directly
-            return ds.images[:n], ds.labels[:n]
-        items = [ds[i] for i in range(min(n, len(ds)))]
-        items = [it for it in items if it.get("valid", True)]  # unreadable files (image folders) stay out
-        if not items:
+        from ..data.protocol import take
+
+        images, labels, kept = take(ds, range(min(n, len(ds))))  # unreadable files (image folders) stay out
+        if not kept:
             raise RuntimeError(f"kNN evaluation: none of the first {n} images of {type(ds).__name__} could be read "
                                "(the warnings above name the files); fix them or set callbacks.knn=null")
-        return torch.stack([it["image"] for it in items]), torch.stack([torch.as_tensor(it["label"]) for it in items])
+        return images, labels
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module) -> None:
         if trainer.sanity_checking:

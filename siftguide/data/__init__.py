@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
-from .sampler import train_order
+from ..sampler import train_order
 
 log = logging.getLogger(__name__)
 
