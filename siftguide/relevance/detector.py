@@ -35,6 +35,7 @@ global matmul precision (:func:`~siftguide.precision.fp32_math`).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -362,20 +363,6 @@ def _scatter_state(full: tuple[Tensor, ...], ids: Tensor, part: tuple[Tensor, ..
     """Write the state of the slots ``ids (B, k)`` back into the full ``(B, K, ...)`` state, in place."""
     for t, p in zip(full, part):
         t.scatter_(1, ids.unsqueeze(-1).expand(-1, -1, t.shape[-1]), p)
-@functools.lru_cache(maxsize=1)
-def compiled_detect_keypoints():
-    """:func:`detect_keypoints` compiled with ``torch.compile`` (created once, shared), for static shapes.
-
-    Same keypoints (tested), fused elementwise passes: see ``python bench/sift.py --compile`` for its speed.
-    Compiling takes minutes on a small CPU, once per process and input shape (inductor's on-disk cache makes later
-    processes faster), so it pays off in long runs at a fixed image and batch size (training drops the last
-    incomplete batch), not in short tests. Each new shape compiles its own graph: static-shape code is faster
-    than the dynamic-shape graph torch would otherwise build on the second shape.
-    """
-    # dynamo traces through the lru_cache'd helpers (blur matrices, offsets) and warns that it ignores the cache;
-    # they are pure functions of their arguments, so tracing them is exact: silence that one warning
-    warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function")
-    return torch.compile(detect_keypoints, dynamic=False)
 
 
 @functools.lru_cache(maxsize=64)
@@ -552,7 +539,18 @@ def compiled_detect_keypoints():
     # dynamo traces through the lru_cache'd helpers (blur matrices, offsets) and warns that it ignores the cache;
     # they are pure functions of their arguments, so tracing them is exact: silence that one warning
     warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function")
-    return torch.compile(detect_keypoints, dynamic=False)
+    core = torch.compile(_detect, dynamic=False)  # the checks and the fp32 flags stay outside the graph
+    defaults = {k: p.default for k, p in inspect.signature(detect_keypoints).parameters.items() if k != "images"}
+
+    @torch.no_grad()
+    def compiled(images: Tensor, **kwargs) -> Keypoints:
+        settings = {**defaults, **kwargs}
+        check_images(images)
+        _check_settings(settings["max_keypoints"], settings["max_candidates"], settings["candidate_density"])
+        with fp32_math():
+            return core(images, **settings)
+
+    return compiled
 
 
 def detector(compile: bool = False):
