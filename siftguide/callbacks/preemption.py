@@ -13,7 +13,8 @@ Lightning's own SIGTERM handler (``lightning.pytorch.trainer.connectors.signal_c
 ``SIGTERMException``, a ``SystemExit`` with exit code 0, at the end of the step or in the middle of a validation,
 without a checkpoint: :class:`Preemption` installs :class:`SignalStop` again at ``on_train_start``, after Lightning
 registered its own, and forwards the signal to Lightning's DDP worker processes as Lightning does. Under DDP the
-ranks agree on the flag after every step (one all-reduce of a boolean), so all of them stop at the same step.
+ranks agree on the flag (one all-reduce of a boolean, which the host reads: a sync) every ``ddp_every`` steps (10)
+and at each validation, so all of them stop at the same step, at most ``ddp_every - 1`` steps after the signal.
 """
 from __future__ import annotations
 
@@ -82,15 +83,19 @@ class SignalStop:
 class Preemption(L.Callback):
     """Ends the fit at the current step once :class:`SignalStop` recorded a signal (see the module docstring)."""
 
-    def __init__(self, stop: SignalStop | None = None) -> None:
+    def __init__(self, stop: SignalStop | None = None, ddp_every: int = 10) -> None:
         self.stop = stop or SignalStop()  # train() sets the one it installed before building the run
+        # under DDP the ranks agree on stopping through a collective whose result the host must read: a sync, so
+        # it happens every ddp_every optimizer steps (and at each validation), not at every step
+        self.ddp_every = ddp_every
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.stop.trainer = trainer
         self.stop.install()  # after Lightning's own SIGTERM handler: ours replaces it for the training loop
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._check(trainer)
+        if trainer.world_size == 1 or trainer.global_step % self.ddp_every == 0:
+            self._check(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":  # a validation inside fit
