@@ -10,6 +10,10 @@
 #                                          seeds, in the screen's directory (its runs reused)
 #   bash scripts/levers_study.sh clutter   cluttered, supervised: the baseline, $BEST and prior, 3 seeds, with $BEST's
 #                                          main controls
+#   bash scripts/levers_study.sh scale     sized for one GPU (not run on the 2-core CPU): ViT-S/16 at 224 px, bf16, batch
+#                                          256, on translated Fashion-MNIST at 224 px (garments 84-154 px): the
+#                                          baseline ($SCALE_STEPS steps), $BEST scaled to the same compute and its
+#                                          controls, 3 seeds: PY=python3 JOBS=4 bash scripts/levers_study.sh scale
 #   bash scripts/levers_study.sh report    the published tables: docs/results/levers/<table>/ (table.md, curves.png,
 #                                          verdict.md); the confirmation's recipe in docs/results/levers/recipe/
 #                                          (verdict.json, recommended.yaml) and docs/results/headline.json; runs
@@ -39,7 +43,8 @@ ARMS=(
 )
 # the screen's best (cost to target on the mean curve, 2 seeds): prior + token_drop at about the baseline's compute
 BEST=${BEST:-"[prior,token_drop] $PRIOR $DROP540"}
-part=${1:?part: screen | confirm | clutter | report}; shift
+SCALE_STEPS=${SCALE_STEPS:-600}
+part=${1:?part: screen | confirm | clutter | scale | report}; shift
 study() { $PY -m siftguide.study --jobs "$JOBS" "${SUP[@]}" "$@"; }
 case "$part" in
   screen)  study data=fashion_mnist_translated --modes "${ARMS[@]}" --controls none --seeds 2 --out "$OUT/screen" "$@" ;;
@@ -47,6 +52,12 @@ case "$part" in
              --out "$OUT/screen" "$@" ;;
   clutter) study data=fashion_mnist_cluttered --modes "$BEST" "prior $PRIOR" --controls main --seeds 3 \
              --out "$OUT/clutter" "$@" ;;
+  scale)
+    study data=fashion_mnist_translated data.canvas_size=224 data.min_size=84 data.max_size=154 \
+      model=vit_small_patch16_224 model.in_chans=1 transform=grey trainer=gpu data.batch_size=256 data.num_workers=8 \
+      trainer.max_steps="$SCALE_STEPS" trainer.val_check_interval=50 \
+      --modes "[prior,token_drop] $PRIOR trainer.max_steps=$((SCALE_STEPS * 9 / 5))" --controls shuffled,mean,random \
+      --seeds 3 --out "$OUT/scale" "$@" ;;
   report)
     table() {  # table NAME METRIC DIR...: compare the finished runs below the directories
       local name=$1 metric=$2; shift 2
@@ -60,6 +71,7 @@ print("\n".join(str(d) for a in sys.argv[1:] for d in sorted(Path(a).glob("*/*/s
     }
     table translated val/acc "$OUT/screen"   # every arm of the screen and the confirmation's controls
     table cluttered val/acc "$OUT/clutter"
+    table scale val/acc "$OUT/scale"
     # the recipe of the confirmation: the study's own report (verdict.json with each group's overrides,
     # recommended.yaml), and the headline the README and tools read
     study data=fashion_mnist_translated --modes "$BEST" --controls shuffled,mean,random --seeds "$SEEDS" \
