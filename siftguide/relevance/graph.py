@@ -35,7 +35,9 @@ class Captured:
 
     Args:
         fn: the function; pure (same input, same output), no host sync, no data-dependent shape, no CPU -> GPU
-            copy in the call (device constants cached on the first, eager, call).
+            copy in the call (device constants cached on the first, eager, call). Its outputs must be tensors (or
+            tuples / lists / dicts of them): those are copied out of the graph's static memory; any other object
+            would alias it.
         backend: ``auto`` | ``eager`` | ``graph`` | ``compile`` (see the module docstring).
         warmup: eager calls on a side stream before recording (allocator and caches settle), per shape.
         max_graphs: shapes recorded at most (a graph holds its own memory); further shapes run eagerly.

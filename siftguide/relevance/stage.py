@@ -169,15 +169,13 @@ class RelevanceStage(nn.Module):
     @torch.no_grad()
     def batch_keypoints(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Packed keypoints ``(B, N, 4)`` float32 and counts ``(B,)`` of un-augmented images in [0, 1] (what the
-        prefetcher puts in a batch)."""
-        return pack_keypoints(self._detector()(images), dtype=torch.float32)
-
-    def _detector(self) -> Captured:
-        key = ("kp",)
-        if key not in self._captured:
+        prefetcher puts in a batch); detection and packing in one captured call (its outputs are tensors, copied
+        out of the graph)."""
+        if "packed" not in self._captured:
             sift = dict(self.sift)
-            self._captured[key] = Captured(lambda x: detect_keypoints(x, **sift), self.backend)
-        return self._captured[key]
+            self._captured["packed"] = Captured(
+                lambda x: pack_keypoints(detect_keypoints(x, **sift), dtype=torch.float32), self.backend)
+        return self._captured["packed"](images)
 
     def _dataset_mean(self, datamodule, transform, patch: tuple[int, int], device) -> Tensor:
         grid = (transform.size[0] // patch[0], transform.size[1] // patch[1])
