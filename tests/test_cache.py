@@ -4,7 +4,7 @@ from siftguide.relevance import KeypointCache, transform_keypoints
 from siftguide.data import DeviceTransform, load_fashion_mnist
 from siftguide.relevance import RelevanceTarget
 from siftguide.relevance import detect_keypoints
-from siftguide.testing import spearman
+from tests.oracle import spearman
 
 
 def test_transform_keypoints_flip_and_crop():

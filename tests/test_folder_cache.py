@@ -296,7 +296,7 @@ def test_packed_keypoints_round_trip():
 @pytest.mark.parametrize("backend", ["graph", "compile"])
 def test_captured_detector_equals_eager_on_cuda(backend):
     from siftguide.relevance.graph import Captured
-    from siftguide.testing import photo_batch
+    from tests.oracle import photo_batch
 
     x = (photo_batch(64, crops_per_photo=1)[:16].float() / 255).cuda()
     fn = Captured(lambda t: pack_keypoints(detect_keypoints(t, max_keypoints=64), torch.float32), backend)

@@ -6,7 +6,7 @@ import torch
 
 from siftguide import detect_keypoints, keypoint_patch_counts
 from siftguide.relevance import SIFTDetector, counts_from_keypoints, gaussian_blur
-from siftguide.testing import agreement, opencv_keypoints, photo_batch
+from tests.oracle import agreement, opencv_keypoints, photo_batch
 from tests.conftest import blob_image
 
 

@@ -1,7 +1,8 @@
 """Test and benchmark helpers: OpenCV SIFT as an oracle, real photos that ship with scikit-image.
 
-OpenCV and scikit-image are development dependencies (``pip install -e .[dev]``) and are imported lazily;
-nothing in the training path imports this module.
+OpenCV and scikit-image are development dependencies (``pip install -e .[dev]``) and are imported lazily. A test
+helper, not part of the package (it was ``siftguide.testing``): the tests and the ``bench/`` scripts import it as
+``tests.oracle`` with the repository root on ``sys.path``.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .relevance import Keypoints, counts_from_keypoints
+from siftguide.relevance import Keypoints, counts_from_keypoints
 
 # real photographs bundled inside the scikit-image wheel (no download needed)
 PHOTOS = (
@@ -76,7 +77,7 @@ def opencv_patch_counts(points: list[np.ndarray], grid: tuple[int, int], patch_s
 def spearman(a: Tensor, b: Tensor) -> Tensor:
     """Per-row Spearman rank correlation of ``(B, M)`` tensors (average ranks for ties); NaN for constant rows.
     The batched implementation of :func:`siftguide.analysis.metrics.spearman`, in float64."""
-    from .analysis.metrics import spearman as batched
+    from siftguide.analysis.metrics import spearman as batched
 
     return batched(a.double(), b.double())
 
