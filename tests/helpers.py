@@ -14,10 +14,10 @@ from PIL import Image
 
 import siftguide.train as train_py
 
+
 # ---------------------------------------------------------------------------------------------- data on disk
-
-
 def write_idx(folder, n_train=40, n_test=12):
+    """A Fashion-MNIST IDX folder of ``n_train`` / ``n_test`` noise images, labels ``i % 10``."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for split, n in (("train", n_train), ("t10k", n_test)):
@@ -30,8 +30,6 @@ def write_idx(folder, n_train=40, n_test=12):
 
 def write_folder(root: Path, n_per_class: int = 6, size: int = 56, seed: int = 0) -> None:
     """``root/train/<a|b>/*.png`` and ``root/val/<a|b>/*.png``: bright blobs on dark noise (SIFT finds them)."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     for split in ("train", "val"):
@@ -45,7 +43,7 @@ def write_folder(root: Path, n_per_class: int = 6, size: int = 56, seed: int = 0
                 Image.fromarray(img.clip(0, 255).astype(np.uint8), "L").save(root / split / c / f"{i}.png")
 
 
-# ---------------------------------------------------------------------------------------------- image folders with bad input (tests of data, kNN, skips, checks)
+# ---------------------------------------------------------------------------------------------- image folders, bad input
 S = 32  # decoded image side in these tests
 
 
@@ -71,6 +69,7 @@ def bad_files(d: Path) -> list[Path]:
 
 
 def bad_files_of(root: Path) -> list[Path]:
+    """The files ``image_folder(root, bad=True)`` made unreadable."""
     return [root / "train" / "c0" / n for n in ("empty.png", "truncated.png", "notes.png")]
 
 
@@ -149,6 +148,8 @@ CHEAP = ["callbacks.knn=null", "module.align_batches=0", "data.val_size=64"]
 
 # ---------------------------------------------------------------------------------------------- small stand-ins
 class TrainerStub:
+    """A trainer's rank and world size: all the code under test reads of it."""
+
     def __init__(self, rank: int, world: int) -> None:
         self.global_rank, self.world_size = rank, world
 

@@ -5,10 +5,10 @@ import pandas as pd
 import yaml
 
 
-def _merge(a: dict, b: dict) -> dict:
+def merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -25,12 +25,12 @@ def make_run(root, name, weight, seed, values, steps=(100, 200, 300, 400), sec_p
     pd.DataFrame(rows).to_csv(d / "metrics.csv", index=False)
     cfg = {"seed": seed, "guidance": {"weight": weight, "target": {"kind": kind, "seed": seed}},
            "paths": {"output_dir": str(d)}, "trainer": {"max_steps": max_steps}}
-    cfg = _merge(cfg, extra or {})
+    cfg = merge(cfg, extra or {})
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     return d
 
 
-def _study(root):
+def study_runs(root):
     """Baseline, SIFT w=1 clearly faster, two wrong-map controls at w=1, 3 seeds each."""
     for s, e in enumerate([0.0, 0.01, -0.01]):
         make_run(root, f"b{s}", 0.0, s, np.array([0.5, 0.6, 0.7, 0.8]) + e)
@@ -39,8 +39,8 @@ def _study(root):
         make_run(root, f"ro{s}", 1.0, s, np.array([0.5, 0.6, 0.7, 0.79]) + e, kind="rolled")
 
 
-def _cost_study(root, sift_cost):
-    """``_study`` with cost data: every control step costs 0.5 s, a SIFT step ``sift_cost``; equal conditions."""
+def cost_study_runs(root, sift_cost):
+    """``study_runs`` with cost data: every control step costs 0.5 s, a SIFT step ``sift_cost``; equal conditions."""
     for s, e in enumerate([0.0, 0.01, -0.01]):
         make_run(root, f"b{s}", 0.0, s, np.array([0.5, 0.6, 0.7, 0.8]) + e, cost_per_step=0.5, sec_per_step=1.0)
         make_run(root, f"s{s}", 1.0, s, np.array([0.6, 0.75, 0.82, 0.86]) + e, cost_per_step=sift_cost,

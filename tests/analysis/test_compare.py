@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from siftguide.analysis.compare import main
-from tests.analysis.fake_runs import _study, make_run
+from tests.analysis.fake_runs import make_run, study_runs
 from tests.conftest import ROOT
 
 
@@ -24,7 +24,7 @@ def test_cli_writes_png_and_tables(tmp_path, capsys):
 
 @pytest.mark.e2e
 def test_module_cli_in_a_subprocess(tmp_path):
-    _study(tmp_path / "runs")
+    study_runs(tmp_path / "runs")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "siftguide.compare", str(tmp_path / "runs"), "--out", str(out),
                            "--verdict"], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from siftguide.analysis.compare import group_runs, load_runs, main, summarize, verdict, verdict_data
-from tests.analysis.fake_runs import _cost_study, _study, make_run
+from tests.analysis.fake_runs import cost_study_runs, make_run, study_runs
 
 
 def test_verdict_reports_ratios_cis_and_the_best_wrong_map_control(tmp_path):
-    _study(tmp_path)
+    study_runs(tmp_path)
     groups = group_runs(load_runs([tmp_path]))
     table, target, base, _ = summarize(groups, "val/acc")
     text = verdict(table, groups, "val/acc", target, base)
@@ -95,7 +95,7 @@ def test_cost_criterion_against_the_cheapest_control(tmp_path, sift_cost, beats)
     # steps as in test_verdict_reports_ratios_cis_and_the_best_wrong_map_control (SIFT 271 ± 14 vs shuffled 389 ± 11
     # per seed: fewer by more than 2 std); in compute a SIFT step costs sift_cost against 0.5 s: at 0.4 s it still
     # wins, at 1.0 s (twice a control step) it needs more compute than the control though fewer steps
-    _cost_study(tmp_path, sift_cost)
+    cost_study_runs(tmp_path, sift_cost)
     groups = group_runs(load_runs([tmp_path]))
     table, target, base, _ = summarize(groups, "val/acc")
     paras = verdict(table, groups, "val/acc", target, base).strip().split("\n\n")
@@ -117,7 +117,7 @@ def test_cost_criterion_against_the_cheapest_control(tmp_path, sift_cost, beats)
 
 
 def test_verdict_json_is_machine_readable(tmp_path):
-    _cost_study(tmp_path / "runs", 0.4)
+    cost_study_runs(tmp_path / "runs", 0.4)
     out = tmp_path / "out"
     assert main([str(tmp_path / "runs"), "--out", str(out), "--verdict"]) == 0
     data = json.loads((out / "verdict.json").read_text())

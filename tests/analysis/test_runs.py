@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from siftguide.analysis.compare import group_labels, group_runs, is_baseline, load_runs
-from tests.analysis.fake_runs import _merge, make_run
+from tests.analysis.fake_runs import make_run, merge
 
 
 def test_a_mode_seed_that_follows_the_run_seed_does_not_split_groups(tmp_path):
@@ -68,7 +68,7 @@ def test_labels_are_short_and_unique(tmp_path):
                {"weight": 0.0, "trainer": {"max_steps": 350}},
                {"weight": 1.0, "trainer": {"max_steps": 350}, "optimizer": {"betas": [0.9, 0.95]}}]
     defaults = {"guidance": {"schedule": {"kind": "constant"}}, "optimizer": {"betas": [0.9, 0.999]}}
-    labels = _labelled(tmp_path / "a", [_merge(defaults, c) for c in configs])
+    labels = _labelled(tmp_path / "a", [merge(defaults, c) for c in configs])
     # aliased keys first (kind, schedule kind, w, steps), then others as "<last component>=<value>"
     assert labels == ["baseline steps=350 betas=0.9+0.999", "baseline steps=400 betas=0.9+0.999",
                       "shuffled constant w=1 steps=400 betas=0.9+0.999",
@@ -83,7 +83,7 @@ def test_labels_are_short_and_unique(tmp_path):
            {"guidance": {"modes": ["token_drop"]}},
            {"guidance": {"modes": ["token_drop"], "token_drop": {"keep": 0.25}}},
            {"guidance": {"modes": ["prior", "attention"], "prior": {"beta": 2.0}}}]
-    labels = _labelled(tmp_path / "b", [_merge(defaults, c) for c in new])
+    labels = _labelled(tmp_path / "b", [merge(defaults, c) for c in new])
     # settings of modes a group does not use (token_drop.keep for "attention") are left out of its label
     assert labels == ["baseline", "rolled token_drop keep=0.5", "sift attention", "sift prior+attention beta=2",
                       "sift token_drop keep=0.25", "sift token_drop keep=0.5"]
