@@ -15,7 +15,7 @@ def test_study_on_an_image_folder_runs_every_arm(tmp_path):
     import subprocess
 
     from tests.conftest import ROOT, TINY
-    from tests.test_folder_cache import write_folder
+    from tests.helpers import write_folder
 
     write_folder(tmp_path / "data", n_per_class=8)
     tiny = [o for o in TINY if not o.startswith("data.")]
