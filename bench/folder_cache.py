@@ -43,7 +43,7 @@ def generate(root: Path, n: int, size: int, classes: int = 10, val: int = 200, s
         return
     rng = np.random.default_rng(seed)
     try:
-        from siftguide.testing import photo_batch
+        from tests.oracle import photo_batch
 
         pool = photo_batch(size * 2, crops_per_photo=4, seed=seed)[:, 0].numpy()  # (80, 2s, 2s) grey crops
     except Exception as e:  # noqa: BLE001 - optional photos

@@ -82,7 +82,7 @@ def images(size: int, n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     """``(n, 1, size, size)`` uint8 grey images and where they come from: crops of scikit-image's photos, or
     smooth random textures (blobs at several scales, which SIFT finds keypoints in) when those are missing."""
     try:
-        from siftguide.testing import photo_batch
+        from tests.oracle import photo_batch
 
         x = photo_batch(size, crops_per_photo=math.ceil(n / 20), seed=seed)
         return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]], "scikit-image photos"

@@ -22,12 +22,18 @@ per size: on a GPU each is at least one kernel launch, what bounds the detector 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from siftguide.relevance import Keypoints, compiled_detect_keypoints, detect_keypoints
-from siftguide.testing import agreement, opencv_keypoints, photo_batch
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the OpenCV oracle is a test helper: tests/oracle.py
+    sys.path.insert(0, str(ROOT))
+
+from siftguide.relevance import Keypoints, compiled_detect_keypoints, detect_keypoints  # noqa: E402
+from tests.oracle import agreement, opencv_keypoints, photo_batch  # noqa: E402
 
 
 def timeit(fn, repeats: int, sync) -> float:

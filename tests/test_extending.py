@@ -1,8 +1,7 @@
 """Extension points (docs/extending.md): a new guidance mode is one ``.py`` plus one ``.yaml``, with no edit of the
-package; the composite calls declared hooks only; an objective-side mode plugs into a declared hook point. The toy
-mode and the code excerpts are read from docs/extending.md, so the page stays true."""
+package; the code excerpts on the page are the code's. The composite's generic contract (declared hooks only, hook
+points): tests/guidance/test_composite.py."""
 import collections
-import contextlib
 import importlib
 import importlib.util
 import re
@@ -10,15 +9,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
-import timm
 import torch
 
-from siftguide.guidance import BIAS, CAPTURE, Guidance, GuidanceMode, KeypointMasking, TokenDrop
-from siftguide.objectives import MAEObjective, SupervisedObjective
+from siftguide.train import train
 from tests.conftest import ROOT
 
-from siftguide.train import train
 
 DOC = ROOT / "docs" / "extending.md"
 
@@ -79,74 +74,3 @@ def test_a_new_mode_is_one_py_and_one_yaml(tiny_cfg, tmp_path, monkeypatch, requ
                                torch.tensor(steps["train/guidance/toy_loss"].values))
     torch.testing.assert_close(torch.tensor(steps["train/loss"].values),
                                torch.tensor((steps["train/task_loss"] + steps["train/guidance_loss"]).values))
-
-
-# ---------------------------------------------------------------------------------------- the composite's contract
-def vit():
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
-                             depth=2, embed_dim=32, num_heads=2, in_chans=1)
-
-
-class Recorder(GuidanceMode):
-    """Records the order in which the composite enters its forward context."""
-
-    def __init__(self, label, order, log):
-        self.name, self.forward_order, self.log = label, order, log
-
-    @contextlib.contextmanager
-    def forward_context(self, relevance, stage, step, ids_keep=None):
-        self.log.append(self.name)
-        yield self
-
-
-def test_forward_contexts_enter_in_declared_order():
-    log = []
-    g = Guidance(vit(), {"capture": Recorder("capture", CAPTURE, log), "bias": Recorder("bias", BIAS, log),
-                         "capture2": Recorder("capture2", CAPTURE, log)})
-    with g.forward(None, "train"):
-        pass
-    assert log == ["bias", "capture", "capture2"]  # bias first; ties keep the modes' order
-
-
-def test_token_selection_and_hook_points_are_checked_generically():
-    net = vit()
-
-    class Selector(GuidanceMode):
-        name, selects_tokens = "selector", True
-
-        def select_tokens(self, relevance, step):
-            return torch.arange(4).expand(relevance.shape[0], 4)
-
-    with pytest.raises(ValueError, match="at most one token-selecting"):
-        Guidance(net, {"token_drop": TokenDrop(net), "selector": Selector()})
-    rel = torch.full((2, 4, 4), 1 / 16)
-    assert torch.equal(Guidance(net, {"selector": Selector()}).select_tokens(rel), torch.arange(4).expand(2, 4))
-    with pytest.raises(ValueError, match="selector cannot serve"):
-        Guidance(net, {"selector": Selector()}).bind(MAEObjective(decoder_dim=16, decoder_depth=1, decoder_heads=2))
-
-    class FirstPatches(GuidanceMode):
-        """An objective-side mode for an existing hook point: MAE shows the first ``keep`` patches."""
-
-        name, acts_in, objective_hook = "first_patches", "objective", "masking"
-
-        def __call__(self, relevance, keep):
-            b, p = relevance.shape[0], relevance.flatten(1).shape[1]
-            mask = torch.ones(b, p)
-            mask[:, :keep] = 0.0
-            return torch.arange(keep).expand(b, keep), mask
-
-    with pytest.raises(ValueError, match="both plug into the objective's hook point 'masking'"):
-        Guidance(net, {"masking": KeypointMasking(), "first": FirstPatches()})
-    with pytest.raises(ValueError, match="hook point 'masking'.*SupervisedObjective does not declare"):
-        Guidance(net, {"first": FirstPatches()}).bind(SupervisedObjective())
-    obj = MAEObjective(decoder_dim=16, decoder_depth=1, decoder_heads=2)
-    obj.setup(net)
-    Guidance(net, {"first": FirstPatches()}).bind(obj)  # no setter on the objective for this mode
-    assert isinstance(obj.hook("masking"), FirstPatches) and obj.hook("patch_weighting") is None
-    out = obj(net, torch.rand(2, 1, 32, 32), {"relevance": rel}, "train")
-    assert torch.equal(out.ids_keep, torch.arange(4).expand(2, 4))
-    obj.set_masking(None)  # the former setters stay, as aliases of set_hook
-    assert obj.hook("masking") is None
-    with pytest.raises(ValueError, match="no hook point 'nope'"):
-        obj.set_hook("nope", FirstPatches())

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import timm
 import torch
 
 from siftguide.guidance import AttentionLoss, PatchInterrelation, SiftGuidance
 from siftguide.precision import fp32_region
 from siftguide.relevance import RelevanceSource
-from tests.conftest import blob_image
 from siftguide.train import train
+from tests.conftest import blob_image
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
@@ -55,9 +54,8 @@ class _MatmulMode(AttentionLoss):
         return (a.unsqueeze(1) @ relevance.flatten(1).float().unsqueeze(2)).mean()
 
 
-def test_guidance_divergences_are_fp32_under_bf16_autocast():
-    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, in_chans=1,
-                            depth=2, embed_dim=64, num_heads=2, num_classes=10)
+def test_guidance_divergences_are_fp32_under_bf16_autocast(tiny_vit):
+    net = tiny_vit(seed=None, embed_dim=64, num_classes=10)
     x = _images()
     rel = RelevanceSource(sift=dict(max_keypoints=16))(x, 8)
     for mode in (SiftGuidance(net), PatchInterrelation(net, layers=[0]), _MatmulMode(net)):

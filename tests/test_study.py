@@ -1,4 +1,5 @@
-"""The study command: its plan, skipping finished runs, failures, the report; dense validation on a fixed subset."""
+"""The study command: its plan, skipping finished runs, failures, the report and the recommendation (a study run
+end to end: tests/e2e/test_study.py)."""
 import json
 import sys
 import textwrap
@@ -6,8 +7,6 @@ import textwrap
 import pytest
 
 from siftguide import study
-from siftguide.data import FashionMNISTDataModule
-from tests.test_data import write_idx
 
 
 def test_plan_orders_seed_by_seed_with_controls_per_mode():
@@ -100,21 +99,6 @@ def test_study_rejects_settings_it_owns(tmp_path):
         study.main(["--seeds", "0", "--out", str(tmp_path)])
 
 
-def test_val_subset_validates_on_a_fixed_prefix(tmp_path, monkeypatch):
-    monkeypatch.setattr("siftguide.data.DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
-    write_idx(tmp_path / "fm")
-    kw = dict(root=str(tmp_path / "fm"), cache_dir=str(tmp_path), batch_size=4, val_size=10, download=False)
-    dm = FashionMNISTDataModule(val_subset=6, **kw)
-    dm.setup()
-    idx = [i for b in dm.val_dataloader() for i in b["index"].tolist()]
-    assert idx == list(range(6)) and len(dm.val_set) == 10  # the split itself is unchanged
-    full = FashionMNISTDataModule(**kw)
-    full.setup()
-    assert len(full.train_set) == len(dm.train_set)  # training data identical to a run without the subset
-    with pytest.raises(ValueError, match="val_subset"):
-        FashionMNISTDataModule(val_subset=11, **kw)
-
-
 def test_claim_keeps_two_studies_off_one_run(tmp_path):
     import subprocess
 
@@ -146,31 +130,6 @@ def test_the_study_lock_names_its_host_and_another_hosts_lock_is_never_stale(tmp
     (d / study.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
     assert study.claim(d)  # this host's dead pid: stale, taken over
 
-
-@pytest.mark.e2e
-def test_study_on_an_image_folder_runs_every_arm(tmp_path):
-    """Issue 21: every guided run of a study on an image folder used to fail (relevance.cache=true refused image
-    folders); now the folder cache serves them (one build, shared by the runs)."""
-    import subprocess
-
-    from tests.conftest import ROOT, TINY
-    from tests.test_folder_cache import write_folder
-
-    write_folder(tmp_path / "data", n_per_class=8)
-    tiny = [o for o in TINY if not o.startswith("data.")]
-    cmd = [sys.executable, "-m", "siftguide.study", "data=image_folder", f"data.root={tmp_path / 'data'}",
-           "data.num_workers=0", "data.batch_size=4", "model.in_chans=1", "transform=grey", "num_classes=2",
-           "callbacks.knn=null", "trainer.max_steps=2", f"relevance.cache_dir={tmp_path / 'kp'}", *tiny,
-           "--modes", "prior", "--controls", "shuffled", "--seeds", "1", "--out", str(tmp_path / "study")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "WANDB_MODE": "offline"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for arm in ("baseline/none", "prior/sift", "prior/shuffled"):
-        assert study.is_finished(tmp_path / "study" / arm / "s0"), arm
-    assert len(list((tmp_path / "kp").glob("folder-*"))) == 2  # one train and one val cache, shared by the arms
-
-
-# --- the recipe: verdict.json and recommended.yaml after the report, the headline ------------------------------
 
 MODE_NODES = {"prior": {"_target_": "siftguide.guidance.AttentionPrior", "beta": 1.0},
               "token_drop": {"_target_": "siftguide.guidance.TokenDrop", "keep": 0.5}}

@@ -9,7 +9,7 @@ import siftguide.synthetic as syn
 from siftguide import detect_keypoints
 from siftguide.data import DeviceTransform, FashionMNISTDataModule, find_fashion_mnist, load_fashion_mnist
 from tests.conftest import compose_cfg
-from tests.test_data import write_idx
+from tests.helpers import write_idx
 
 VARIANTS = {
     "fashion_mnist_translated": syn.TranslatedFashionMNISTDataModule,

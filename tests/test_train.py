@@ -1,26 +1,22 @@
-"""Runs: composed configs, a few optimizer steps on real Fashion-MNIST, no network."""
-import os
-import subprocess
-import sys
+"""siftguide.train: runs of the composed config (a few optimizer steps on real Fashion-MNIST, no network), the off
+switches bit-identical to the baseline, resume from a checkpoint, every control and mode combination, build-time
+errors, the entry point. The command line in a subprocess: tests/e2e/test_train_command.py."""
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from tests.conftest import ROOT
-from siftguide.train import train
+from siftguide.train import build, build_module, train
 
 
 def metrics(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(run_dir / "metrics.csv")
 
 
-def test_guided_and_baseline_runs(tiny_cfg):
-    g_cfg = tiny_cfg(name="guided")
-    b_cfg = tiny_cfg(["guidance=none"], name="baseline")
-    g, _ = train(g_cfg), train(b_cfg)
+def test_guided_and_baseline_runs(tiny_run):
+    guided, baseline = tiny_run(), tiny_run(["guidance=none"])  # the session's shared runs of these configs
+    g_cfg, b_cfg, g = guided.cfg, baseline.cfg, guided.final
     gm, bm = metrics(Path(g_cfg.paths.output_dir)), metrics(Path(b_cfg.paths.output_dir))
     for m in (gm, bm):
         assert m["val/acc"].notna().any() and m["train/task_loss"].notna().sum() == 4
@@ -42,26 +38,33 @@ def task_losses(tiny_cfg, overrides: list[str], name: str):
     return metrics(Path(cfg.paths.output_dir))["train/task_loss"].dropna().to_numpy()
 
 
-def test_weight_zero_reproduces_the_baseline_exactly(tiny_cfg):
+def shared_task_losses(tiny_run, overrides: list[str]):
+    """The per-step train/task_loss values of the session's shared run of a tiny config."""
+    return tiny_run(overrides).metrics()["train/task_loss"].dropna().to_numpy()
+
+
+def test_weight_zero_reproduces_the_baseline_exactly(tiny_cfg, tiny_run):
     a = task_losses(tiny_cfg, ["guidance.weight=0"], "zero")
-    b = task_losses(tiny_cfg, ["guidance=none"], "base")
+    b = shared_task_losses(tiny_run, ["guidance=none"])
     assert len(a) == 4 and (a == b).all()
 
 
-def test_guidance_changes_training(tiny_cfg):
-    a = task_losses(tiny_cfg, ["guidance.weight=1"], "g")
-    c = task_losses(tiny_cfg, ["guidance=none"], "b")
+def test_guidance_changes_training(tiny_run):
+    assert tiny_run().cfg.guidance.weight == 1  # the default guided run: guidance.weight=1
+    a = shared_task_losses(tiny_run, [])
+    c = shared_task_losses(tiny_run, ["guidance=none"])
     assert a[0] == c[0]  # same init and first batch
     assert (a[1:] != c[1:]).any()  # the guidance gradient changed the weights
 
 
-def test_resume_from_checkpoint(tiny_cfg):
-    first = tiny_cfg(name="first")
-    train(first)
+def test_resume_from_checkpoint(tiny_cfg, tiny_run):
+    first = tiny_run().cfg  # the shared guided run, read only: the resumed run writes into its own directory
     ckpt = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 4 and state["hyper_parameters"]["config"]["seed"] == 0
-    resumed = tiny_cfg([f"ckpt_path={ckpt}", "trainer.max_steps=6"], name="resumed")
+    # the checkpoint's own keypoint-cache setting (the run lives in another tmp directory than this test's)
+    resumed = tiny_cfg([f"ckpt_path={ckpt}", "trainer.max_steps=6", f"relevance.cache_dir={first.relevance.cache_dir}"],
+                       name="resumed")
     train(resumed)
     m = metrics(Path(resumed.paths.output_dir))
     assert m["val/step"].max() == 6 and m["train/task_loss"].notna().sum() == 2
@@ -69,12 +72,15 @@ def test_resume_from_checkpoint(tiny_cfg):
     assert torch.load(out, map_location="cpu", weights_only=False)["global_step"] == 6
 
 
-def test_control_targets_run(tiny_cfg):
-    for kind in ("shuffled", "rolled", "mean", "gradient", "uniform", "random", "foreground"):
-        cfg = tiny_cfg([f"relevance.kind={kind}", "trainer.max_steps=2", "callbacks.knn=null",
-                        "relevance.mean_images=64"], name=kind)
-        train(cfg)
-        assert metrics(Path(cfg.paths.output_dir))["train/guidance_loss"].notna().sum() == 2
+# one run per control: the mean map (set up from the training images) in the default suite, the others in the e2e
+# run (each control's map is checked by tests/relevance/test_stage.py in the default suite)
+@pytest.mark.parametrize("kind", [k if k == "mean" else pytest.param(k, marks=pytest.mark.e2e) for k in (
+    "shuffled", "rolled", "mean", "gradient", "uniform", "random", "foreground")])
+def test_control_targets_run(tiny_cfg, kind):
+    cfg = tiny_cfg([f"relevance.kind={kind}", "trainer.max_steps=2", "callbacks.knn=null",
+                    "relevance.mean_images=64"], name=kind)
+    train(cfg)
+    assert metrics(Path(cfg.paths.output_dir))["train/guidance_loss"].notna().sum() == 2
 
 
 def test_supervised_modes_combine_in_one_run(tiny_cfg):
@@ -100,9 +106,9 @@ def test_mae_modes_combine_and_bad_combinations_fail(tiny_cfg):
         train(tiny_cfg(["guidance=masking", "trainer.max_steps=2"], name="bad2"))
 
 
-def test_inert_token_drop_reproduces_the_baseline_exactly(tiny_cfg):
+def test_inert_token_drop_reproduces_the_baseline_exactly(tiny_cfg, tiny_run):
     a = task_losses(tiny_cfg, ["guidance=token_drop", "guidance.token_drop.keep=1.0"], "keep1")
-    b = task_losses(tiny_cfg, ["guidance=none"], "base")
+    b = shared_task_losses(tiny_run, ["guidance=none"])
     assert len(a) == 4 and (a == b).all()
 
 
@@ -115,108 +121,11 @@ def test_misspelt_override_is_an_error(tiny_cfg):
         tiny_cfg(["guidance.attention.layerz=[0]"])
 
 
-def test_train_py_command_line_with_wandb_offline(tmp_path):
-    from tests.conftest import TINY
-
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    overrides = [o for o in TINY if not o.startswith("logger")] + ["trainer.max_steps=2"]
-    out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "train.py", *overrides, f"hydra.run.dir={out}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    m = metrics(out)
-    assert m["val/acc"].notna().any() and "train/guidance_loss" in m.columns
-    assert list((out / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
-    assert (out / ".hydra" / "config.yaml").is_file()
-
-
-def test_elapsed_time_includes_the_device_pipeline(tiny_cfg, monkeypatch):
-    """train/elapsed_s must count on_after_batch_transfer (where SIFT runs), not only the training step."""
-    import time as _time
-
-    from siftguide.module import PretrainModule
-
-    real = PretrainModule.on_after_batch_transfer
-
-    def slow(self, batch, idx):
-        if self.trainer.training:
-            _time.sleep(0.2)
-        return real(self, batch, idx)
-
-    monkeypatch.setattr(PretrainModule, "on_after_batch_transfer", slow)
-    cfg = tiny_cfg(["callbacks.knn=null"], name="slow")
-    train(cfg)
-    m = metrics(Path(cfg.paths.output_dir))
-    assert m["train/elapsed_s"].max() >= 4 * 0.2
-    # the cost axis counts compute, not waiting: the 0.8 s of sleep are wall-clock only
-    cost, wall = m["train/cost_s"].max(), m["train/elapsed_s"].max()
-    assert 0 < cost < wall - 0.5
-    assert m["val/cost_s"].dropna().is_monotonic_increasing and m["val/cost_s"].max() <= cost + 1e-6
-
-
-def test_cost_clock_counts_cpu_work_not_waiting():
-    import time as _time
-
-    from siftguide.callbacks import CostClock
-
-    clock, cpu = CostClock(), torch.device("cpu")
-    clock.start(cpu)
-    _time.sleep(0.3)
-    clock.mark(cpu)
-    assert clock.total() < 0.1
-    t0 = _time.thread_time()
-    while _time.thread_time() - t0 < 0.3:  # busy: 0.3 s of this thread's CPU, however long that takes here
-        pass
-    clock.mark(cpu)
-    assert 0.3 <= clock.total() < 1.0
-
-
-def test_multirun_sweep_then_compare(tmp_path):
-    """`train.py -m` over two guidance weights: one run directory each (config + metrics), then compare."""
-    from siftguide.compare import main as compare_main
-    from tests.conftest import TINY
-
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    sweep = tmp_path / "sweep"
-    overrides = [o for o in TINY if not o.startswith("logger")] + ["trainer.max_steps=3", "callbacks.knn=null"]
-    proc = subprocess.run([sys.executable, "train.py", "-m", "guidance.weight=0,1", *overrides,
-                           f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted(p.parent for p in sweep.rglob("metrics.csv"))
-    assert len(runs) == 2 and all((r / "config.yaml").is_file() for r in runs)
-    assert [("train/guidance_loss" in metrics(r).columns) for r in runs] == [False, True]
-    # each job logged to wandb in a group named after the sweep directory
-    assert all(list((r / "wandb").glob("offline-run-*")) for r in runs)
-    groups = {yaml.safe_load((r / "config.yaml").read_text())["logger"]["wandb"]["group"] for r in runs}
-    assert groups == {"sweep"}
-    out = tmp_path / "cmp"
-    assert compare_main([str(sweep), "--out", str(out)]) == 0
-    table = pd.read_csv(out / "table.csv")
-    assert list(table["group"]) == ["guidance.weight=0", "guidance.weight=1"]
-
-
-def test_optuna_search_config_runs_two_trials(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    from tests.conftest import TINY
-
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    # 4 blocks: the search space guides up to layer -3
-    overrides = [o for o in TINY if not o.startswith(("logger", "model.depth"))] + [
-        "model.depth=4", "logger=csv", "trainer.max_steps=2", "callbacks.knn=null", "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.sampler.n_startup_trials=2"]
-    proc = subprocess.run([sys.executable, "train.py", "-m", "hparams_search=optuna", *overrides,
-                           f"hydra.sweep.dir={tmp_path / 'optuna'}"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    best = yaml.safe_load((tmp_path / "optuna" / "optimization_results.yaml").read_text())
-    assert 0.0 <= best["best_value"] <= 1.0 and "guidance.weight" in best["best_params"]
-
-
-def test_mae_run_writes_knn_and_guidance(tiny_cfg):
-    cfg = tiny_cfg(["objective=mae", "objective.decoder_dim=32", "objective.decoder_depth=1",
-                    "objective.decoder_heads=2", "callbacks.knn.bank_size=64", "callbacks.knn.query_size=64"], name="mae")
-    train(cfg)
+def test_mae_run_writes_knn_and_guidance(mae_run):
+    # the shared MAE run (exported by tests/analysis/test_export.py): objective=mae, decoder 32 wide, 1 block, 2
+    # heads, kNN bank and queries of 64
+    cfg = mae_run.cfg
+    assert cfg.objective.decoder_dim == 32 and cfg.callbacks.knn.bank_size == 64 and cfg.trainer.max_steps == 4
     m = metrics(Path(cfg.paths.output_dir))
     assert m["val/knn_acc"].notna().any() and m["train/guidance_loss"].notna().sum() == 4
     assert m["val/acc"].notna().any() and m["train/mae_loss"].notna().sum() == 4
@@ -251,38 +160,63 @@ def test_unlabelled_image_folder_mae(tiny_cfg, tmp_path):
     assert m["val/knn_acc"].notna().any() and m["train/guidance_loss"].notna().sum() == 3
 
 
-def test_supervised_on_unlabelled_data_is_a_clear_error(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(["data=image_folder", f"data.root={tmp_path}", "data.labels=false"], name="bad",
-                   fashion_mnist=False)
-    with pytest.raises(ValueError, match="objective=mae"):
+@pytest.mark.parametrize("overrides, match", [
+    (["guidance.attention.layers=[5]"], r"layer index 5 out of range for a model with 2 blocks \(use -2..1\)"),
+    (["guidance.attention.heads=[2]"], r"heads \[2\] out of range for 2 heads"),
+    (["guidance=interrelation", "guidance.interrelation.layers=[-3]"], "layer index -3 out of range"),
+    (["guidance=prior", "guidance.prior.layers=[2]"], "layer index 2 out of range"),
+    (["module.align_layers=[7]"], "layer index 7 out of range"),
+])
+def test_guidance_layers_and_heads_out_of_range_fail_at_build(tiny_cfg, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        build(tiny_cfg(overrides))
+
+
+def test_compile_switch_compiles_the_blocks(tiny_cfg, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    build_module(tiny_cfg(["compile=true"]))
+    assert compiled == ["Block", "Block"]  # TINY: 2 blocks
+    compiled.clear()
+    build_module(tiny_cfg())
+    assert compiled == []
+
+
+def test_siftguide_train_console_script(monkeypatch, capsys, tmp_path):
+    """siftguide-train is the package's entry point (siftguide.train:main), with the configs inside the package:
+    it runs from any directory, no checkout needed (the non-editable install: tests/test_install.py)."""
+    import tomllib
+
+    import siftguide.train
+    from tests.conftest import ROOT
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["siftguide-train"] == "siftguide.train:main"
+    monkeypatch.chdir(tmp_path)  # any directory
+    monkeypatch.setattr("sys.argv", ["siftguide-train", "--cfg", "job", "trainer.max_steps=7", "compile=true"])
+    siftguide.train.main()  # --cfg job: print the composed config, do not train
+    out = capsys.readouterr().out
+    assert "max_steps: 7" in out and "compile: true" in out and "callbacks:" in out
+
+
+def test_root_train_py_is_a_wrapper_of_the_package_entry_point():
+    from tests.conftest import ROOT
+
+    code = [line for line in (ROOT / "train.py").read_text().splitlines() if line and not line.startswith('"""')]
+    assert code == ["from siftguide.train import main", 'if __name__ == "__main__":', "    main()"]
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager(tiny_cfg):
+    """compile=true: the blocks run compiled (one-off compile of minutes on a small CPU) with the guidance capture
+    inside them, and the losses of the first steps match the eager run's."""
+    import pandas as pd
+
+    losses = []
+    for name, extra in (("eager", []), ("compiled", ["compile=true"])):
+        cfg = tiny_cfg(["trainer.max_steps=2", "callbacks.knn=null", *extra], name=name)
         train(cfg)
-
-
-@pytest.mark.parametrize("overrides", [["model=vit_tiny_fm"], ["model=vit_tiny_fm", "objective=mae"],
-                                       ["model=vit_small_patch16_224", "guidance=[attention,prior]"],
-                                       ["model=vit_tiny_fm", "+model.reg_tokens=2"]])
-def test_weight_decay_groups_are_timms_and_unchanged(overrides):
-    """configure_optimizers splits with timm.optim.param_groups_weight_decay (honouring no_weight_decay()): the
-    same groups, in the same order, as the former rule (no decay for 1-D parameters and names ending in
-    pos_embed / cls_token / reg_token / dist_token) on the project's ViTs and objectives."""
-    from types import SimpleNamespace
-
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from tests.conftest import CONFIGS
-    from siftguide.train import build_module
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train.yaml", overrides=[*overrides, "paths.output_dir=unused"])
-    GlobalHydra.instance().clear()
-    module = build_module(cfg)
-    module._trainer = SimpleNamespace(max_steps=100, estimated_stepping_batches=100)  # all configure_optimizers reads
-    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
-    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    former = [p.ndim <= 1 or n.endswith(("pos_embed", "cls_token", "reg_token", "dist_token")) for n, p in params]
-    assert [id(p) for p in no_decay["params"]] == [id(p) for (_, p), f in zip(params, former) if f]
-    assert [id(p) for p in decay["params"]] == [id(p) for (_, p), f in zip(params, former) if not f]
-    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == cfg.optimizer.weight_decay
-    assert any(n == "net.reg_token" for n, _ in params) == ("+model.reg_tokens=2" in overrides)
+        m = pd.read_csv(Path(cfg.paths.output_dir) / "metrics.csv")
+        losses.append(m[["train/task_loss", "train/guidance_loss"]].dropna().to_numpy())
+    assert losses[0].shape == (2, 2)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-5)

@@ -1,0 +1,1 @@
+"""Tests of ``siftguide/callbacks/``: one file per callback."""

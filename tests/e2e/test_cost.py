@@ -1,0 +1,51 @@
+"""The cost axis (issue 24): ``train/cost_s`` measures the compute of the training steps, not the machine's load."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from siftguide.train import train
+
+pytestmark = pytest.mark.e2e
+
+
+def _hog(stop) -> None:
+    while not stop.is_set():  # a busy core, as another user's job would be
+        pass
+
+
+def test_cost_is_the_same_beside_a_cpu_hog_while_wall_clock_is_not(tiny_cfg):
+    """Two runs of one config, the second beside two busy processes (on 2 cores: the cores are shared): their
+    train/cost_s agree within 20 % while their training wall-clock does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one compute thread: no OpenMP spin-waiting to count as compute
+    try:
+        common = ["trainer.max_steps=40", "trainer.val_check_interval=40", "callbacks.knn=null",
+                  "module.align_batches=0", "guidance=prior"]
+        metrics = {}
+        for name in ("alone", "beside_hog"):
+            cfg = tiny_cfg(common, name=name)
+            stop, hogs = mp.Event(), []
+            if name == "beside_hog":
+                hogs = [mp.Process(target=_hog, args=(stop,), daemon=True) for _ in range(2)]
+                for h in hogs:
+                    h.start()
+                time.sleep(0.5)
+            try:
+                train(cfg)
+            finally:
+                stop.set()
+                for h in hogs:
+                    h.join(timeout=10)
+            m = pd.read_csv(Path(cfg.paths.output_dir) / "metrics.csv")
+            metrics[name] = (m["train/cost_s"].dropna().iloc[-1], m["train/elapsed_s"].dropna().iloc[-1])
+    finally:
+        torch.set_num_threads(threads)
+    (cost_a, wall_a), (cost_b, wall_b) = metrics["alone"], metrics["beside_hog"]
+    assert abs(cost_b / cost_a - 1) < 0.2, metrics
+    assert wall_b / wall_a > 1.3, metrics  # the hog stretched wall-clock; the cost did not follow

@@ -1,0 +1,1 @@
+"""Tests of ``siftguide/relevance/``: one file per module."""
