@@ -227,9 +227,16 @@ def test_study_recommends_the_baseline_when_no_setting_beats_its_controls(tmp_pa
     assert rec["status"] == "baseline" and rec["evidence"] is None
     assert rec["statement"].startswith("No setting beat its controls (`sift prior w=1`, `sift token_drop w=1` beat "
                                        "the baseline but not their best wrong-map control")
-    assert rec["statement"].endswith("use the baseline (guidance=none).")
+    assert "use the baseline (guidance=none). For speed alone, `" in rec["statement"]
     assert rec["command"] == ("python train.py relevance.cache=auto data=fashion_mnist_translated "
                               "trainer.max_steps=400 guidance=none")
+    # for speed alone: the cheapest setting that beat the baseline, whatever its map (token dropping: about 0.44x
+    # the cost, the SIFT map's seeds and random dropping's overlap), named with its command and the caveat
+    fast = rec["fastest"]
+    assert fast["setting"] in ("sift token_drop w=1", "random token_drop w=1")
+    assert fast["evidence"]["cost_ratio"] == pytest.approx(0.44, abs=0.02)
+    assert fast["command"].endswith(f"guidance=token_drop relevance.kind={fast['kind']}")
+    assert "not because of each image's own SIFT map" in rec["statement"] and fast["command"] in rec["statement"]
     from siftguide.analysis.recipe import write_headline
 
     h = write_headline(tmp_path / "report" / "verdict.json", tmp_path / "headline.json")
