@@ -49,3 +49,16 @@ def cost_study_runs(root, sift_cost):
                  sec_per_step=1.0)
         make_run(root, f"ro{s}", 1.0, s, np.array([0.5, 0.6, 0.7, 0.79]) + e, kind="rolled", cost_per_step=0.5,
                  sec_per_step=1.0)
+
+
+def guided_cost_runs(root, guided_sec_per_step, guided_cost_per_step):
+    """A baseline (2 seeds, wall-clock 1 s and compute 0.5 s per step) and a guided w=0.3 arm (2 seeds) that reaches
+    0.8 sooner, at the given wall-clock and compute per step. Returns ``group_runs`` of them."""
+    from siftguide.analysis.compare import group_runs, load_runs
+    for s in (0, 1):
+        make_run(root, f"b{s}", 0.0, s, [0.5, 0.6, 0.7, 0.8], sec_per_step=1.0, cost_per_step=0.5)
+    make_run(root, "g0", 0.3, 0, [0.6, 0.8, 0.85, 0.86], sec_per_step=guided_sec_per_step,
+             cost_per_step=guided_cost_per_step)
+    make_run(root, "g1", 0.3, 1, [0.6, 0.7, 0.8, 0.84], sec_per_step=guided_sec_per_step,
+             cost_per_step=guided_cost_per_step)
+    return group_runs(load_runs([root]))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from siftguide.analysis.compare import group_runs, load_runs, main, summarize, verdict, verdict_data
-from tests.analysis.fake_runs import cost_study_runs, make_run, study_runs
+from tests.analysis.fake_runs import cost_study_runs, guided_cost_runs, make_run, study_runs
 
 
 def test_verdict_reports_ratios_cis_and_the_best_wrong_map_control(tmp_path):
@@ -62,11 +62,7 @@ def test_contended_wall_clock_is_marked_unreliable_and_the_cost_ratio_is_right(t
     # the baseline shared its cores (wall-clock 2x its compute), the guided runs had the machine to themselves
     # (wall-clock = compute); a guided step costs what a baseline step costs. Wall-clock would claim 0.33x; the
     # cost axis gives the true 0.67x (= the steps ratio)
-    for s in (0, 1):
-        make_run(tmp_path, f"b{s}", 0.0, s, [0.5, 0.6, 0.7, 0.8], sec_per_step=1.0, cost_per_step=0.5)
-    make_run(tmp_path, "g0", 0.3, 0, [0.6, 0.8, 0.85, 0.86], sec_per_step=0.5, cost_per_step=0.5)
-    make_run(tmp_path, "g1", 0.3, 1, [0.6, 0.7, 0.8, 0.84], sec_per_step=0.5, cost_per_step=0.5)
-    groups = group_runs(load_runs([tmp_path]))
+    groups = guided_cost_runs(tmp_path, guided_sec_per_step=0.5, guided_cost_per_step=0.5)
     table, target, base, _ = summarize(groups, "val/acc")
     t = table.set_index("group")
     g = t.loc["guidance.weight=0.3"]

@@ -8,7 +8,7 @@ import pytest
 
 from siftguide.analysis.compare import (auc, bootstrap_ci, contention, group_runs, load_runs, main,
                                         paired_differences, reach, summarize, verdict, wall_clock_reliable)
-from tests.analysis.fake_runs import make_run
+from tests.analysis.fake_runs import guided_cost_runs, make_run
 
 
 def test_reach_interpolates_between_validations():
@@ -214,11 +214,7 @@ def test_runs_without_cost_data_report_steps_only(tmp_path):
 def test_cost_to_target_ratio_and_paired_cost_with_equal_conditions(tmp_path):
     # the guided step costs half a baseline step (0.25 vs 0.5 s, as token dropping does); both ran under equal
     # conditions (wall-clock 2x the cost): wall-clock is reliable and shown
-    for s in (0, 1):
-        make_run(tmp_path, f"b{s}", 0.0, s, [0.5, 0.6, 0.7, 0.8], sec_per_step=1.0, cost_per_step=0.5)
-    make_run(tmp_path, "g0", 0.3, 0, [0.6, 0.8, 0.85, 0.86], sec_per_step=0.5, cost_per_step=0.25)
-    make_run(tmp_path, "g1", 0.3, 1, [0.6, 0.7, 0.8, 0.84], sec_per_step=0.5, cost_per_step=0.25)
-    groups = group_runs(load_runs([tmp_path]))
+    groups = guided_cost_runs(tmp_path, guided_sec_per_step=0.5, guided_cost_per_step=0.25)
     table, target, base, notes = summarize(groups, "val/acc")
     t = table.set_index("group")
     b, g = t.loc[base], t.loc["guidance.weight=0.3"]
