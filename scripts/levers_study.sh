@@ -8,8 +8,8 @@
 #   bash scripts/levers_study.sh confirm   translated: $BEST with its wrong-map controls (shuffled, the dataset-mean
 #                                          map, random dropping where tokens are dropped) and the baseline, $SEEDS
 #                                          seeds, in the screen's directory (its runs reused)
-#   bash scripts/levers_study.sh clutter   cluttered, supervised: the baseline, $BEST and prior, 3 seeds, with $BEST's
-#                                          main controls
+#   bash scripts/levers_study.sh clutter   cluttered, supervised: the baseline, $BEST and prior, 2 seeds (a screen),
+#                                          each with the shuffled, dataset-mean and random maps
 #   bash scripts/levers_study.sh scale     sized for one GPU (not run on the 2-core CPU): ViT-S/16 at 224 px, bf16, batch
 #                                          256, on translated Fashion-MNIST at 224 px (garments 84-154 px): the
 #                                          baseline ($SCALE_STEPS steps), $BEST scaled to the same compute and its
@@ -50,8 +50,8 @@ case "$part" in
   screen)  study data=fashion_mnist_translated --modes "${ARMS[@]}" --controls none --seeds 2 --out "$OUT/screen" "$@" ;;
   confirm) study data=fashion_mnist_translated --modes "$BEST" --controls shuffled,mean,random --seeds "$SEEDS" \
              --out "$OUT/screen" "$@" ;;
-  clutter) study data=fashion_mnist_cluttered --modes "$BEST" "prior $PRIOR" --controls main --seeds 3 \
-             --out "$OUT/clutter" "$@" ;;
+  clutter) study data=fashion_mnist_cluttered --modes "$BEST" "prior $PRIOR" --controls shuffled,mean,random \
+             --seeds 2 --out "$OUT/clutter" "$@" ;;
   scale)
     study data=fashion_mnist_translated data.canvas_size=224 data.min_size=84 data.max_size=154 \
       model=vit_small_patch16_224 model.in_chans=1 transform=grey trainer=gpu data.batch_size=256 data.num_workers=8 \
