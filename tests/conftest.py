@@ -19,10 +19,11 @@ from hydra.core.global_hydra import GlobalHydra
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = str(ROOT / "siftguide" / "conf")
 
-# a few optimizer steps of a 2-block ViT on 32 px images: the real pipeline, small
+# a few optimizer steps of a 2-block ViT on 32 px images: the real pipeline, small (`++`: also shrinks a model config
+# that leaves depth and width to timm, e.g. vit_small_patch16_224)
 TINY_DATA = ["data.train_subset=256", "data.val_size=128", "data.batch_size=32"]
 TINY = [
-    "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.img_size=32", "model.patch_size=8",
+    "++model.depth=2", "++model.embed_dim=64", "++model.num_heads=2", "model.img_size=32", "model.patch_size=8",
     *TINY_DATA,
     "trainer.max_steps=4", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",

@@ -64,7 +64,7 @@ def test_optuna_search_config_runs_two_trials(tmp_path):
 
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     # 4 blocks: the search space guides up to layer -3
-    overrides = [o for o in TINY if not o.startswith(("logger", "model.depth"))] + [
+    overrides = [o for o in TINY if not o.lstrip("+").startswith(("logger", "model.depth"))] + [
         "model.depth=4", "logger=csv", "trainer.max_steps=2", "callbacks.knn=null", "hydra.sweeper.n_trials=2",
         "hydra.sweeper.sampler.n_startup_trials=2"]
     proc = subprocess.run([sys.executable, "train.py", "-m", "hparams_search=optuna", *overrides,
