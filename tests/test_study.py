@@ -241,6 +241,8 @@ def test_study_recommends_the_baseline_when_no_setting_beats_its_controls(tmp_pa
 
     h = write_headline(tmp_path / "report" / "verdict.json", tmp_path / "headline.json")
     assert (h["setting"], h["cost_ratio"], h["beats_best_control_by_2std"]) == ("baseline", 1.0, False)
+    assert h["fastest"]["setting"] == fast["setting"] and h["fastest"]["command"] == fast["command"]
+    assert h["fastest"]["cost_ratio"] == pytest.approx(0.44, abs=0.02) and h["fastest"]["sift_specific"] is False
 
 
 def test_study_without_controls_says_the_candidate_is_untested(tmp_path):
