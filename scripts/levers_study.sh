@@ -64,7 +64,7 @@ case "$part" in
       local runs
       mapfile -t runs < <($PY -c 'import sys; from pathlib import Path
 from siftguide.study import is_finished
-print("\n".join(str(d) for a in sys.argv[1:] for d in sorted(Path(a).glob("*/*/s*")) if is_finished(d)))' "$@")
+sys.stdout.write("".join(f"{d}\n" for a in sys.argv[1:] for d in sorted(Path(a).glob("*/*/s*")) if is_finished(d)))' "$@")
       if [ ${#runs[@]} -eq 0 ]; then echo "$name: no finished runs yet"; return; fi
       echo "== $name: ${#runs[@]} runs"
       $PY -m siftguide.compare "${runs[@]}" --metric "$metric" --verdict --out "docs/results/levers/$name" | tail -n 3
