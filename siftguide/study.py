@@ -14,7 +14,8 @@ it, or a plain statement that no setting beat its wrong-map controls and the bas
   ``OUT/baseline/none/s<seed>``): one failing run does not stop the study, and runs can go in parallel
   (``--jobs``).
 * Finished runs (``results.json`` with ``status: finished``) are skipped, so an interrupted study is resumed by
-  running the same command again; the study's plan is kept in ``OUT/study.json``. A run being trained holds
+  running the same command again; a run that was cut short continues from its last checkpoint (every run gets
+  ``ckpt_path=last``: exact resume in place, a fresh start when it has none) and appends to its ``train.log``; the study's plan is kept in ``OUT/study.json``. A run being trained holds
   ``study.lock`` (its process id and host): several studies may share a directory (or a disk, from several
   machines) without training a run twice. A lock of this host whose process is gone is stale and taken over; a
   lock of another host is never judged stale from here (its pid means nothing on this machine): delete it by hand
@@ -173,6 +174,8 @@ def _launch(run: StudyRun, out: Path, threads: int | None, python: str,
         return run, None, 0.0
     entry = [str(script)] if script is not None else ["-m", TRAIN_MODULE]
     cmd = [python, *entry, *run.overrides, f"hydra.run.dir={d}"]
+    if not any(o.split("=", 1)[0].lstrip("+~") == "ckpt_path" for o in run.overrides):
+        cmd.append("ckpt_path=last")  # a run interrupted before (killed, pre-empted) continues from its checkpoint
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("WANDB_SILENT", "true")
@@ -180,8 +183,8 @@ def _launch(run: StudyRun, out: Path, threads: int | None, python: str,
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
     try:
-        with open(d / "train.log", "w") as f:
-            f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+        with open(d / "train.log", "a") as f:  # an earlier attempt's log is kept above this one
+            f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + " ".join(shlex.quote(c) for c in cmd) + "\n")
             f.flush()
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             (d / LOCK_FILE).write_text(json.dumps(this_holder(proc.pid)) + "\n")  # the training process holds it

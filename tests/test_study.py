@@ -83,6 +83,48 @@ def test_study_runs_skips_finished_reports_failures(tmp_path, capsys):
     assert "8 runs, 6 finished, 2 to run" in capsys.readouterr().out
 
 
+RESUMABLE_TRAIN = textwrap.dedent("""
+    # stands in for train.py: the first attempt dies after writing its checkpoint; the next one must be asked to
+    # continue from it (ckpt_path=last) and finishes
+    import json, pathlib, sys
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    d = pathlib.Path(args["hydra.run.dir"])
+    ckpt = d / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_text("step 50")
+        print("attempt 1: killed at step 50")
+        sys.exit(137)
+    print(f"attempt 2: ckpt_path={args.get('ckpt_path')}")
+    if args.get("ckpt_path") != "last":
+        sys.exit(4)  # would start again from step 0
+    (d / "config.yaml").write_text(f"seed: {args['seed']}\\nguidance: {args['guidance']}\\n")
+    (d / "metrics.csv").write_text("val/step,val/acc,val/elapsed_s\\n50,0.5,50\\n100,0.6,100\\n")
+    (d / "results.json").write_text(json.dumps({"status": "finished"}))
+""")
+
+
+def test_a_run_cut_short_continues_from_its_checkpoint(tmp_path, capsys):
+    script = tmp_path / "fake_train.py"
+    script.write_text(RESUMABLE_TRAIN)
+    out = tmp_path / "study"
+    argv = ["--modes", "prior", "--controls", "none", "--seeds", "1", "--out", str(out), "--train-script",
+            str(script), "--python", sys.executable]
+    assert study.main(argv) == 1  # both runs were killed
+    assert study.main(argv) == 0  # rerun: both continue from their checkpoint and finish
+    for d in (out / "baseline" / "none" / "s0", out / "prior" / "sift" / "s0"):
+        assert study.is_finished(d)
+        log = (d / "train.log").read_text()
+        assert "attempt 1: killed at step 50" in log and "attempt 2: ckpt_path=last" in log  # both attempts kept
+        assert log.count("ckpt_path=last") == 3  # in both commands, and in the second attempt's output
+    # a user's own ckpt_path is passed on, not replaced
+    (tmp_path / "plain.py").write_text(FAKE_TRAIN)
+    study.main(["ckpt_path=/weights.ckpt", "--modes", "prior", "--controls", "none", "--seeds", "1", "--out",
+                str(tmp_path / "o2"), "--train-script", str(tmp_path / "plain.py"), "--python", sys.executable])
+    cmd = (tmp_path / "o2" / "prior" / "sift" / "s0" / "train.log").read_text().splitlines()[1]
+    assert "ckpt_path=/weights.ckpt" in cmd and "ckpt_path=last" not in cmd
+
+
 def test_overrides_may_follow_the_options(tmp_path, capsys):
     # scripts append a user's overrides after the study's options (location_study.sh PART data.root=...)
     rc = study.main(["trainer.max_steps=7", "--modes", "prior", "--seeds", "1", "--out", str(tmp_path), "--dry-run",
