@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +97,26 @@ def rgb_to_gray(images: Tensor) -> Tensor:
     return 0.299 * images[:, 0:1] + 0.587 * images[:, 1:2] + 0.114 * images[:, 2:3]
 
 
+def _device_constant(fn):
+    """Memoise a pure function of hashable settings that builds constant tensors (blur matrices, offsets, slot
+    layouts). Unbounded, unlike ``lru_cache``: a recorded CUDA graph reads these tensors without owning them, so
+    one must never be evicted (there are a few dozen per image size and setting). A plain dict, unlike
+    ``lru_cache``: torch.compile traces ``lru_cache``-wrapped functions again on every call (it ignores the cache),
+    which put the construction of every blur matrix (~900 ops, CPU tensors copied to the device) into the
+    compiled graph; a filled dict is read at trace time, so the graph takes the tensors as constants."""
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def cached(*args):
+        out = cache.get(args)
+        if out is None:
+            out = cache[args] = fn(*args)
+        return out
+
+    cached.cache = cache
+    return cached
+
+
 def _reflect101_index(n: int, pad: int, device: torch.device) -> Tensor:
     """Indices that pad a length-``n`` axis by ``pad`` with OpenCV's BORDER_REFLECT_101 (any ``pad``, ``n >= 1``)."""
     idx = torch.arange(-pad, n + pad, device=device)
@@ -108,7 +127,7 @@ def _reflect101_index(n: int, pad: int, device: torch.device) -> Tensor:
     return torch.where(idx >= n, period - idx, idx)
 
 
-@functools.lru_cache(maxsize=128)
+@_device_constant
 def _blur_matrix(n: int, sigma: float, device: str, dtype: torch.dtype) -> Tensor:
     """``(n, n)`` matrix ``M`` such that ``M @ v`` blurs a length-``n`` signal with OpenCV's Gaussian kernel
     (size ``round(8 sigma + 1) | 1`` for float images) and BORDER_REFLECT_101, for any ``n``."""
@@ -132,7 +151,7 @@ _BLOCKED_MIN = 192
 _BLOCK = 64
 
 
-@functools.lru_cache(maxsize=128)
+@_device_constant
 def _blur_blocks(n: int, sigma: float, device: str, dtype: torch.dtype) -> tuple[tuple[int, int, Tensor], ...]:
     """The banded blur matrix cut into consecutive row blocks ``(lo, hi, M[start:start + T, lo:hi])``: output rows
     ``start..start + T`` only read inputs ``lo..hi`` (``T + ksize - 1`` of them), so the blur costs
@@ -227,7 +246,7 @@ _HESSIAN = [4, 7, 8, 7, 5, 9, 8, 9, 6]  # derivative columns of [[dxx, dxy, dxs]
 _KEEP = [1, 2, 3, 0, 4, 5, 7]  # columns kept per converged sample: gradient, value, dxx, dyy, dxy
 
 
-@functools.lru_cache(maxsize=16)
+@_device_constant
 def _constants(device: str) -> tuple[Tensor, ...]:
     """Device constants, created once (a CUDA graph captures no host -> device copy): the derivative matrix
     ``(27, 10)``, the neighbourhood offsets ``(27, 3)`` as (dl, dr, dc), the Hessian and kept-column indices, and
@@ -365,7 +384,7 @@ def _scatter_state(full: tuple[Tensor, ...], ids: Tensor, part: tuple[Tensor, ..
         t.scatter_(1, ids.unsqueeze(-1).expand(-1, -1, t.shape[-1]), p)
 
 
-@functools.lru_cache(maxsize=64)
+@_device_constant
 def _slot_layout(octaves: tuple[tuple[int, int, int, int], ...], coord_scale: float,
                  device: str) -> tuple[Tensor, Tensor, Tensor]:
     """Per candidate slot, for octaves given as (offset in the concatenated DoG, width, height, slots): ``(K, 3)``
@@ -418,8 +437,13 @@ def _detect(images: Tensor, max_keypoints: int, max_candidates: int | None, cand
         octaves.append((t, w, h, min(k, max_candidates or k, n_layers * area)))
         caps.append(min(2 * k, n_layers * area))
         t += (n_layers + 2) * h * w
-    dog = gray.new_empty(b, t)  # every octave's DoG, written in place: one buffer for the merged refinement
-    pos, score = [], []
+    # every octave's DoG in one buffer (octave o from offset octaves[o][0]): one gather for the merged refinement.
+    # Eager, each octave's difference is written straight into it (`out=`); torch.compile cannot trace a write
+    # through such a view (a graph break that sent the whole detector back to eager), so compiled, the octaves
+    # are concatenated at the end (one copy of the DoG, which inductor may fuse into the subtraction)
+    compiling = torch.compiler.is_compiling()
+    dog = None if compiling else gray.new_empty(b, t)
+    dogs, pos, score = [], [], []
     for o, (off, w, h, k) in enumerate(octaves):
         if o > 0:  # next octave: layer n_layers of the previous one, every second pixel
             g = gauss[n_layers][..., ::2, ::2]
@@ -427,11 +451,17 @@ def _detect(images: Tensor, max_keypoints: int, max_candidates: int | None, cand
         for i in range(1, n_layers + 3):
             gauss.append(gaussian_blur(gauss[-1], sig[i]))
         stack = torch.cat(gauss, dim=1)  # (B, L + 3, h, w)
-        d = dog[:, off : off + (n_layers + 2) * h * w].view(b, n_layers + 2, h, w)
-        torch.sub(stack[:, 1:], stack[:, :-1], out=d)
+        if compiling:
+            d = stack[:, 1:] - stack[:, :-1]  # (B, L + 2, h, w)
+            dogs.append(d.reshape(b, -1))
+        else:
+            d = dog[:, off : off + (n_layers + 2) * h * w].view(b, n_layers + 2, h, w)
+            torch.sub(stack[:, 1:], stack[:, :-1], out=d)
         p, s = _octave_candidates(d, n_layers, threshold, k, caps[o])
         pos.append(p)
         score.append(s)
+    if compiling:
+        dog = torch.cat(dogs, 1)
     pos, score = torch.cat(pos, 1), torch.cat(score, 1)  # (B, K, 3), (B, K)
     layout, octave, px = _slot_layout(tuple(octaves), 0.5 if upsample else 1.0, str(dog.device))
     if refine:
@@ -536,18 +566,20 @@ def compiled_detect_keypoints():
     incomplete batch), not in short tests. Each new shape compiles its own graph: static-shape code is faster
     than the dynamic-shape graph torch would otherwise build on the second shape.
     """
-    # dynamo traces through the lru_cache'd helpers (blur matrices, offsets) and warns that it ignores the cache;
-    # they are pure functions of their arguments, so tracing them is exact: silence that one warning
-    warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function")
     core = torch.compile(_detect, dynamic=False)  # the checks and the fp32 flags stay outside the graph
     defaults = {k: p.default for k, p in inspect.signature(detect_keypoints).parameters.items() if k != "images"}
+    seen: set = set()
 
     @torch.no_grad()
     def compiled(images: Tensor, **kwargs) -> Keypoints:
         settings = {**defaults, **kwargs}
         check_images(images)
         _check_settings(settings["max_keypoints"], settings["max_candidates"], settings["candidate_density"])
+        key = (tuple(images.shape), images.dtype, images.device, tuple(sorted(settings.items())))
         with fp32_math():
+            if key not in seen:  # first call of a shape: eager, which fills the device constants' caches, so the
+                seen.add(key)    # graph compiled at the next call takes them as constants (one compile, not two)
+                return _detect(images, **settings)
             return core(images, **settings)
 
     return compiled
