@@ -68,6 +68,10 @@ class Captured:
         if mode == "eager":
             return self.fn(x)
         if mode == "compile":
+            key = (tuple(x.shape), x.dtype, x.device)
+            if key not in self._seen:  # a shape's first call: eager (it fills the detector's device constants, which
+                self._seen.add(key)    # the compiled graph then takes as inputs; a one-off shape compiles nothing)
+                return self.fn(x)
             if self._compiled is None:
                 self._compiled = torch.compile(self.fn, dynamic=False,
                                                mode="reduce-overhead" if x.device.type == "cuda" else None)
@@ -85,7 +89,8 @@ class Captured:
         return tree_map(_clone, static_out)
 
     def _record(self, x: Tensor):
-        static_in = x.detach().clone()
+        with torch.inference_mode(False):  # recorded during validation, replayed in training: a normal tensor
+            static_in = x.detach().clone()
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):
@@ -95,7 +100,9 @@ class Captured:
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: CUDA calls of other threads (the DataLoader's pin-memory thread allocating pinned memory)
+        # may go on during the capture; in the default global mode they would fail it
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             static_out = self.fn(static_in)
         log.info("relevance: recorded a CUDA graph of the detector for input %s", tuple(x.shape))
         return graph, static_in, static_out

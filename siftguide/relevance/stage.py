@@ -173,8 +173,12 @@ class RelevanceStage(nn.Module):
         out of the graph)."""
         if "packed" not in self._captured:
             sift = dict(self.sift)
+            # runs on the prefetcher's side stream: a plain CUDA graph even with backend=compile, whose
+            # cudagraph trees share one memory pool and assume their graphs replay one after another on one stream
+            # (a side-stream replay could overlap a main-stream one, e.g. validation's)
             self._captured["packed"] = Captured(
-                lambda x: pack_keypoints(detect_keypoints(x, **sift), dtype=torch.float32), self.backend)
+                lambda x: pack_keypoints(detect_keypoints(x, **sift), dtype=torch.float32),
+                "graph" if self.backend == "compile" else self.backend)
         return self._captured["packed"](images)
 
     def _dataset_mean(self, datamodule, transform, patch: tuple[int, int], device) -> Tensor:

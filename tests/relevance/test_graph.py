@@ -26,3 +26,18 @@ def test_captured_detector_equals_eager_on_cuda(backend):
                                    atol=1e-4, rtol=0)
     finally:
         torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_recording_while_a_pinned_memory_loader_runs():
+    # training records the detector mid-epoch, while the DataLoader's pin-memory thread allocates pinned host memory:
+    # a capture in the global error mode would fail on that thread's CUDA calls
+    from siftguide.relevance.graph import Captured
+
+    data = torch.utils.data.TensorDataset(torch.rand(64, 1, 64, 64))
+    loader = torch.utils.data.DataLoader(data, batch_size=8, num_workers=2, pin_memory=True)
+    fn = Captured(lambda t: pack_keypoints(detect_keypoints(t, max_keypoints=32), torch.float32), "graph")
+    outs = [fn(x.cuda(non_blocking=True))[1] for (x,) in loader]  # the second call records, the rest replay
+    assert len(fn._graphs) == 1 and len(outs) == 8
+    torch.testing.assert_close(outs[-1], pack_keypoints(detect_keypoints(data.tensors[0][-8:].cuda(),
+                                                                         max_keypoints=32), torch.float32)[1])
