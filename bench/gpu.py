@@ -25,7 +25,9 @@ entropy (+ ``SiftGuidance`` loss, last block, weight 0.3) -> backward -> AdamW s
 The variants run interleaved, step by step, so drift hits all alike. Reported: median step time, images/s, the
 guided/baseline throughput ratio, peak allocated memory (CUDA; reset before every step, max over the timed steps;
 absolute, with every variant's weights and optimizer state resident, and the step's own peak above what was
-allocated before it) and bytes saved for backward (any device), with their ratios to the baseline. Data loading is
+allocated before it) and bytes saved for backward (any device), with their ratios to the baseline. A replayed CUDA
+graph allocates nothing, so the graph variants' detector memory (the graph's private pool) is not in those peaks:
+it shows in ``warmup_reserved_mib``, what the allocator reserved during each variant's warm-up steps. Data loading is
 not timed (the pool is on the device, as after the transfer).
 
 Part 3, the folder cache: a folder of ``--folder-images`` JPEGs (224 px) is generated and its cache built as a
@@ -334,16 +336,17 @@ class StepBench:
             return self.maps[source](x)
         return relevance_from_keypoints(kp, self.grid, self.patch)
 
-    def step(self, name: str, i: int, count_saved: bool = False) -> tuple[float, int, int, int]:
-        """One optimizer step: (seconds, peak allocated bytes, peak bytes above what was allocated before the step
-        (both CUDA only, else 0), bytes saved for backward (when ``count_saved``, else 0))."""
+    def step(self, name: str, i: int, count_saved: bool = False) -> tuple[float, int, int, int, int]:
+        """One optimizer step: (seconds, peak allocated bytes, peak bytes above what was allocated before the step,
+        bytes the allocator reserved during the step (these three CUDA only, else 0), bytes saved for backward (when
+        ``count_saved``, else 0))."""
         net, opt, guide, source = self.nets[name], self.opts[name], self.guides[name], self.SOURCE[name]
         net.train()
-        before = 0
+        before = reserved = 0
         if self.dev.type == "cuda":
             self.sync()
             torch.cuda.reset_peak_memory_stats(self.dev)
-            before = torch.cuda.memory_allocated(self.dev)
+            before, reserved = torch.cuda.memory_allocated(self.dev), torch.cuda.memory_reserved(self.dev)
         self.sync()
         t = time.perf_counter()
         batch = None
@@ -372,19 +375,22 @@ class StepBench:
         self.sync()
         dt = time.perf_counter() - t
         peak = torch.cuda.max_memory_allocated(self.dev) if self.dev.type == "cuda" else 0
-        return dt, peak, max(peak - before, 0), nbytes[0]
+        grown = torch.cuda.memory_reserved(self.dev) - reserved if self.dev.type == "cuda" else 0
+        return dt, peak, max(peak - before, 0), max(grown, 0), nbytes[0]
 
     def round(self, names: list[str]) -> dict[str, dict]:
         """Warm-up, timed steps and one untimed step counting saved-for-backward bytes, variants interleaved."""
         a = self.args
         times, saved = {k: [] for k in names}, {k: 0 for k in names}
-        peak, extra = {k: 0 for k in names}, {k: 0 for k in names}
+        peak, extra, grown = {k: 0 for k in names}, {k: 0 for k in names}, {k: 0 for k in names}
         if "guided+prefetch" in names:
             self.ahead = self._prefetched()
         for i in range(a.warmup + a.steps + 1):
             for name in names:
                 last = i == a.warmup + a.steps
-                dt, pk, ex, nb = self.step(name, i, count_saved=last)
+                dt, pk, ex, gr, nb = self.step(name, i, count_saved=last)
+                if i < a.warmup:
+                    grown[name] += gr
                 if last:
                     saved[name] = nb
                 elif i >= a.warmup:
@@ -398,15 +404,20 @@ class StepBench:
                  "steps_ms": [t * 1000 for t in times[k]]}
             if self.dev.type == "cuda":  # peak: all variants' weights and optimizer states resident; step_peak: the
                 # step's own memory above that (activations, gradients, SIFT), what guidance changes
+                # step's own memory above that (activations, gradients, SIFT), what guidance changes. A replayed
+                # CUDA graph allocates nothing, so the detector's working memory in the graph variants is not in
+                # these peaks: it is the graph's private pool, reserved when the graph is recorded (in warm-up):
+                # warmup_reserved_mib, what the allocator reserved during the variant's warm-up steps
                 v.update(peak_mib=peak[k] / 2**20, peak_ratio=peak[k] / peak["baseline"],
-                         step_peak_mib=extra[k] / 2**20, step_peak_ratio=extra[k] / extra["baseline"])
+                         step_peak_mib=extra[k] / 2**20, step_peak_ratio=extra[k] / extra["baseline"],
+                         warmup_reserved_mib=grown[k] / 2**20)
             out[k] = v
         return out
 
 
 def print_round(title: str, variants: dict[str, dict], cuda: bool) -> None:
     print(title)
-    mem = "peak allocated MiB (ratio)   step's own peak MiB (ratio)" if cuda else ""
+    mem = "peak allocated MiB (ratio)   step's own peak MiB (ratio)  warm-up reserved MiB" if cuda else ""
     print(f"  {'variant':15s} {'step ms':>9s} {'img/s':>9s} {'ratio':>6s}  "
           f"{'saved-for-backward MiB (ratio)':>31s}  {mem}")
     for k, v in variants.items():
@@ -414,7 +425,7 @@ def print_round(title: str, variants: dict[str, dict], cuda: bool) -> None:
                 f"{v['saved_for_backward_mib']:22.1f} ({v['saved_ratio']:5.3f})")
         if cuda:
             line += (f"  {v['peak_mib']:18.0f} ({v['peak_ratio']:5.3f})  {v['step_peak_mib']:18.0f} "
-                     f"({v['step_peak_ratio']:5.3f})")
+                     f"({v['step_peak_ratio']:5.3f})  {v['warmup_reserved_mib']:20.0f}")
         print(line)
 
 
