@@ -19,9 +19,23 @@ def _hog(stop) -> None:
         pass
 
 
+def _cpu_share(seconds: float = 1.0) -> float:
+    """CPU time / wall-clock of a busy loop in this process: about 1 on a quiet machine, less when other jobs
+    compete for the cores."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    while time.perf_counter() - w0 < seconds:
+        pass
+    return (time.process_time() - c0) / (time.perf_counter() - w0)
+
+
 def test_cost_is_the_same_beside_a_cpu_hog_while_wall_clock_is_not(tiny_cfg):
     """Two runs of one config, the second beside two busy processes (on 2 cores: the cores are shared): their
-    train/cost_s agree within 20 % while their training wall-clock does not."""
+    train/cost_s agree within 20 % while their training wall-clock does not. The reference run needs the cores to
+    itself: on a machine already busy (other jobs), the test is skipped rather than compared against a loaded
+    reference."""
+    share = _cpu_share()
+    if share < 0.8:
+        pytest.skip(f"the machine is busy (this process got {share:.0%} of a core for a second): no quiet reference")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one compute thread: no OpenMP spin-waiting to count as compute
     try:
