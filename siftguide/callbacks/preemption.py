@@ -32,22 +32,31 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Interrupted(SystemExit):
-    """The run stopped on a signal, its checkpoint written; the process exit code is ``128 + signum``."""
+    """The run stopped on a signal, its checkpoint written (or, in set-up, before training: nothing to write); the
+    process exit code is ``128 + signum``."""
 
-    def __init__(self, signum: int, step: int) -> None:
+    def __init__(self, signum: int, step: int, in_setup: bool = False) -> None:
         super().__init__(128 + int(signum))
-        self.signum, self.step = int(signum), int(step)
+        self.signum, self.step, self.in_setup = int(signum), int(step), in_setup
 
     def __str__(self) -> str:
+        if self.in_setup:
+            return (f"{signal.Signals(self.signum).name} received during set-up, before training: stopped at once "
+                    f"(nothing new to checkpoint; a keypoint cache being built resumes where it was)")
         return (f"{signal.Signals(self.signum).name} received: stopped at step {self.step}, checkpoint written; "
                 f"resume with ckpt_path=last")
 
 
 class SignalStop:
-    """Handlers for SIGTERM and SIGINT that record the first signal (``signum``) instead of ending the process."""
+    """Handlers for SIGTERM and SIGINT that record the first signal (``signum``) instead of ending the process,
+    once training has started (``armed``). Before that, during set-up (building the run, a keypoint cache that can
+    take minutes), there is no step to finish and nothing new to checkpoint: the signal ends the run at once, by
+    raising :class:`Interrupted` where the main thread is (a scheduler's grace period is often shorter than a
+    cache build)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.armed = False  # set by Preemption when training starts
         self.trainer: L.Trainer | None = None  # set by Preemption: DDP worker processes get the signal too
         self._previous: dict[int, Any] = {}
 
@@ -73,11 +82,14 @@ class SignalStop:
                 raise KeyboardInterrupt
             return
         self.signum = signum
-        log.warning("%s received: the run stops after the current step and writes its checkpoint (Ctrl+C again to "
-                    "stop at once, without one)", signal.Signals(signum).name)
         launcher = getattr(getattr(self.trainer, "strategy", None), "launcher", None)
         if launcher is not None and hasattr(launcher, "kill"):  # Lightning's DDP worker processes
             launcher.kill(signum)
+        if not self.armed:
+            log.warning("%s received during set-up: the run stops now", signal.Signals(signum).name)
+            raise Interrupted(signum, 0, in_setup=True)
+        log.warning("%s received: the run stops after the current step and writes its checkpoint (Ctrl+C again to "
+                    "stop at once, without one)", signal.Signals(signum).name)
 
 
 class Preemption(L.Callback):
@@ -91,6 +103,7 @@ class Preemption(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.stop.trainer = trainer
+        self.stop.armed = True  # from here on a signal ends the run at a step boundary, with its checkpoint
         self.stop.install()  # after Lightning's own SIGTERM handler: ours replaces it for the training loop
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -95,3 +95,36 @@ def test_sigint_during_validation_stops_after_it(tiny_cfg, monkeypatch):
     _assert_interrupted(run, signal.SIGINT, 3)
     m = pd.read_csv(run / "metrics.csv")
     assert m["val/acc"].notna().sum() == 1 and m["train/loss"].notna().sum() == 3
+
+
+def test_a_signal_during_set_up_stops_at_once(tiny_cfg, monkeypatch):
+    """SIGTERM while the run sets up (building a keypoint cache can take minutes): no step to finish, nothing new
+    to checkpoint, and a scheduler's grace period is short: the run stops at once, results.json says interrupted,
+    exit code 143."""
+    import time
+
+    import siftguide.module as module_py
+
+    setup = module_py.PretrainModule._setup_relevance
+    waited = []
+
+    def slow_setup(self):  # a long cache build, signalled at its start
+        os.kill(os.getpid(), signal.SIGTERM)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 20:  # the build would go on for 20 s
+            time.sleep(0.01)
+        waited.append(time.perf_counter() - t0)
+        return setup(self)
+
+    monkeypatch.setattr(module_py.PretrainModule, "_setup_relevance", slow_setup)
+    cfg = tiny_cfg(FAST, name="setup")
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        train(cfg)
+    assert time.perf_counter() - t0 < 15 and not waited  # stopped inside the build, not after it
+    assert e.value.code == 128 + signal.SIGTERM and "during set-up" in str(e.value)
+    run = Path(cfg.paths.output_dir)
+    result = json.loads((run / "results.json").read_text())
+    assert result["status"] == "interrupted" and result["signal"] == "SIGTERM" and result["global_step"] == 0
+    assert not (run / "checkpoints" / "last.ckpt").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
