@@ -403,7 +403,6 @@ class StepBench:
                  "saved_for_backward_mib": saved[k] / 2**20, "saved_ratio": saved[k] / saved["baseline"],
                  "steps_ms": [t * 1000 for t in times[k]]}
             if self.dev.type == "cuda":  # peak: all variants' weights and optimizer states resident; step_peak: the
-                # step's own memory above that (activations, gradients, SIFT), what guidance changes
                 # step's own memory above that (activations, gradients, SIFT), what guidance changes. A replayed
                 # CUDA graph allocates nothing, so the detector's working memory in the graph variants is not in
                 # these peaks: it is the graph's private pool, reserved when the graph is recorded (in warm-up):

@@ -15,11 +15,11 @@ it, or a plain statement that no setting beat its wrong-map controls and the bas
   (``--jobs``).
 * Finished runs (``results.json`` with ``status: finished``) are skipped, so an interrupted study is resumed by
   running the same command again; a run that was cut short continues from its last checkpoint (every run gets
-  ``ckpt_path=last``: exact resume in place, a fresh start when it has none) and appends to its ``train.log``; the study's plan is kept in ``OUT/study.json``. A run being trained holds
-  ``study.lock`` (its process id and host): several studies may share a directory (or a disk, from several
-  machines) without training a run twice. A lock of this host whose process is gone is stale and taken over; a
-  lock of another host is never judged stale from here (its pid means nothing on this machine): delete it by hand
-  if that machine's study is gone.
+  ``ckpt_path=last``: exact resume in place, a fresh start when it has none) and appends to its ``train.log``; the
+  study's plan is kept in ``OUT/study.json``. A run being trained holds ``study.lock`` (its process id and host):
+  several studies may share a directory (or a disk, from several machines) without training a run twice. A lock of
+  this host whose process is gone is stale and taken over; a lock of another host is never judged stale from here
+  (its pid means nothing on this machine): delete it by hand if that machine's study is gone.
 * Runs are ordered seed by seed: after k seeds every setting has k seeds, so a study cut short is still balanced.
 * A mode is a guidance config name, optionally with overrides in the same string:
   ``--modes attention 'prior guidance.prior.beta=2' '[attention,token_drop]'``.
@@ -166,6 +166,11 @@ def lock_note(run_dir: Path) -> str:
     return f" (held by {holder_text(holder)})" if holder else ""
 
 
+def _key(override: str) -> str:
+    """The config key an override sets: ``+a.b=1`` -> ``a.b``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def _launch(run: StudyRun, out: Path, threads: int | None, python: str,
             script: Path | None) -> tuple[StudyRun, int | None, float]:
     """Train one run; ``rc`` None when it was skipped (finished or trained by another study meanwhile)."""
@@ -174,7 +179,7 @@ def _launch(run: StudyRun, out: Path, threads: int | None, python: str,
         return run, None, 0.0
     entry = [str(script)] if script is not None else ["-m", TRAIN_MODULE]
     cmd = [python, *entry, *run.overrides, f"hydra.run.dir={d}"]
-    if not any(o.split("=", 1)[0].lstrip("+~") == "ckpt_path" for o in run.overrides):
+    if not any(_key(o) == "ckpt_path" for o in run.overrides):
         cmd.append("ckpt_path=last")  # a run interrupted before (killed, pre-empted) continues from its checkpoint
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     for o in args.overrides:
         if "=" not in o:
             ap.error(f"{o!r} is not a key=value override")
-        if o.split("=", 1)[0].lstrip("+~") in ("guidance", "relevance.kind", "seed", "hydra.run.dir"):
+        if _key(o) in ("guidance", "relevance.kind", "seed", "hydra.run.dir"):
             ap.error(f"{o!r}: the study sets {o.split('=', 1)[0]} itself (use --modes, --controls, --seeds)")
     script = Path(args.train_script) if args.train_script else None
     if script is not None and not script.is_file():

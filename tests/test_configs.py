@@ -18,8 +18,6 @@ from tests.conftest import CONFIGS, compose_cfg
 from tests.helpers import write_folder
 
 CONF = Path(CONFIGS)
-# groups whose options are whole-run settings rather than one object: composed and resolved, and the run built
-NOT_OBJECTS = {"hydra", "paths"}
 MAE_ONLY = {("guidance", "masking"), ("guidance", "recon_weight")}  # modes of a reconstruction loss (a clear error
                                                                    # with objective=supervised, tested in tests/guidance)
 FOLDER_OPTIONS = {("data", "image_folder"), ("experiment", "vit_s16_imagefolder"),

@@ -113,7 +113,6 @@ def _device_constant(fn):
             out = cache[args] = fn(*args)
         return out
 
-    cached.cache = cache
     return cached
 
 
