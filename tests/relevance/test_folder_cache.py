@@ -1,5 +1,6 @@
-"""The on-disk keypoint cache for image folders: build, reuse, files added/changed, corrupt files, unreadable images,
-an unwritable directory, DDP shards, and training through it."""
+"""The on-disk keypoint cache for image folders: build, reuse, files added/changed (also replaced by a same-size file
+with its mtime kept), corrupt files, unreadable images, an unwritable or read-only directory, DDP shards, and training
+through it."""
 from __future__ import annotations
 
 import logging
@@ -172,6 +173,134 @@ def test_unwritable_cache_dir_falls_back_to_a_temporary_directory(tmp_path, capl
     assert any("cannot be written" in r.getMessage() for r in caplog.records)
     assert len(cache) == 12 and not str(cache.directory).startswith(str(tmp_path))
 
+
+
+def _same_size_png(path: Path, seed: int, scratch: Path) -> None:
+    """Overwrite ``path`` in place (as ``cp -p`` does) with a ``write_folder`` image of ``seed`` stored uncompressed
+    (``compress_level=0``: the byte size depends on the dimensions only, so any two such images have equal sizes)."""
+    from PIL import Image
+
+    write_folder(scratch / str(seed), n_per_class=1, seed=seed)
+    with Image.open(scratch / str(seed) / "train" / "a" / "0.png") as im:
+        im.save(path, compress_level=0)
+
+
+def test_same_size_replacement_with_mtime_kept_is_detected(tmp_path, counting):
+    root = tmp_path / "data"
+    write_folder(root, n_per_class=2)
+    target = root / "train" / "a" / "1.png"
+    _same_size_png(target, 3, tmp_path / "other")  # the folder's file is stored uncompressed too
+    ds = dataset(root).train_set
+    before, _ = prepare(ds, tmp_path / "cache").rows(np.arange(len(ds)))
+    st = target.stat()
+    _same_size_png(target, 4, tmp_path / "other")  # another image, same byte size, mtime restored (cp -p, tar)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    counting.clear()
+    ds = dataset(root).train_set
+    after, count = prepare(ds, tmp_path / "cache").rows(np.arange(len(ds)))
+    i = [Path(p) for p, _ in ds.samples].index(target)
+    assert sum(counting) == 1  # that row only
+    ref, ref_count = pack_keypoints(detect_keypoints(DeviceTransform(SIZE).resize(ds[i]["image"][None]), **SIFT))
+    assert not np.array_equal(ref.numpy()[0], before[i])  # the new image's keypoints differ from the old one's
+    np.testing.assert_array_equal(after[i], ref.numpy()[0])
+    assert count[i] == int(ref_count[0])
+    np.testing.assert_array_equal(np.delete(after, i, 0), np.delete(before, i, 0))
+
+
+@pytest.mark.parametrize("verify, detected", [("stat", 0), ("content", 1)])
+def test_verify_modes_on_a_file_system_whose_stat_never_changes(tmp_path, counting, monkeypatch, verify, detected):
+    """A file system that keeps no ctime (nor mtime, here): "stat" misses a same-size replacement, "content"
+    catches it."""
+    root = tmp_path / "data"
+    write_folder(root, n_per_class=2)
+    target = root / "train" / "a" / "1.png"
+    _same_size_png(target, 3, tmp_path / "other")
+    ds = dataset(root).train_set
+    with pytest.raises(ValueError, match="verify"):
+        prepare(ds, tmp_path / "cache", verify="mtime")
+    frozen: dict = {}
+    real = folder_cache._stat
+    monkeypatch.setattr(folder_cache, "_stat", lambda p: frozen.setdefault(p, real(p)))
+    monkeypatch.setattr(folder_cache, "_RACY_NS", -10**18)  # no file counts as just changed
+    prepare(ds, tmp_path / "cache")
+    _same_size_png(target, 4, tmp_path / "other")
+    counting.clear()
+    prepare(dataset(root).train_set, tmp_path / "cache", verify=verify)
+    assert sum(counting) == detected
+
+def _snapshot(directory: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Makes a cache directory read-only: mode 0o555, its files 0o444 (what a non-root process meets on a read-only
+    mount) and, as root ignores modes, the cache's write probe answering EROFS as a read-only mount does. The tests
+    then compare a snapshot of the directory (names, bytes, mtimes) before and after: nothing written, as root too.
+    Modes are restored at teardown."""
+    made: list[Path] = []
+    real = folder_cache._probe
+
+    def probe(directory: Path):
+        if directory in made:
+            return OSError(30, "Read-only file system", str(directory))
+        return real(directory)
+
+    monkeypatch.setattr(folder_cache, "_probe", probe)
+
+    def make(directory: Path) -> dict:
+        for p in directory.iterdir():
+            p.chmod(0o444)
+        directory.chmod(0o555)
+        made.append(directory)
+        return _snapshot(directory)
+
+    yield make
+    for d in made:
+        d.chmod(0o755)
+        for p in d.iterdir():
+            p.chmod(0o644)
+
+
+def test_complete_cache_on_a_read_only_directory_is_used_as_it_is(tmp_path, counting, read_only, caplog):
+    write_folder(tmp_path / "data", n_per_class=2)
+    ds = dataset(tmp_path / "data").train_set
+    cache = prepare(ds, tmp_path / "cache")
+    good, good_count = cache.rows(np.arange(len(ds)))
+    snapshot = read_only(cache.directory)
+    counting.clear()
+    with caplog.at_level(logging.WARNING):
+        again = prepare(dataset(tmp_path / "data").train_set, tmp_path / "cache")
+    assert counting == [] and again.directory == cache.directory  # used in place, nothing detected
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    kp, count = again.rows(np.arange(len(ds)))
+    np.testing.assert_array_equal(kp, good)
+    np.testing.assert_array_equal(count, good_count)
+    assert not again._kp.flags.writeable  # memory-mapped read-only
+    assert _snapshot(cache.directory) == snapshot  # no lock file, probe or rewrite
+
+
+def test_incomplete_cache_on_a_read_only_directory_falls_back_to_a_temporary_one(tmp_path, counting, read_only,
+                                                                                 caplog):
+    write_folder(tmp_path / "data", n_per_class=2)
+    ds = dataset(tmp_path / "data").train_set
+    cache = prepare(ds, tmp_path / "cache")
+    good, _ = cache.rows(np.arange(len(ds)))
+    count = np.load(cache.directory / "count.npy", mmap_mode="r+")
+    count[1] = -1  # an interrupted build: row 1 not detected yet
+    count.flush()
+    del count
+    snapshot = read_only(cache.directory)
+    counting.clear()
+    with caplog.at_level(logging.WARNING):
+        again = prepare(dataset(tmp_path / "data").train_set, tmp_path / "cache")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "cannot be written" in warned[0] and "incomplete" in warned[0]
+    assert not str(again.directory).startswith(str(tmp_path))
+    assert sum(counting) == 1  # the rows the read-only cache holds are copied over, the missing one detected
+    np.testing.assert_array_equal(again.rows(np.arange(len(ds)))[0], good)
+    assert _snapshot(cache.directory) == snapshot
 
 def _ddp_worker(rank: int, world: int, init_file: str, root: str, cache_dir: str, out: str) -> None:
     torch.set_num_threads(1)
