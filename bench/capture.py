@@ -17,7 +17,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from siftguide import SiftGuidance
+from siftguide import AttentionAlignment
 
 CASES = {
     "default (vit 6x128, 64 px, patch 8, batch 128)": (dict(model_name="vit_tiny_patch16_224", img_size=64,
@@ -44,7 +44,7 @@ def main() -> None:
         grid = model.patch_embed.grid_size
         rel = torch.rand(batch, *grid, device=dev)
         rel = rel / rel.flatten(1).sum(1).view(-1, 1, 1)
-        guide = SiftGuidance(model, layers=args.layers, weight=0.3)
+        guide = AttentionAlignment(model, layers=args.layers, weight=0.3)
 
         def step(guided: bool) -> tuple[float, int]:
             saved = [0]
@@ -61,7 +61,7 @@ def main() -> None:
                 if guided:
                     with guide.capture():
                         loss = F.cross_entropy(model(x), y)
-                    loss = loss + guide.loss(rel)
+                    loss = loss + guide.loss(rel, 0)
                 else:
                     loss = F.cross_entropy(model(x), y)
             loss.backward()

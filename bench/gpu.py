@@ -11,7 +11,7 @@ the CPU, image by image (``bench/sift.py``'s ``timeit``: one warm-up, best of re
 Part 2, training steps: one optimizer step of timm ``vit_small_patch16_224`` (batch 256, 224 px, 3 channels,
 bf16 autocast, AdamW) = uint8 batch gathered from a fixed pool of photo crops already on the device ->
 ``DeviceTransform`` (resize + random resized crop + flip, its matrix kept) -> relevance -> forward -> cross
-entropy (+ ``SiftGuidance`` loss, last block, weight 0.3) -> backward -> AdamW step, for
+entropy (+ ``AttentionAlignment`` loss, last block, weight 0.3) -> backward -> AdamW step, for
 
 * ``baseline``: no relevance, no guidance (fused attention everywhere);
 * ``guided``: SIFT on the fly, eager detector, on the augmented batch (the old default);
@@ -62,7 +62,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.sift import timeit  # noqa: E402
-from siftguide import SiftGuidance, relevance_from_keypoints  # noqa: E402
+from siftguide import AttentionAlignment, relevance_from_keypoints  # noqa: E402
 from siftguide.data import DeviceTransform  # noqa: E402
 from siftguide.relevance import KeypointCache, detect_keypoints, transform_keypoints  # noqa: E402
 from siftguide.relevance.cache import pack_keypoints, unpack_keypoints  # noqa: E402
@@ -268,7 +268,7 @@ class StepBench:
                                     drop_path_rate=0.1, **kw).to(dev)
             self.nets[name] = net
             self.opts[name] = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
-            self.guides[name] = SiftGuidance(net, layers=[-1], weight=0.3) if source else None
+            self.guides[name] = AttentionAlignment(net, layers=[-1], weight=0.3) if source else None
         self.patch = self.nets["baseline"].patch_embed.patch_size
         self.grid = self.nets["baseline"].patch_embed.grid_size
 
@@ -368,7 +368,7 @@ class StepBench:
                 logits = net(self.transform.normalize(x))
             loss = F.cross_entropy(logits.float(), self.labels[i])
             if guide:
-                loss = loss + guide.loss(rel)
+                loss = loss + guide.loss(rel, i)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

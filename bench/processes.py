@@ -59,7 +59,7 @@ def run(name: str, procs: int, steps: int, accelerator: str, overrides: list[str
     run_dir = out / name
     cmd = [sys.executable, str(ROOT / "train.py"), f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-           f"trainer.accelerator={accelerator}", "logger=csv", "callbacks.knn=null", "module.align_batches=0",
+           f"trainer.accelerator={accelerator}", "logger=csv", "callbacks.knn=null", "callbacks.attention_divergence.batches=0",
            "data.val_size=256", f"hydra.run.dir={run_dir}", *overrides]
     if procs > 1:
         cmd += ["trainer=ddp", f"trainer.devices={procs}"]

@@ -2,7 +2,7 @@
 
     python examples/lightning_module.py [--steps 20]
 
-Your module keeps its training step; it (1) builds ``SiftGuidance`` in ``__init__``, (2) computes the relevance on
+Your module keeps its training step; it (1) builds ``AttentionAlignment`` in ``__init__``, (2) computes the relevance on
 the device in ``on_after_batch_transfer`` and (3) wraps its forward in ``guide.capture()`` and adds
 ``guide.loss``.
 """
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from siftguide import SiftGuidance
-from siftguide.relevance import RelevanceTarget
+from siftguide import AttentionAlignment
+from siftguide.relevance import RelevanceStage
 
 
 class MyClassifier(L.LightningModule):
@@ -27,12 +27,12 @@ class MyClassifier(L.LightningModule):
         super().__init__()
         self.net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, in_chans=1,
                                      img_size=64, patch_size=8, depth=3)
-        self.guide = SiftGuidance(self.net, layers=[-1], weight=weight)  # (1)
-        self.target = RelevanceTarget(sift=dict(max_keypoints=64))
+        self.guide = AttentionAlignment(self.net, layers=[-1], weight=weight)  # (1)
+        self.target = RelevanceStage(sift=dict(max_keypoints=64))
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         images, labels = batch
-        rel = self.target(images, patch_size=8)  # (2) SIFT on the device, no grad
+        rel, _ = self.target(images, patch_size=8)  # (2) SIFT on the device, no grad (and what it measured)
         return images, labels, rel
 
     def training_step(self, batch, batch_idx):

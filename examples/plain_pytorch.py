@@ -13,7 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from siftguide import SiftGuidance, patch_relevance
+from siftguide import AttentionAlignment, patch_relevance
 
 
 def batches(batch_size: int, size: int):
@@ -43,7 +43,7 @@ def main(argv=None) -> float:
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False, num_classes=10, in_chans=1, img_size=64, patch_size=8,
                               depth=4)
-    guide = SiftGuidance(model, layers=[-1], weight=args.weight)  # <- attach the plugin
+    guide = AttentionAlignment(model, layers=[-1], weight=args.weight)  # <- attach the plugin
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
     data = batches(64, 64)
     for step in range(args.steps):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from examples.plain_pytorch import batches
 from siftguide import patch_relevance
 from siftguide.guidance import KeypointReconWeight, TokenDrop
-from siftguide.objectives import MAEObjective, encode
+from siftguide.objectives import Guided, MAEObjective, encode
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -29,11 +29,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # 1. token dropping: the blocks see the 50 % most relevant patch tokens of each image
     model = timm.create_model("vit_tiny_patch16_224", num_classes=10, **kw)
-    drop = TokenDrop(model, keep=0.5)                                    # <-
+    drop = TokenDrop(model, keep_ratio=0.5)                              # <-
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _, (images, labels) in zip(range(args.steps), batches(32, 64)):
         rel = patch_relevance(images, patch_size=8)                     # <- (B, 8, 8) SIFT relevance
-        ids = drop.select(rel, step=0)                                  # <- (B, 32) kept patch indices
+        ids = drop.select_tokens(rel, step=0)                           # <- (B, 32) kept patch indices
         logits = model.forward_head(encode(model, (images - 0.5) / 0.5, ids))  # <- shortened sequence
         loss = F.cross_entropy(logits, labels)
         opt.zero_grad(); loss.backward(); opt.step()  # noqa: E702
@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     encoder = timm.create_model("vit_tiny_patch16_224", num_classes=0, **kw)
     mae = MAEObjective(mask_ratio=0.75, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     mae.setup(encoder)
-    KeypointReconWeight(temperature=0.25).bind(mae)                     # <- weights the masked-patch loss
+    weighting = KeypointReconWeight(temperature=0.25)                   # <- weights the masked-patch loss
     opt = torch.optim.AdamW([*encoder.parameters(), *mae.parameters()], lr=1e-3)
     for _, (images, _) in zip(range(args.steps), batches(32, 64)):
         rel = patch_relevance(images, patch_size=8)                     # <-
-        out = mae(encoder, (images - 0.5) / 0.5, {"relevance": rel}, "train")
+        out = mae(encoder, (images - 0.5) / 0.5, {}, "train", Guided(None, *weighting.patch_weights(rel, 0)))  # <-
         opt.zero_grad(); out.loss.backward(); opt.step()  # noqa: E702
     print(f"token-dropped task loss {task:.4f}, keypoint-weighted MAE loss {float(out.loss):.4f}")
     return {"task": task, "mae": float(out.loss), "kept": ids.shape[1]}

@@ -72,7 +72,7 @@ if [ "$part" = all ] || [ "$part" = analyze ]; then
       if [ -f "$a/spurious_images.csv" ]; then echo "[skip] analyze $name s$seed"; continue; fi
       usable "$OUT/$name/s$seed" || { echo "[missing] $name s$seed: train first"; continue; }
       echo "[analyze] $name s$seed"
-      $PY -m siftguide.analyze "$(ckpt "$name" "$seed")" --out "$a" --split test --num-images "$NUM_IMAGES" \
+      $PY -m siftguide.analysis.analyze "$(ckpt "$name" "$seed")" --out "$a" --split test --num-images "$NUM_IMAGES" \
         --no-progress > "$a.log" 2>&1 || echo "[fail] analyze $name s$seed (see $a.log)"
     done
   done

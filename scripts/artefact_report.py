@@ -4,7 +4,7 @@ models on the artefact datasets, and whether the attention analysis flags the ar
     python scripts/artefact_report.py logs/artefact_demo --out docs/results/artefact [--seeds 0 1]
 
 Reads, per run ``OUT/<name>/s<seed>/``: ``results.json`` (val/acc: artefact class-coded; test/acc: decorrelated),
-``analysis/spurious_{images,classes}.csv`` (python -m siftguide.analyze --split test) and
+``analysis/spurious_{images,classes}.csv`` (python -m siftguide.analysis.analyze --split test) and
 ``prompting{,_all}/prompting.csv`` (siftguide-prompt --split test, last block / all blocks). Writes ``table.md``,
 ``table.csv``, ``summary.png`` (bars: test accuracy; right: attention and gradient excess on keypoint-free
 patches) and copies the analysis' ``spurious_overlays.png`` of the two artefact baselines.

@@ -35,12 +35,12 @@ for part in "${@:-main strength budget mae_decay compare}"; do for p in $part; d
     sweep mae_decay objective=mae guidance.weight=1 guidance.attention.schedule.kind=linear guidance.attention.schedule.total_steps=200 \
       seed=0,1,2 ;;
   compare)
-    $PY -m siftguide.compare $(present supervised control strong strong_control strong_cosine) --metric val/acc \
+    $PY -m siftguide.analysis.compare $(present supervised control strong strong_control strong_cosine) --metric val/acc \
       --out docs/results/supervised
     if [ -d $OUT/budget ]; then
-      $PY -m siftguide.compare $(present supervised control budget budget_control) --baseline max_steps=500 \
+      $PY -m siftguide.analysis.compare $(present supervised control budget budget_control) --baseline max_steps=500 \
         --metric val/acc --out docs/results/budget
     fi
-    $PY -m siftguide.compare $(present mae mae_decay) --metric val/knn_acc --out docs/results/mae ;;
+    $PY -m siftguide.analysis.compare $(present mae mae_decay) --metric val/knn_acc --out docs/results/mae ;;
   *) echo "unknown part '$p' (main, strength, budget, mae_decay, compare)" >&2; exit 2 ;;
 esac; done; done

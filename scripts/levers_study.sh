@@ -67,7 +67,7 @@ from siftguide.study import is_finished
 sys.stdout.write("".join(f"{d}\n" for a in sys.argv[1:] for d in sorted(Path(a).glob("*/*/s*")) if is_finished(d)))' "$@")
       if [ ${#runs[@]} -eq 0 ]; then echo "$name: no finished runs yet"; return; fi
       echo "== $name: ${#runs[@]} runs"
-      $PY -m siftguide.compare "${runs[@]}" --metric "$metric" --verdict --out "docs/results/levers/$name" | tail -n 3
+      $PY -m siftguide.analysis.compare "${runs[@]}" --metric "$metric" --verdict --out "docs/results/levers/$name" | tail -n 3
     }
     table translated val/acc "$OUT/screen"   # every arm of the screen and the confirmation's controls
     table cluttered val/acc "$OUT/clutter"

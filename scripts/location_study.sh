@@ -92,7 +92,7 @@ print("\n".join(d for d in sys.argv[1:] if is_finished(Path(d))))' "$OUT"/*/*/*/
       for d in "$@"; do [ -n "${DONE[$d]:-}" ] && runs+=("$d"); done
       if [ ${#runs[@]} -eq 0 ]; then echo "$name: no finished runs yet"; return; fi
       echo "== $name: ${#runs[@]} runs"
-      $PY -m siftguide.compare "${runs[@]}" --metric "$metric" --verdict --out "docs/results/location/$name" | tail -n 3
+      $PY -m siftguide.analysis.compare "${runs[@]}" --metric "$metric" --verdict --out "docs/results/location/$name" | tail -n 3
     }
     S=$OUT/screen_sup
     table screen val/acc $S/baseline/none/s* $S/{attention,interrelation,token_drop}/*/s* $S/prior/{sift,shuffled}/s*

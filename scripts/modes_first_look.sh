@@ -44,6 +44,6 @@ if [ "$part" = run ] || [ "$part" = mae ]; then
 fi
 if [ "$part" = run ] || [ "$part" = compare ]; then
   CMP=${CMP:-docs/results/modes_first_look}
-  $PY -m siftguide.compare "$OUT"/sup_*/ --out "$CMP/supervised" --metric val/acc --verdict || true
-  $PY -m siftguide.compare "$OUT"/mae_*/ --out "$CMP/mae" --metric val/knn_acc --verdict || true
+  $PY -m siftguide.analysis.compare "$OUT"/sup_*/ --out "$CMP/supervised" --metric val/acc --verdict || true
+  $PY -m siftguide.analysis.compare "$OUT"/mae_*/ --out "$CMP/mae" --metric val/knn_acc --verdict || true
 fi

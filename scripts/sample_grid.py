@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from siftguide.data import FASHION_MNIST_CLASSES, FashionMNISTDataModule  # noqa: E402
-from siftguide.synthetic import (ClutteredFashionMNISTDataModule, DecoyFashionMNISTDataModule,  # noqa: E402
+from siftguide.data.synthetic import (ClutteredFashionMNISTDataModule, DecoyFashionMNISTDataModule,  # noqa: E402
                                  TintedFashionMNISTDataModule, TranslatedFashionMNISTDataModule)
 
 ROWS = {

@@ -1,7 +1,7 @@
 """Remove the wall-clock figures from result folders made before the cost axis (issue 24).
 
 Those runs logged no ``val/cost_s`` and were timed on shared cores, where wall-clock varies 2x between runs of one
-config; their run directories are gone, so the tables cannot be regenerated. Today's ``siftguide.compare`` prints
+config; their run directories are gone, so the tables cannot be regenerated. Today's ``siftguide.analysis.compare`` prints
 such runs on the steps axis only; this makes the published folders say the same:
   - ``table.csv``: the ``time_to_target_s``, ``total_time_s`` and ``time_ratio`` columns dropped;
   - ``table.md``: the "time to target (s)" and "time ratio" columns dropped;

@@ -47,7 +47,7 @@ def prefix_tokens(model: nn.Module) -> dict[str, int]:
     """
     if not hasattr(model, "blocks"):
         raise TypeError(
-            f"{type(model).__name__} has no `.blocks`: SiftGuidance needs a timm VisionTransformer-style model "
+            f"{type(model).__name__} has no `.blocks`: attention guidance needs a timm VisionTransformer-style model "
             f"(timm.create_model('vit_...'), 'deit_...', 'eva_...')"
         )
     num_prefix = int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))

@@ -16,10 +16,9 @@ it, or a plain statement that no setting beat its wrong-map controls and the bas
 * Finished runs (``results.json`` with ``status: finished``) are skipped, so an interrupted study is resumed by
   running the same command again; a run that was cut short continues from its last checkpoint (every run gets
   ``ckpt_path=last``: exact resume in place, a fresh start when it has none) and appends to its ``train.log``; the
-  study's plan is kept in ``OUT/study.json``. A run being trained holds ``study.lock`` (its process id and host):
-  several studies may share a directory (or a disk, from several machines) without training a run twice. A lock of
-  this host whose process is gone is stale and taken over; a lock of another host is never judged stale from here
-  (its pid means nothing on this machine): delete it by hand if that machine's study is gone.
+  study's plan is kept in ``OUT/study.json``. A run being trained holds ``study.lock`` (an OS file lock, released
+  when the study ends however it ends; ``study.lock.holder`` names the training process and its host): several
+  studies may share a directory (or a disk, from several machines) without training a run twice.
 * Runs are ordered seed by seed: after k seeds every setting has k seeds, so a study cut short is still balanced.
 * A mode is a guidance config name, optionally with overrides in the same string:
   ``--modes attention 'prior guidance.prior.beta=2' '[attention,token_drop]'``.
@@ -39,8 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from siftguide.resume import RESULTS_FILE
-from siftguide.runlock import held_by_other, holder_text, read_holder, this_holder
+from siftguide.run.resume import RESULTS_FILE
+from siftguide.run.lock import RunDirectoryInUse, RunLock, holder_text, read_holder
 
 __all__ = ["StudyRun", "plan", "is_finished", "claim", "main", "CONTROLS"]
 
@@ -51,6 +50,7 @@ CONTROLS = {
     "masking": {"main": ["random"], "auto": ["random", "shuffled", "rolled", "mean"]},
 }
 TRAIN_MODULE = "siftguide.train"  # each run: `python -m siftguide.train` (works from an installed wheel too)
+REPORT_MODULE = "siftguide.analysis.study_report"  # the report: `python -m siftguide.analysis.study_report OUT`
 # put before the user's overrides in every run (see ``plan``); the recipe's command keeps them
 STUDY_OVERRIDES = ["relevance.cache=auto"]
 
@@ -134,35 +134,30 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
-LOCK_FILE = "study.lock"  # in a run directory while a study trains it: pid and host of its train.py process
+LOCK_FILE = "study.lock"  # in a run directory while a study trains it (holder: its train.py process)
 
 
-def claim(run_dir: Path) -> bool:
-    """Take ``run_dir`` for this study (atomically), unless it is finished or another study's process trains it:
-    two studies on one directory (or ``--jobs`` of several machines on a shared disk) never train one run twice.
-    A lock of this host whose process is gone is taken over; one of another host is left alone (see the module
-    docstring)."""
+def claim(run_dir: Path) -> RunLock | None:
+    """Take ``run_dir`` for this study (an OS file lock, :class:`~siftguide.run.lock.RunLock`: released when the
+    study ends, however it ends), unless it is finished or another study holds it: two studies on one directory (or
+    ``--jobs`` of several machines on a shared disk) never train one run twice. Returns the held lock, or None."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / LOCK_FILE
-    for _ in range(2):
-        if is_finished(run_dir):
-            return False
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if held_by_other(read_holder(lock)):
-                return False
-            lock.unlink(missing_ok=True)  # stale: its study died
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(this_holder()) + "\n")
-        return True
-    return False
+    if is_finished(run_dir):
+        return None
+    lock = RunLock(run_dir, name=LOCK_FILE, what="study")
+    try:
+        lock.acquire()
+    except RunDirectoryInUse:
+        return None
+    if is_finished(run_dir):  # finished while we waited for the lock
+        lock.release()
+        return None
+    return lock
 
 
 def lock_note(run_dir: Path) -> str:
     """Who holds ``run_dir``'s study lock, for a message (empty when nobody does)."""
-    holder = read_holder(run_dir / LOCK_FILE)
+    holder = read_holder(run_dir / (LOCK_FILE + ".holder"))
     return f" (held by {holder_text(holder)})" if holder else ""
 
 
@@ -175,7 +170,8 @@ def _launch(run: StudyRun, out: Path, threads: int | None, python: str,
             script: Path | None) -> tuple[StudyRun, int | None, float]:
     """Train one run; ``rc`` None when it was skipped (finished or trained by another study meanwhile)."""
     d = run.directory(out)
-    if not claim(d):
+    lock = claim(d)
+    if lock is None:
         return run, None, 0.0
     entry = [str(script)] if script is not None else ["-m", TRAIN_MODULE]
     cmd = [python, *entry, *run.overrides, f"hydra.run.dir={d}"]
@@ -192,10 +188,10 @@ def _launch(run: StudyRun, out: Path, threads: int | None, python: str,
             f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + " ".join(shlex.quote(c) for c in cmd) + "\n")
             f.flush()
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-            (d / LOCK_FILE).write_text(json.dumps(this_holder(proc.pid)) + "\n")  # the training process holds it
+            lock.name_holder(proc.pid)  # the training process is the holder others are told about
             rc = proc.wait()
     finally:
-        (d / LOCK_FILE).unlink(missing_ok=True)
+        lock.release()
     return run, rc, time.perf_counter() - t0
 
 
@@ -250,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  [{state}] {r.directory(out)}: {' '.join(r.overrides)}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv,
-                                                "runs": [asdict(r) for r in runs]}, indent=1))
+    metric = args.metric or ("val/knn_acc" if any("objective=mae" in o for o in args.overrides) else "val/acc")
+    (out / "study.json").write_text(json.dumps({
+        "argv": sys.argv[1:] if argv is None else argv, "overrides": args.overrides,
+        "common_overrides": [*STUDY_OVERRIDES, *args.overrides], "metric": metric,
+        "runs": [{**asdict(r), "directory": str(r.directory(Path("")))} for r in runs]}, indent=1))
     failed = []
     if todo and not args.report_only:
         threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
@@ -267,62 +266,19 @@ def main(argv: list[str] | None = None) -> int:
                 if state != "ok":
                     failed.append(run)
                 print(f"[{i}/{len(todo)}] {run.mode}/{run.kind}/s{run.seed}: {state} in {dt / 60:.1f} min", flush=True)
-    return _report(args, runs, out, failed)
+    return _report(args, out, failed)
 
 
-def _report(args, runs: list[StudyRun], out: Path, failed: list[StudyRun]) -> int:
-    from .analysis import compare
+def run_report(out: Path, python: str = sys.executable) -> int:
+    """The study's report, in a process of its own (:mod:`siftguide.analysis.study_report` reads ``study.json``)."""
+    return subprocess.run([python, "-m", REPORT_MODULE, str(out)]).returncode
 
-    done = [r.directory(out) for r in runs if is_finished(r.directory(out))]
+
+def _report(args, out: Path, failed: list[StudyRun]) -> int:
     if failed:
         print(f"{len(failed)} runs failed; their logs: " + ", ".join(str(r.directory(out) / 'train.log') for r in failed))
-    if not any(r.kind == "none" for r in runs if r.directory(out) in done):
-        print("no finished baseline run yet: no report")
-        return 1 if failed else 0
-    metric = args.metric or ("val/knn_acc" if any("objective=mae" in o for o in args.overrides) else "val/acc")
-    rc = compare.main([*map(str, done), "--out", str(out / "report"), "--metric", metric, "--verdict"])
-    if rc == 0:
-        _write_recipe(args, runs, out)
+    rc = run_report(out)
     return 1 if failed else rc
-
-
-def _data_name(common: list[str]) -> str:
-    """The data the study ran on, from its overrides (``data=...``, plus ``data.root``), else the default."""
-    data = next((o.split("=", 1)[1] for o in reversed(common) if o.startswith("data=")), "fashion_mnist (default)")
-    root = next((o.split("=", 1)[1] for o in reversed(common) if o.startswith("data.root=")), None)
-    return f"{data} (root={root})" if root else data
-
-
-def _write_recipe(args, runs: list[StudyRun], out: Path) -> None:
-    """``report/verdict.json`` gets each group's overrides and the study's common ones; ``report/recommended.yaml``
-    the setting to train with (``siftguide.analysis.recipe.recommend``)."""
-    from .analysis import recipe
-
-    path = out / "report" / "verdict.json"
-    if not path.is_file():
-        return
-    verdict = json.loads(path.read_text())
-    common = [*STUDY_OVERRIDES, *args.overrides]
-    by_dir = {str(r.directory(out).resolve()): r for r in runs}
-    for g in verdict["groups"]:
-        mine = [by_dir.get(str(Path(d).resolve())) for d in g["runs"]]
-        own = {tuple(_mode_overrides(r, common)) for r in mine if r is not None}
-        g["overrides"] = list(own.pop()) if len(own) == 1 and None not in mine else None
-    verdict.update(common_overrides=common, data=_data_name(args.overrides))
-    path.write_text(json.dumps(verdict, indent=1) + "\n")
-    rec = recipe.recommend(verdict)
-    (out / "report" / "recommended.yaml").write_text(recipe.recommendation_yaml(rec))
-    print(f"{rec['status']}: {rec['statement']}")
-    if rec["command"]:
-        print(f"command: {rec['command']}")
-    print(f"wrote {path} and {out / 'report' / 'recommended.yaml'}")
-
-
-def _mode_overrides(run: StudyRun, common: list[str]) -> list[str]:
-    """A run's own overrides: those of its mode and map kind, without the study's common ones and the seed."""
-    own = run.overrides[len(common):] if run.overrides[:len(common)] == common else \
-        [o for o in run.overrides if o not in common]
-    return [o for o in own if not o.startswith("seed=")]
 
 
 if __name__ == "__main__":

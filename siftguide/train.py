@@ -4,32 +4,37 @@ config, :func:`train` fits a run (importable for tests and tools), :func:`main` 
 are package data (``siftguide/conf/``, ``configs/`` in a checkout)."""
 from __future__ import annotations
 
-import inspect
-import json
-import logging
 import os
-import signal
-import warnings
-from pathlib import Path
 
-import hydra
-import lightning as L
-import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf, open_dict
+# Before torch loads its OpenMP runtime: waiting threads sleep instead of spinning, so process CPU time (the cost
+# axis on CPUs) counts work, not spin-waits for a sibling thread another process has descheduled (docs/metrics.md)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import changes
-from .analysis.loading import safe_loading
-from .callbacks import ValidateAtEnd, instantiate_callbacks
-from .callbacks.preemption import Interrupted, Preemption, SignalStop
-from .checks import validate_config
-from .guidance import Guidance
-from .module import PretrainModule
-from .resume import (LAST_CKPT, RESULTS_FILE, RotatingCheckpointIO, checkpoint_info, continue_csv, load_weights,
-                     resolve_ckpt_path, same_run, wandb_id)
-from .runlock import RunLock
+import inspect  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+
+from .callbacks import RelevanceSetup, ValidateAtEnd, instantiate_callbacks  # noqa: E402
+from .callbacks.preemption import Interrupted, Preemption, SignalStop  # noqa: E402
+from .guidance import Guidance  # noqa: E402
+from .module import PretrainModule  # noqa: E402
+from .run import changes  # noqa: E402
+from .run.checkpoint import safe_loading  # noqa: E402
+from .run.checks import validate_config  # noqa: E402
+from .run.lock import RunLock  # noqa: E402
+from .run.resume import (LAST_CKPT, RESULTS_FILE, RotatingCheckpointIO, checkpoint_info, continue_csv,  # noqa: E402
+                         load_weights, resolve_ckpt_path, same_run, wandb_id)
 
 log = logging.getLogger("siftguide.train")
 # Third-party warnings that are not the user's business, each matched by its message and the module issuing it
@@ -37,11 +42,11 @@ log = logging.getLogger("siftguide.train")
 _QUIET = (
     # the module's on_after_batch_transfer (device pipeline) is meant to take precedence over the datamodule's
     (".*on_after_batch_transfer.*", "lightning.pytorch.trainer.connectors.data_connector"),
-    # the run directory already holds config.yaml; a resumed run keeps its rows (siftguide.resume.continue_csv)
+    # the run directory already holds config.yaml; a resumed run keeps its rows (siftguide.run.resume.continue_csv)
     ("Experiment logs directory .* exists and is not empty", "lightning.fabric.loggers.csv_logs"),
     # a run resumed in place writes its checkpoints where they were
     ("Checkpoint directory .* exists and is not empty", "lightning.pytorch.callbacks.model_checkpoint"),
-    # the training sampler does resume mid-epoch (siftguide.sampler), Lightning cannot see it
+    # the training sampler does resume mid-epoch (siftguide.data.sampler), Lightning cannot see it
     ("You're resuming from a checkpoint that ended before the epoch ended",
      "lightning.pytorch.loops.training_epoch_loop"),
     # Lightning's own use of a torch API deprecated in torch 2.10+
@@ -134,7 +139,7 @@ def build(cfg: DictConfig, ckpt: Path | None = None) -> tuple[PretrainModule, L.
     """Instantiate module, data and trainer from a composed config (seeds first: same init for every run).
     ``ckpt``: the checkpoint ``train`` resumes from (or, with ``resume.new_run=true``, whose weights a new run
     starts from); one of this run directory continues its metrics.csv and wandb run. A resume with settings that
-    cannot change within a run stops here, before anything is written (:mod:`siftguide.changes`)."""
+    cannot change within a run stops here, before anything is written (:mod:`siftguide.run.changes`)."""
     validate_config(cfg)  # values that do not fit: one clear error before anything is built or written
     quiet_warnings()
     L.seed_everything(cfg.seed, workers=True)
@@ -168,6 +173,7 @@ def build(cfg: DictConfig, ckpt: Path | None = None) -> tuple[PretrainModule, L.
     # and the cost axis, validation at the end, resume state, the non-finite stop, pre-emption, skipped files,
     # guidance balance, the progress bar, kNN (callbacks.knn=null: off), the attention monitor when selected
     callbacks = instantiate_callbacks(cfg.get("callbacks"), progress_bar=cfg.trainer.get("enable_progress_bar", True))
+    callbacks.insert(0, RelevanceSetup())  # keypoint caches, mean map, datasets carrying keypoints, prefetch
     # checkpoints: last.ckpt, the previous one kept as last.prev.ckpt
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[RotatingCheckpointIO()])
     return module, datamodule, trainer
@@ -180,7 +186,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``results.json``, the loggers and wandb, and the exception propagates (non-zero exit). SIGTERM or SIGINT end
     the run at the current step with its checkpoint written, ``results.json`` ``"status": "interrupted"``, and
     :class:`~siftguide.callbacks.preemption.Interrupted` (exit code 128 + signal). The run directory is locked while the run
-    trains (:class:`~siftguide.runlock.RunLock`)."""
+    trains (:class:`~siftguide.run.lock.RunLock`)."""
     validate_config(cfg)  # a config error leaves no trace (not even the run directory's lock)
     out_dir = Path(cfg.paths.output_dir)
     new_run, trust = _resume_options(cfg)

@@ -102,7 +102,7 @@ def folder_cfg(tiny_cfg, root: Path, extra=(), name="folder"):
 
 
 # ---------------------------------------------------------------------------------------------- killed and resumed runs
-COMPARED = ["step", "train/lr", "train/loss", "train/task_loss", "val/acc", "val/loss"]
+COMPARED = ["step", "train/lr/decay", "train/loss", "train/task_loss", "val/acc", "val/loss"]
 
 
 class Kill(L.Callback):
@@ -143,7 +143,7 @@ def keep_trainer(monkeypatch, trainers: list):
     monkeypatch.setattr(train_py, "build", keep)
 
 
-CHEAP = ["callbacks.knn=null", "module.align_batches=0", "data.val_size=64"]
+CHEAP = ["callbacks.knn=null", "callbacks.attention_divergence.batches=0", "data.val_size=64"]
 
 
 # ---------------------------------------------------------------------------------------------- small stand-ins

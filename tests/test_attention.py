@@ -3,7 +3,7 @@ guided blocks leave the fused SDPA path."""
 import torch
 import torch.nn.functional as F
 
-from siftguide import SiftGuidance
+from siftguide import AttentionAlignment
 from siftguide.attention import AttentionCapture
 
 VIT_TINY = dict(in_chans=3, num_classes=5, embed_dim=192, num_heads=3)  # vit_tiny's own width and heads, RGB
@@ -30,7 +30,7 @@ def test_only_guided_blocks_leave_sdpa(monkeypatch, tiny_vit):
     calls = []
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    guide = SiftGuidance(model, layers=[0, -1])
+    guide = AttentionAlignment(model, layers=[0, -1])
     x = torch.rand(1, 3, 32, 32)
     with guide.capture():
         model(x)

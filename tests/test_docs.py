@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
-SCANNED = [README, *DOCS]
+SCANNED = [README, *(d for d in DOCS if d.name != "changes.md")]  # changes.md lists the old keys on purpose
 # every page whose links are checked (the results index too)
 LINKED = [*SCANNED, ROOT / "docs" / "results" / "README.md"]
 # pages other work on issue 23 is writing: linked from the README before they land

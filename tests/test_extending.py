@@ -49,7 +49,7 @@ def test_a_new_mode_is_one_py_and_one_yaml(tiny_cfg, tmp_path, monkeypatch, requ
     request.addfinalizer(lambda: sys.modules.pop("toy_mode", None))
     toy = importlib.import_module("toy_mode")  # the module Hydra's _target_ then finds
     calls, results = collections.Counter(), collections.defaultdict(list)
-    for hook in ("bind", "forward_context", "loss_terms", "logs"):  # count the calls the package makes
+    for hook in ("check", "forward_context", "loss_terms", "logs"):  # count the calls the package makes
         def counted(self, *a, _real=getattr(toy.ToyMode, hook), _hook=hook, **k):
             calls[_hook] += 1
             out = _real(self, *a, **k)
@@ -61,7 +61,7 @@ def test_a_new_mode_is_one_py_and_one_yaml(tiny_cfg, tmp_path, monkeypatch, requ
                     "callbacks.knn=null"], name="toy")
     assert cfg.guidance.toy.weight == 0.5 and "prior" in cfg.guidance
     train(cfg)
-    assert calls["bind"] == 1 and calls["loss_terms"] == 3 and calls["logs"] == 3
+    assert calls["check"] == 1 and calls["loss_terms"] == 3 and calls["logs"] == 3
     assert calls["forward_context"] >= 3 + 1  # the 3 training steps and the validation forwards
     assert all(loss.requires_grad for loss, _, _ in results["loss_terms"])  # its term reaches the net's weights
     m = pd.read_csv(Path(cfg.paths.output_dir) / "metrics.csv")

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from siftguide.guidance import AttentionLoss, PatchInterrelation, SiftGuidance
+from siftguide.guidance import AttentionLoss, PatchInterrelation, AttentionAlignment
 from siftguide.precision import fp32_region
-from siftguide.relevance import RelevanceSource
+from siftguide.relevance import RelevanceStage
 from siftguide.train import train
 from tests.conftest import blob_image
 
@@ -36,11 +36,11 @@ def test_fp32_region_switches_autocast_off_inside_only():
 @pytest.mark.parametrize("kind, mode, smoothing", [("sift", "count", 1.0), ("sift", "gaussian", 0.0),
                                                    ("gradient", "count", 1.0), ("foreground", "count", 0.0)])
 def test_relevance_is_fp32_under_bf16_autocast(kind, mode, smoothing):
-    src = RelevanceSource(kind=kind, mode=mode, smoothing=smoothing, sift=dict(max_keypoints=16))
+    src = RelevanceStage(kind=kind, mode=mode, smoothing=smoothing, sift=dict(max_keypoints=16))
     x = _images()
-    ref = src(x, 8)
+    ref = src(x, 8)[0]
     with torch.autocast(**BF16):
-        rel = src(x, 8)
+        rel = src(x, 8)[0]
     assert rel.dtype == torch.float32
     torch.testing.assert_close(rel, ref)  # the very fp32 values, not a bf16 rounding of them
     torch.testing.assert_close(rel.flatten(1).sum(1), torch.ones(2))
@@ -57,14 +57,14 @@ class _MatmulMode(AttentionLoss):
 def test_guidance_divergences_are_fp32_under_bf16_autocast(tiny_vit):
     net = tiny_vit(seed=None, embed_dim=64, num_classes=10)
     x = _images()
-    rel = RelevanceSource(sift=dict(max_keypoints=16))(x, 8)
-    for mode in (SiftGuidance(net), PatchInterrelation(net, layers=[0]), _MatmulMode(net)):
+    rel = RelevanceStage(sift=dict(max_keypoints=16))(x, 8)[0]
+    for mode in (AttentionAlignment(net), PatchInterrelation(net, layers=[0]), _MatmulMode(net)):
         with torch.autocast(**BF16):
             with mode.capture():
                 net(x)
-            loss = mode.loss(rel)
+            loss = mode.loss(rel, 0)
         assert loss.dtype == torch.float32 and torch.isfinite(loss), type(mode).__name__
-    monitor = SiftGuidance(net, weight=0.0)
+    monitor = AttentionAlignment(net, weight=0.0)
     with torch.autocast(**BF16):
         with monitor.capture(force=True):
             net(x)

@@ -1,12 +1,21 @@
 """The study command: its plan, skipping finished runs, failures, the report and the recommendation (a study run
 end to end: tests/e2e/test_study.py)."""
 import json
+import socket
 import sys
 import textwrap
 
 import pytest
 
 from siftguide import study
+from siftguide.analysis import study_report
+
+
+@pytest.fixture(autouse=True)
+def report_in_process(monkeypatch):
+    """The study writes its report in a process of its own (tests/e2e/test_study.py runs that); here the same
+    function runs in-process, which saves a Python start per call."""
+    monkeypatch.setattr(study, "run_report", lambda out, python=sys.executable: study_report.write_report(out))
 
 
 def test_plan_orders_seed_by_seed_with_controls_per_mode():
@@ -142,39 +151,22 @@ def test_study_rejects_settings_it_owns(tmp_path):
 
 
 def test_claim_keeps_two_studies_off_one_run(tmp_path):
-    import subprocess
-
     d = tmp_path / "attention" / "sift" / "s0"
-    assert study.claim(d)  # first study takes it
-    assert not study.claim(d)  # a second study (this live pid holds the lock) leaves it alone
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (d / study.LOCK_FILE).write_text(f"{dead.pid}\n")
-    assert study.claim(d)  # a stale lock (its study died) is taken over
-    (d / study.LOCK_FILE).unlink()
+    first = study.claim(d)  # first study takes it
+    assert first is not None and study.claim(d) is None  # a second study leaves it alone
+    first.name_holder(12345)  # the training process it launched
+    assert study.lock_note(d) == f" (held by pid 12345 on host {socket.gethostname()}, since " \
+        f"{json.loads((d / (study.LOCK_FILE + '.holder')).read_text())['since']})"
+    first.release()
+    again = study.claim(d)  # released (a killed study's lock is released by the OS too): taken
+    assert again is not None
+    again.release()
     (d / "results.json").write_text(json.dumps({"status": "finished"}))
-    assert not study.claim(d)  # finished meanwhile: nothing to do
-
-
-def test_the_study_lock_names_its_host_and_another_hosts_lock_is_never_stale(tmp_path):
-    import socket
-    import subprocess
-
-    d = tmp_path / "attention" / "sift" / "s0"
-    assert study.claim(d)
-    assert json.loads((d / study.LOCK_FILE).read_text())["host"] == socket.gethostname()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    # a live run on another machine of a shared disk: its pid means nothing here, the lock is held
-    (d / study.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": "other-node"}))
-    assert not study.claim(d)
-    assert study.lock_note(d) == f" (held by pid {dead.pid} on host other-node)"
-    (d / study.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
-    assert study.claim(d)  # this host's dead pid: stale, taken over
+    assert study.claim(d) is None  # finished meanwhile: nothing to do
 
 
 MODE_NODES = {"prior": {"_target_": "siftguide.guidance.AttentionPrior", "beta": 1.0},
-              "token_drop": {"_target_": "siftguide.guidance.TokenDrop", "keep": 0.5}}
+              "token_drop": {"_target_": "siftguide.guidance.TokenDrop", "keep_ratio": 0.5}}
 
 
 def _fake_finished_run(d, seed, mode, kind, reach_step, cost_per_step, steps=(100, 200, 300, 400)):

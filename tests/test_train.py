@@ -107,7 +107,7 @@ def test_mae_modes_combine_and_bad_combinations_fail(tiny_cfg):
 
 
 def test_inert_token_drop_reproduces_the_baseline_exactly(tiny_cfg, tiny_run):
-    a = task_losses(tiny_cfg, ["guidance=token_drop", "guidance.token_drop.keep=1.0"], "keep1")
+    a = task_losses(tiny_cfg, ["guidance=token_drop", "guidance.token_drop.keep_ratio=1.0"], "keep1")
     b = shared_task_losses(tiny_run, ["guidance=none"])
     assert len(a) == 4 and (a == b).all()
 
@@ -165,11 +165,17 @@ def test_unlabelled_image_folder_mae(tiny_cfg, tmp_path):
     (["guidance.attention.heads=[2]"], r"heads \[2\] out of range for 2 heads"),
     (["guidance=interrelation", "guidance.interrelation.layers=[-3]"], "layer index -3 out of range"),
     (["guidance=prior", "guidance.prior.layers=[2]"], "layer index 2 out of range"),
-    (["module.align_layers=[7]"], "layer index 7 out of range"),
 ])
 def test_guidance_layers_and_heads_out_of_range_fail_at_build(tiny_cfg, overrides, match):
     with pytest.raises(ValueError, match=match):
         build(tiny_cfg(overrides))
+
+
+def test_attention_divergence_layers_out_of_range_fail_before_training(tiny_cfg):
+    cfg = tiny_cfg(["callbacks.attention_divergence.layers=[7]", "callbacks.knn=null"], name="divlayers")
+    with pytest.raises(ValueError, match="layer index 7 out of range"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()  # no step was taken
 
 
 def test_compile_switch_compiles_the_blocks(tiny_cfg, monkeypatch):

@@ -29,7 +29,7 @@ import torch
 
 from ..attention import AttentionCapture
 from ..relevance import MODES as RELEVANCE_MODES
-from ..sift import detect_keypoints
+from ..relevance import detect_keypoints
 from .images import DatasetImages, FolderImages, dataset_source, image_batches, prepare_images
 from .interrelation import (MAX_LEVEL, RANK_BY, Collected, InterrelationStats, class_name, collect, imagenet_names,
                             metric_rows, spurious_tables)

@@ -1,4 +1,4 @@
-"""Compare convergence across runs: ``python -m siftguide.compare RUN_DIR [RUN_DIR ...] --out DIR``.
+"""Compare convergence across runs: ``python -m siftguide.analysis.compare RUN_DIR [RUN_DIR ...] --out DIR``.
 
 Each RUN_DIR is a run directory (``metrics.csv`` + ``config.yaml`` or ``.hydra/config.yaml``) or any folder
 above run directories (a multirun sweep). Runs are grouped by the config values that differ between them
@@ -71,7 +71,7 @@ __all__ = ["Run", "load_runs", "group_runs", "group_labels", "is_baseline", "rea
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m siftguide.compare", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m siftguide.analysis.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories or folders containing them")
     ap.add_argument("--metric", default="val/acc")
     ap.add_argument("--target", type=float, default=None, help="default: the baseline's mean final value")

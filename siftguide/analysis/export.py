@@ -1,4 +1,4 @@
-"""Export a siftguide checkpoint's encoder as timm weights: ``python -m siftguide.export CKPT --out DIR``.
+"""Export a siftguide checkpoint's encoder as timm weights: ``python -m siftguide.analysis.export CKPT --out DIR``.
 
 ``CKPT`` is a Lightning checkpoint written by ``train.py`` (``checkpoints/last.ckpt``) or the run directory that
 holds it. Its ``state_dict`` keys ``net.*`` are the timm ViT; every other key belongs to the objective (the MAE
@@ -233,7 +233,7 @@ def load_snippet(out_dir: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m siftguide.export", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m siftguide.analysis.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a siftguide .ckpt, or a run directory holding checkpoints/last.ckpt")
     ap.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
     ap.add_argument("--head", choices=HEADS, default="auto",

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..sift import rgb_to_gray
+from ..relevance import rgb_to_gray
 from .loading import AnalyzeError, LoadedModel
 from .metrics import check_shape
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..attention import AttentionCapture, prefix_tokens
 from ..relevance import relevance_from_keypoints
-from ..sift import Keypoints, counts_from_keypoints, detect_keypoints
+from ..relevance import Keypoints, counts_from_keypoints, detect_keypoints
 from .images import normalise
 from .metrics import (EPS, attention_entropy, bin_flow, bin_key, bin_labels, bin_mass, check_shape,
                       concentration_bins, input_gradient_attribution, kl_divergence, mean_attention_distance,

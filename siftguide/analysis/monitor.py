@@ -9,7 +9,7 @@ images, the first ``num_images`` of the validation split, and logs to every logg
   to what SIFT calls background: the spurious-feature signal of :mod:`siftguide.analysis.analyze`).
 
 Each is the mean over images of the head-mean of :class:`~siftguide.analysis.interrelation.InterrelationStats`'s
-per-head values, so the numbers are those of ``python -m siftguide.analyze`` on the same images. With a
+per-head values, so the numbers are those of ``python -m siftguide.analysis.analyze`` on the same images. With a
 ``WandbLogger`` the callback also logs ``monitor/overlays`` (image + keypoints, attention, keypoints per patch) of
 the first ``overlays`` images of the last monitored block. Keypoints and relevance are computed once, at the
 start of fitting, on the un-augmented images at the model's input size, with the run's relevance settings.
@@ -29,8 +29,8 @@ from torch import Tensor
 from ..attention import AttentionCapture, prefix_tokens
 from ..relevance import relevance_from_keypoints
 from ..relevance import Keypoints, counts_from_keypoints, detect_keypoints
-from ..analysis.interrelation import InterrelationStats
-from ..analysis.plots import plot_overlays
+from .interrelation import InterrelationStats
+from .plots import plot_overlays
 
 log = logging.getLogger(__name__)
 

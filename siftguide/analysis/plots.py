@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..sift import Keypoints
+from ..relevance import Keypoints
 
 if TYPE_CHECKING:
     from .runs import Run

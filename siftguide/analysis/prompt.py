@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..attention import AttentionCapture, attention_to_patches, prefix_tokens, resolve_layers
 from ..guidance.prior import AttentionPrior
 from ..relevance import relevance_from_keypoints
-from ..sift import counts_from_keypoints, detect_keypoints
+from ..relevance import counts_from_keypoints, detect_keypoints
 from .images import dataset_source, image_batches, normalise
 from .loading import AnalyzeError, LoadedModel, load_checkpoint_model
 from .metrics import EPS, kl_divergence, poor_share, spearman

@@ -1,6 +1,6 @@
 """The recipe a study hands back: which setting to train with on this data, its evidence, and the command.
 
-:func:`recommend` reads a verdict (``verdict.json``, written by ``python -m siftguide.compare --verdict``; the study
+:func:`recommend` reads a verdict (``verdict.json``, written by ``python -m siftguide.analysis.compare --verdict``; the study
 adds each group's ``overrides`` and the study's ``common_overrides`` and ``data``) and picks, among the groups that
 guide with the SIFT map (``kind: sift``), those that
 

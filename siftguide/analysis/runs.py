@@ -30,7 +30,7 @@ IGNORED_PREFIXES = ("seed", "guidance.target.seed", "relevance.seed", "paths.", 
 LABEL_ALIASES: dict[str, str] = {
     "relevance.kind": "", "target.kind": "", "guidance._name": "", "guidance.name": "", "guidance.modes": "",
     "guidance.mode": "", "objective._name": "", "objective.name": "", "_name": "", "kind": "", "mode": "",
-    "modes": "", "guidance.weight": "w", "token_drop.keep": "keep", "prior.beta": "beta",
+    "modes": "", "guidance.weight": "w", "token_drop.keep_ratio": "keep", "prior.beta": "beta",
     "trainer.max_steps": "steps", "schedule.total_steps": "sched_steps", "optimizer.lr": "lr",
     "data.batch_size": "bs",
 }

@@ -22,8 +22,7 @@ class GuidanceBalance(L.Callback):
     """Args:
         ratio: a term above ``ratio`` x the task loss at every step of a logging window is warned about.
 
-    Reads ``pl_module.last_terms`` = ``(task loss, {name: weighted guidance term})``, detached, which the
-    training step sets (and which this callback clears)."""
+    Reads the training step's output: ``{"task_loss", "guidance_terms": {name: weighted term}}``, detached."""
 
     def __init__(self, ratio: float = 100.0) -> None:
         self.ratio = ratio
@@ -32,11 +31,9 @@ class GuidanceBalance(L.Callback):
         self._steps = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        terms = getattr(pl_module, "last_terms", None)
-        pl_module.last_terms = None
-        if self.warned or terms is None:
+        if self.warned or not isinstance(outputs, dict) or "guidance_terms" not in outputs:
             return
-        task, guidance = terms
+        task, guidance = outputs["task_loss"], outputs["guidance_terms"]
         if not guidance:
             return
         task = task.detach().float().abs().clamp_min(torch.finfo(torch.float32).tiny)

@@ -8,10 +8,10 @@ Features are the pooled final tokens of full images (class token or mean of patc
 fixed subset of the labelled training images; for unlabelled pre-training it is the first half of the
 (labelled) validation subset and the queries are the second half.
 
-Distributed (DDP): every rank extracts the features of its share of the bank and query images
-(:func:`shard_rows`), the shares are all-gathered (:func:`unshard_rows` restores the order), and every rank
-votes over the whole bank and query sets: the same ``val/knn_acc`` as one process, in ``1 / world_size`` of the
-feature time.
+The vote is a torchmetrics ``Metric`` (:class:`WeightedKNN`, as solo-learn's): each process updates it with the
+features of its share of the bank and query images (every ``world``-th image), and ``compute`` gathers the shares of
+all ranks (DDP) before voting over the whole bank and query sets: the same ``val/knn_acc`` as one process, in
+``1 / world_size`` of the feature time.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics import Metric
 
-__all__ = ["knn_predict", "KNNEvaluator", "shard_rows", "unshard_rows"]
+__all__ = ["knn_predict", "KNNEvaluator", "WeightedKNN"]
 
 
 def knn_predict(bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes: int, k: int = 20,
@@ -44,19 +45,33 @@ def knn_predict(bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes:
     return torch.cat(preds)
 
 
-def shard_rows(n: int, rank: int, world: int) -> Tensor:
-    """Indices of rank ``rank``'s share of ``n`` rows: ``rank, rank + world, ...``, padded with row ``n - 1`` to
-    ``ceil(n / world)`` so that every rank holds as many rows (``all_gather`` needs equal shapes)."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank must be in [0, world={world}), got {rank}")
-    per = -(-n // world)
-    return torch.arange(rank, per * world, world).clamp_max(max(n - 1, 0))
+class WeightedKNN(Metric):
+    """Weighted kNN accuracy (:func:`knn_predict`) of query features against a bank, gathered over processes.
 
+    ``update(bank (n, D), bank_labels (n,), queries (q, D), query_labels (q,))`` adds a share of the rows;
+    ``compute()`` votes over all of them (every rank's under DDP) and returns the accuracy."""
 
-def unshard_rows(gathered: Tensor, n: int) -> Tensor:
-    """``(world, per, ...)`` rows all-gathered from the ranks' :func:`shard_rows` shares -> ``(n, ...)`` in the
-    original order (interleaving puts the padding rows last, where they are cut off)."""
-    return gathered.transpose(0, 1).reshape(-1, *gathered.shape[2:])[:n]
+    full_state_update = False
+
+    def __init__(self, num_classes: int, k: int = 20, temperature: float = 0.07) -> None:
+        super().__init__()
+        self.num_classes, self.k, self.temperature = num_classes, k, temperature
+        for name in ("bank", "bank_labels", "queries", "query_labels"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: Tensor) -> None:
+        self.bank.append(bank.float())
+        self.bank_labels.append(bank_labels.long())
+        self.queries.append(queries.float())
+        self.query_labels.append(query_labels.long())
+
+    def compute(self) -> Tensor:
+        def cat(x):
+            return torch.cat(x) if isinstance(x, list) else x
+
+        pred = knn_predict(cat(self.bank), cat(self.bank_labels), cat(self.queries), self.num_classes, self.k,
+                           self.temperature)
+        return (pred == cat(self.query_labels)).float().mean()
 
 
 class KNNEvaluator(L.Callback):
@@ -101,16 +116,6 @@ class KNNEvaluator(L.Callback):
                                  dim=1).float())
         return torch.cat(out)
 
-    def all_features(self, trainer: L.Trainer, module, images: Tensor,
-                     pools: tuple[str, ...] | None = None) -> Tensor:
-        """Features (see :meth:`features`) of all ``images``; under DDP each rank computes its share and the shares
-        are all-gathered (a collective: every rank must call it)."""
-        world = trainer.world_size
-        if world == 1:
-            return self.features(module, images, pools)
-        local = self.features(module, images[shard_rows(len(images), trainer.global_rank, world)], pools)
-        return unshard_rows(module.all_gather(local), len(images))  # (world, per, D) -> (N, D)
-
     @staticmethod
     def _images_labels(ds, n: int) -> tuple[Tensor, Tensor]:
         from ..data.protocol import take
@@ -135,16 +140,20 @@ class KNNEvaluator(L.Callback):
             half = len(qy) // 2
             bx, by, qx, qy = qx[:half], qy[:half], qx[half:], qy[half:]
         pools = self.pools(module)
+        rank, world = trainer.global_rank, trainer.world_size  # this rank's share: every world-th image
+        bx, by, qx, qy = bx[rank::world], by[rank::world], qx[rank::world], qy[rank::world]
         was_training = module.training
         module.eval()
         try:
-            bank, queries = self.all_features(trainer, module, bx, pools), self.all_features(trainer, module, qx, pools)
+            bank, queries = self.features(module, bx, pools), self.features(module, qx, pools)
         finally:
             module.train(was_training)
-        num_classes = int(max(by.max(), qy.max())) + 1
+        num_classes = int(max(by.max(), qy.max())) + 1 if len(by) and len(qy) else 1
+        num_classes = int(module.all_gather(torch.tensor(num_classes, device=module.device)).max())
         accs = {}
         for p, b, q in zip(pools, bank.chunk(len(pools), dim=1), queries.chunk(len(pools), dim=1)):
-            pred = knn_predict(b, by.to(b.device), q, num_classes, self.k, self.temperature)
-            accs[p] = (pred == qy.to(pred.device)).float().mean()
-            module.log(f"val/knn_acc_{p}", accs[p], sync_dist=True)  # the same on every rank
+            metric = WeightedKNN(num_classes, self.k, self.temperature).to(module.device)
+            metric.update(b, by.to(b.device), q, qy.to(b.device))
+            accs[p] = metric.compute()  # gathers every rank's rows under DDP: the same value on every rank
+            module.log(f"val/knn_acc_{p}", accs[p], sync_dist=True)
         module.log("val/knn_acc", accs[self.primary_pool(module)], sync_dist=True)

@@ -74,6 +74,9 @@ class TrainTimer(L.Callback):
     paused during validation. No device synchronisation: on an accelerator, time between step ends over a
     window measures the steady-state rate of the queue. Compare runs on ``cost_s``: wall-clock follows whatever
     else runs on the machine (two runs of one config on shared cores differ by 2x), the cost does not.
+
+    Lightning's ``ThroughputMonitor`` does not fit: it synchronises the GPU after every step; nor does its
+    ``Timer``: its training time includes the validations run inside the fit.
     """
 
     def __init__(self, window: int = 10) -> None:

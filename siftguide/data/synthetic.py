@@ -28,11 +28,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from siftguide.data import FashionMNISTDataModule, _TensorImages, load_fashion_mnist
+from .datamodules import FashionMNISTDataModule
+from .datasets import TensorImages
+from .formats import load_fashion_mnist
 
 log = logging.getLogger(__name__)
 
@@ -249,14 +252,24 @@ def _randint(lo: Tensor | int, hi: Tensor | int, shape: tuple[int, ...], g: torc
 class TranslatedFashionMNISTDataModule(FashionMNISTDataModule):
     """Fashion-MNIST garments rescaled to ``min_size``..``max_size`` px at random places on a black
     ``canvas_size`` px canvas (uniform size, then uniform position with the garment fully inside).
+    ``object_scale=[low, high]`` gives the size range as a share of the canvas side instead
+    (``min_size = round(low * canvas_size)``, ``max_size = round(high * canvas_size)``): small, mid and large objects
+    are one override each.
 
     Splits, ``val_size``, ``train_subset``, ``batch_size``... as :class:`FashionMNISTDataModule`; the images are
     generated once at ``setup`` (~70k images in a few seconds on 2 CPU cores) and depend only on their official
     index and ``split_seed``. ``canvas_size=min_size=max_size=28`` gives the plain images back.
     """
 
-    def __init__(self, canvas_size: int = 64, min_size: int = 24, max_size: int = 44, **kwargs) -> None:
+    def __init__(self, canvas_size: int = 64, min_size: int = 24, max_size: int = 44,
+                 object_scale: Sequence[float] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        if object_scale is not None:  # the object-size range as a share of the canvas side: sets min/max_size
+            if len(object_scale) != 2 or not 0 < float(object_scale[0]) <= float(object_scale[1]) <= 1:
+                raise ValueError(f"data.object_scale={list(object_scale)} must be [low, high] with 0 < low <= high <= 1 "
+                                 f"(the garment's side as a share of the canvas side), e.g. [0.2, 0.35] for small objects")
+            min_size = max(1, int(round(float(object_scale[0]) * canvas_size)))
+            max_size = max(min_size, int(round(float(object_scale[1]) * canvas_size)))
         for key, v in (("canvas_size", canvas_size), ("min_size", min_size), ("max_size", max_size)):
             if int(v) != v:
                 raise ValueError(f"data.{key} must be a whole number of pixels, got {v}")
@@ -298,10 +311,10 @@ class TranslatedFashionMNISTDataModule(FashionMNISTDataModule):
         t0 = time.perf_counter()
         x, y = load_fashion_mnist(self.root, self.cache_dir, "train", self.download)
         train_idx, val_idx = self.split_indices(len(y))  # FashionMNISTDataModule's split (tested to agree)
-        self.train_set = _TensorImages(self.generate(x, y, train_idx, "train"), y[train_idx])
-        self.val_set = _TensorImages(self.generate(x, y, val_idx, "train"), y[val_idx])
+        self.train_set = TensorImages(self.generate(x, y, train_idx, "train"), y[train_idx])
+        self.val_set = TensorImages(self.generate(x, y, val_idx, "train"), y[val_idx])
         xt, yt = load_fashion_mnist(self.root, self.cache_dir, "test", self.download)
-        self.test_set = _TensorImages(self.generate(xt, yt, torch.arange(len(yt)), "test"), yt)
+        self.test_set = TensorImages(self.generate(xt, yt, torch.arange(len(yt)), "test"), yt)
         log.info("%s: generated %d train / %d val / %d test %d px images in %.1f s", type(self).__name__,
                  len(self.train_set), len(self.val_set), len(self.test_set), self.canvas_size,
                  time.perf_counter() - t0)

@@ -1,35 +1,26 @@
 """Guidance modes: each consumes the batch's patch relevance in one place of the training step.
 
 Each mode ``<name>`` lives in ``siftguide/guidance/<name>.py`` with its config ``configs/guidance/<name>.yaml``
-and says what it does through the hooks of :class:`GuidanceMode` (see :mod:`siftguide.guidance.base` and
+and says what it does through the hooks of :class:`GuidanceMode` (:mod:`siftguide.guidance.base`,
 ``docs/extending.md``); :class:`Guidance` composes several in one run and knows no concrete mode.
 
 | mode | class | acts in | what it does |
 |---|---|---|---|
-| ``attention`` | :class:`SiftGuidance` | loss | KL from relevance to chosen blocks' (CLS or mean) attention |
+| ``attention`` | :class:`AttentionAlignment` | loss | KL from relevance to chosen blocks' (CLS or mean) attention |
 | ``interrelation`` | :class:`PatchInterrelation` | loss | patch-to-patch attention toward relevance x locality |
 | ``background`` | :class:`BackgroundSuppression` | loss | attention mass on keypoint-free patches, suppressed |
 | ``prior`` | :class:`AttentionPrior` | forward | ``beta * log(V r + eps)`` added to attention logits |
 | ``token_drop`` | :class:`TokenDrop` | forward | keep the most relevant patch tokens (cheaper steps) |
 | ``masking`` | :class:`KeypointMasking` | objective (MAE) | mask relevant patches more often, with hints |
 | ``recon_weight`` | :class:`KeypointReconWeight` | objective (MAE) | KAMIM keypoint-weighted reconstruction loss |
-
-No Lightning import anywhere in this package.
 """
-from .attention import DIVERGENCES, AttentionAlignment, SiftGuidance, divergence
+from .attention import DIVERGENCES, AttentionAlignment, divergence, kl_divergence
 from .background import BackgroundSuppression
 from .base import BIAS, CAPTURE, AttentionLoss, GuidanceMode, LossTerms, visible_relevance
 from .composite import Guidance
 from .interrelation import PatchInterrelation, interrelation_target
 from .masking import KeypointMasking, guided_masking
 from .prior import AttentionPrior, relevance_bias
-from .recon_weight import KeypointReconWeight, keypoint_weights, weighted_patch_loss
+from .recon_weight import KeypointReconWeight, keypoint_weights
 from .schedule import GuidanceSchedule
 from .token_drop import TokenDrop, select_tokens
-
-__all__ = [
-    "SiftGuidance", "AttentionAlignment", "PatchInterrelation", "BackgroundSuppression", "AttentionPrior",
-    "TokenDrop", "KeypointMasking", "KeypointReconWeight", "Guidance", "GuidanceMode", "AttentionLoss",
-    "GuidanceSchedule", "divergence", "DIVERGENCES", "visible_relevance", "interrelation_target", "guided_masking",
-    "relevance_bias", "keypoint_weights", "weighted_patch_loss", "select_tokens", "BIAS", "CAPTURE", "LossTerms",
-]

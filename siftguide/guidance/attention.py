@@ -1,12 +1,12 @@
-"""``SiftGuidance`` (mode ``attention``): pull chosen blocks' attention toward a patch relevance distribution.
+"""``AttentionAlignment`` (mode ``attention``): pull chosen blocks' attention toward a patch relevance distribution.
 
 Usable in any training loop::
 
-    guide = SiftGuidance(model, layers=[-1], weight=0.3)
+    guide = AttentionAlignment(model, layers=[-1], weight=0.3)
     rel = patch_relevance(images, patch_size=16)       # (B, Gh, Gw), or any target distribution
     with guide.capture():
         logits = model(normalize(images))
-    loss = task_loss + guide.loss(rel)                  # weight * schedule(step) * divergence
+    loss = task_loss + guide.loss(rel, step)            # weight * schedule(step) * divergence
 
 The loss for one guided layer is ``D(r || a)`` averaged over the batch, where ``r`` is the relevance over the
 ``P`` patches and ``a`` the chosen attention over the patches (class-token attention or mean attention received,
@@ -22,22 +22,25 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..precision import fp32_region
 from .base import AttentionLoss, visible_relevance
 from .schedule import GuidanceSchedule
 
-__all__ = ["SiftGuidance", "AttentionAlignment", "divergence", "kl_divergence", "DIVERGENCES", "visible_relevance"]
+__all__ = ["AttentionAlignment", "divergence", "kl_divergence", "DIVERGENCES", "visible_relevance"]
 
 DIVERGENCES = ("kl", "ce", "mse")
 
 
 def kl_divergence(p: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
     """``KL(p || q) = sum p (log p - log(q + eps))`` over the last axis: ``(..., P)`` -> ``(...)``, ``p`` and ``q``
-    broadcast; ``0 log 0 = 0``, and ``eps`` keeps ``log q`` finite where ``q = 0``. The package's one KL: the ``kl``
-    guidance loss (:func:`divergence`) and the analysis' agreement of attention with relevance use it."""
-    return (torch.xlogy(p, p) - p * torch.log(q + eps)).sum(-1)
+    broadcast; ``0 log 0 = 0``, and ``eps`` keeps ``log q`` finite where ``q = 0``. ``torch.nn.functional.kl_div``
+    computes it; the package's one KL: the ``kl`` guidance loss (:func:`divergence`) and the analysis' agreement of
+    attention with relevance use it."""
+    p, q = torch.broadcast_tensors(p, q)
+    return F.kl_div(torch.log(q + eps), p, reduction="none").sum(-1)
 
 
 def divergence(att: Tensor, rel: Tensor, kind: str = "kl", eps: float = 1e-8) -> Tensor:
@@ -54,7 +57,7 @@ def divergence(att: Tensor, rel: Tensor, kind: str = "kl", eps: float = 1e-8) ->
     raise ValueError(f"unknown divergence {kind!r}; expected one of {DIVERGENCES}")
 
 
-class SiftGuidance(AttentionLoss):
+class AttentionAlignment(AttentionLoss):
     """Guide the attention of chosen blocks of a timm ViT toward a patch relevance distribution.
 
     Args:
@@ -116,9 +119,7 @@ class SiftGuidance(AttentionLoss):
     value = divergence_value
 
     def __repr__(self) -> str:
-        return (f"SiftGuidance(layers={self.layers}, heads={self.heads}, weight={self.weight}, "
+        return (f"AttentionAlignment(layers={self.layers}, heads={self.heads}, weight={self.weight}, "
                 f"attention={self.attention!r}, divergence={self.divergence!r}, head_reduce={self.head_reduce!r}, "
                 f"schedule={self.schedule})")
 
-
-AttentionAlignment = SiftGuidance  # the mode's name in configs

@@ -2,10 +2,14 @@
 
 A mode says what it does by overriding hooks of :class:`GuidanceMode` (each a no-op by default) and by a few
 class attributes; :class:`~siftguide.guidance.Guidance` calls the hooks of every active mode and knows no
-concrete class. Per training step, in this order:
+concrete class. Per training step, in this order (the optimizer step ``step`` is an argument of every hook; a mode
+keeps no step of its own):
 
-* :meth:`~GuidanceMode.select_tokens` ``(relevance, step) -> ids_keep (B, K) | None``: the patch tokens the
-  forward runs (token dropping). Only modes with ``selects_tokens = True`` are asked, and at most one per run;
+* :meth:`~GuidanceMode.select_tokens` ``(relevance, step, count) -> ids_keep (B, K) | None``: the patch tokens the
+  encoder runs. Asked only of a mode with ``selects_tokens = True`` (at most one per run); ``count`` is the number
+  of visible tokens a masked objective runs (MAE), None where the mode chooses it (token dropping);
+* :meth:`~GuidanceMode.patch_weights` ``(relevance, step) -> ((B, P), normalize) | None``: per-patch weights of the
+  objective's reconstruction loss and how to normalise it (``weights_patches = True``);
 * :meth:`~GuidanceMode.forward_context` ``(relevance, stage, step, ids_keep)``: a context manager around the
   objective's forward (the prior's logit bias; the loss modes' attention capture). Contexts are entered in
   ascending ``forward_order`` (:data:`BIAS` before :data:`CAPTURE`, so a capture records the biased attention);
@@ -13,13 +17,16 @@ concrete class. Per training step, in this order:
   to the task loss (times the composite's ``weight``), logged as ``<name>_loss/_value/_weight``;
 * :meth:`~GuidanceMode.logs` ``(step) -> {key: value}``: extra values, logged as ``<name>_<key>``.
 
-Objective-side modes name an objective hook point (``objective_hook = "masking"``); :meth:`~GuidanceMode.bind`
-plugs the mode itself (a callable with the hook point's signature) into an objective that declares that point
-(``Objective.hook_points``). ``acts_in`` (``loss`` / ``forward`` / ``objective``) says where the mode acts; a
-``loss`` mode is switched off by the composite's ``weight == 0``.
+What a mode needs of the objective is declared in ``requires`` and checked once (:meth:`~GuidanceMode.check`)
+against the objective's declarations (:class:`~siftguide.objectives.base.Objective`): ``"token_subset"`` (the
+objective runs any given subset of patch tokens: supervised), ``"masked_tokens"`` (a masked objective whose visible
+tokens a mode may choose: MAE), ``"patch_weights"`` (a per-patch reconstruction loss). Data flows one way: modes
+hand tensors to the module, which hands them to the objective; no mode is called back from inside an objective.
 
-Modes take the timm ViT as their first constructor argument (Hydra builds them as partials and the module
-passes the net), never import Lightning, and are off (bit-identical to the baseline) when inactive.
+``acts_in`` (``loss`` / ``forward`` / ``objective``) says where the mode acts; a ``loss`` mode is switched off by the
+composite's ``weight == 0``. Modes take the timm ViT as their first constructor argument (Hydra builds them as
+partials and the module passes the net), never import Lightning, and are off (bit-identical to the baseline) when
+inactive.
 """
 from __future__ import annotations
 
@@ -33,10 +40,11 @@ from ..attention import AttentionCapture, attention_to_patches, prefix_tokens
 from ..precision import fp32_region
 from .schedule import GuidanceSchedule
 
-__all__ = ["GuidanceMode", "AttentionLoss", "visible_relevance", "LossTerms", "BIAS", "CAPTURE"]
+__all__ = ["GuidanceMode", "AttentionLoss", "visible_relevance", "LossTerms", "BIAS", "CAPTURE", "REQUIREMENTS"]
 
 LossTerms = tuple[Tensor, "Tensor | None", float]  # (weighted loss, unweighted value or None, scheduled weight)
 BIAS, CAPTURE = 0, 10  # forward_order: contexts that change the attention, then those that record it
+REQUIREMENTS = ("token_subset", "masked_tokens", "patch_weights")  # what a mode may require of an objective
 
 
 def visible_relevance(rel: Tensor, ids_keep: Tensor) -> Tensor:
@@ -53,10 +61,11 @@ class GuidanceMode:
 
     name = "mode"  # the mode's config name (its file siftguide/guidance/<name>.py and configs/guidance/<name>.yaml)
     acts_in = "loss"  # loss | forward | objective; loss modes are off when the composite's weight is 0
-    selects_tokens = False  # True: select_tokens() chooses the forward's patch tokens (at most one mode per run)
+    selects_tokens = False  # True: select_tokens() chooses the encoder's patch tokens (at most one mode per run)
+    weights_patches = False  # True: patch_weights() weights the objective's per-patch loss (at most one per run)
     forward_order = CAPTURE  # order of forward_context() among the modes (ascending; BIAS before CAPTURE)
-    objective_hook: str | None = None  # the objective hook point this mode plugs into at bind() (e.g. "masking")
-    objective_hint = ""  # said when bind() finds an objective that cannot serve the mode ("use objective=mae")
+    requires: str | None = None  # what the objective must offer: one of REQUIREMENTS, or None
+    objective_hint = ""  # said when check() finds an objective that cannot serve the mode ("use objective=mae")
 
     @property
     def active(self) -> bool:
@@ -66,32 +75,25 @@ class GuidanceMode:
         """Whether this mode reads ``batch["relevance"]`` at ``stage`` (``train`` / ``val`` / ``test``)."""
         return self.active and stage == "train"
 
-    def bind(self, objective: nn.Module) -> None:
-        """Called once with the objective: checks that the objective can serve this mode and plugs the mode into
-        its ``objective_hook`` point (``objective.set_hook(point, self)``)."""
+    def check(self, objective: nn.Module) -> None:
+        """Raise a ``ValueError`` when ``objective`` does not offer what this mode ``requires`` (its ``offers``)."""
+        if self.requires is None or self.requires in getattr(objective, "offers", ()):
+            return
         kind = type(objective).__name__
         hint = f"; {self.objective_hint}" if self.objective_hint else ""
-        if self.selects_tokens and not getattr(objective, "supports_token_drop", False):
-            raise ValueError(f"guidance mode {self.name} cannot serve objective {kind}: the mode selects the forward's "
-                             f"patch tokens and {kind} does not run given tokens (supports_token_drop is False: it "
-                             f"selects its own){hint}")
-        if self.objective_hook is None:
-            return
-        points = getattr(objective, "hook_points", {})
-        if self.objective_hook not in points:
-            raise ValueError(f"guidance mode {self.name} cannot serve objective {kind}: it plugs into the hook point "
-                             f"{self.objective_hook!r}, which {kind} does not declare (its hook_points: "
-                             f"{sorted(points) or 'none'}){hint}")
-        objective.set_hook(self.objective_hook, self)
-
-    def set_step(self, step: int) -> None:
-        """Called before each training step with the optimizer step (curricula, schedules)."""
-        self.step = step
+        raise ValueError(f"guidance mode {self.name} cannot serve objective {kind}: the mode needs "
+                         f"{self.requires!r}, and {kind} offers {sorted(getattr(objective, 'offers', ())) or 'none'}"
+                         f"{hint}")
 
     # ------------------------------------------------------------------------------------------ the step's hooks
-    def select_tokens(self, relevance: Tensor, step: int) -> Tensor | None:
-        """``ids_keep (B, K)`` patch tokens for this training step, or None (all tokens). Asked only when the
-        class declares ``selects_tokens = True``."""
+    def select_tokens(self, relevance: Tensor, step: int, count: int | None = None) -> Tensor | None:
+        """``ids_keep (B, K)`` (sorted) patch tokens for this training step, or None (the objective's default).
+        ``count``: the visible tokens a masked objective runs, None where the mode chooses how many."""
+        return None
+
+    def patch_weights(self, relevance: Tensor, step: int) -> tuple[Tensor, str] | None:
+        """``(B, P)`` per-patch loss weights for this training step and their normalisation (``mask`` /
+        ``weight``, :func:`~siftguide.objectives.base.weighted_patch_loss`), or None."""
         return None
 
     def forward_context(self, relevance: Tensor | None, stage: str, step: int,
@@ -134,15 +136,14 @@ class AttentionLoss(GuidanceMode):
         self.schedule = GuidanceSchedule.make(schedule)
         self._capture = AttentionCapture(model, layers)
         self.layers = self._capture.layers
-        self.step = 0  # used when loss() is called without an explicit step
 
     @property
     def active(self) -> bool:
         """False when the weight is 0: capture() is then a no-op and loss() returns 0."""
         return self.weight > 0
 
-    def current_weight(self, step: int | None = None) -> float:
-        return self.weight * self.schedule(self.step if step is None else step)
+    def current_weight(self, step: int) -> float:
+        return self.weight * self.schedule(step)
 
     @contextlib.contextmanager
     def capture(self, force: bool = False) -> Iterator["AttentionLoss"]:
@@ -178,22 +179,17 @@ class AttentionLoss(GuidanceMode):
     def loss_terms(self, relevance: Tensor | None, step: int, ids_keep: Tensor | None = None) -> LossTerms:
         return self.terms(relevance, step, ids_keep)
 
-    def loss(self, relevance: Tensor, step: int | None = None, ids_keep: Tensor | None = None) -> Tensor:
-        """``weight * schedule(step) * value``; clears the captured attention (one loss per capture).
-
-        Without ``step`` an internal counter is used and advanced by one.
-        """
+    def loss(self, relevance: Tensor, step: int, ids_keep: Tensor | None = None) -> Tensor:
+        """``weight * schedule(step) * value`` for optimizer step ``step``; clears the captured attention (one loss
+        per capture)."""
         return self.terms(relevance, step, ids_keep)[0]
 
-    def terms(self, relevance: Tensor, step: int | None = None,
-              ids_keep: Tensor | None = None) -> tuple[Tensor, Tensor | None, float]:
+    def terms(self, relevance: Tensor, step: int, ids_keep: Tensor | None = None) -> LossTerms:
         """``(loss, value, weight)``: what :meth:`loss` returns plus the unweighted value and the scheduled
         weight, for logging. Inactive guidance gives ``(0, None, 0.0)`` and captures nothing."""
-        w = self.current_weight(step)
-        if step is None:
-            self.step += 1
         if not self.active:
             return relevance.new_zeros(()), None, 0.0
+        w = self.current_weight(step)
         try:
             with fp32_region():  # the divergence in fp32 under bf16 / fp16 autocast (logs of small probabilities)
                 v = self.value(relevance, ids_keep)

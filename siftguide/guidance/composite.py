@@ -1,20 +1,20 @@
 """``Guidance``: several guidance modes in one run, all fed by the same ``batch["relevance"]``.
 
-Per training step the composing module (or your loop) calls, in order::
+Per training step the composing module (or your loop) calls, in order, with the optimizer step ``step``::
 
-    guidance.set_step(step)
-    ids = guidance.select_tokens(rel)                  # the token-selecting mode, if any (None: all tokens)
-    with guidance.forward(rel, "train", ids):           # every mode's forward_context (prior bias, then capture)
-        out = objective(net, images, batch, "train", keep=ids)
-    extra, logs = guidance.losses(rel, out.ids_keep)   # sum of the modes' weighted loss terms, and their logs
+    ids = guidance.select_tokens(rel, step, count)          # the token-selecting mode, if any (None: the objective's)
+    weights = guidance.patch_weights(rel, step)             # the patch-weighting mode, if any (None: plain loss)
+    with guidance.forward(rel, "train", step, ids):         # every mode's forward_context (prior bias, then capture)
+        out = objective(net, images, batch, "train", Guided(ids, *(weights or (None,))))
+    extra, logs = guidance.losses(rel, step, out.ids_keep)  # sum of the modes' weighted loss terms, and their logs
 
-Objective-side modes (masking, recon_weight) are bound once with :meth:`bind`. ``weight`` multiplies every
+:meth:`Guidance.check` tells, once, whether an objective can serve every active mode. ``weight`` multiplies every
 mode's loss term (``weight == 0``: the ``loss`` modes are inert). With no mode, or only inert ones, nothing is
 captured, no relevance is needed, and training is bit-identical to the baseline.
 
 The composite only calls the hooks declared on :class:`~siftguide.guidance.base.GuidanceMode` and reads its
-class attributes (``acts_in``, ``selects_tokens``, ``forward_order``, ``objective_hook``); it knows no concrete
-mode, so a new mode is one file and one config.
+class attributes (``acts_in``, ``selects_tokens``, ``weights_patches``, ``forward_order``, ``requires``); it knows no
+concrete mode, so a new mode is one file and one config.
 """
 from __future__ import annotations
 
@@ -47,15 +47,11 @@ class Guidance:
             if not isinstance(mode, GuidanceMode):
                 raise TypeError(f"guidance mode {name!r} built a {type(mode).__name__}, not a GuidanceMode")
             self.modes[name] = mode
-        selectors = [n for n, m in self.modes.items() if m.selects_tokens]
-        if len(selectors) > 1:
-            raise ValueError(f"at most one token-selecting mode (token_drop) per run, got {selectors}")
-        taken: dict[str, str] = {}
-        for n, m in self.modes.items():
-            if m.objective_hook is not None and taken.setdefault(m.objective_hook, n) != n:
-                raise ValueError(f"guidance modes {taken[m.objective_hook]!r} and {n!r} both plug into the objective's "
-                                 f"hook point {m.objective_hook!r}; at most one mode per hook point")
-        self.step = 0
+        for flag, what in (("selects_tokens", "token-selecting mode (token_drop, masking)"),
+                           ("weights_patches", "patch-weighting mode (recon_weight)")):
+            named = [n for n, m in self.modes.items() if getattr(m, flag)]
+            if len(named) > 1:
+                raise ValueError(f"at most one {what} per run, got {named}")
 
     # ------------------------------------------------------------------------------------------ which modes act
     def _on(self, m: GuidanceMode) -> bool:
@@ -71,41 +67,47 @@ class Guidance:
     def needs_relevance(self, stage: str) -> bool:
         return any(m.needs_relevance(stage) for m in self.active_modes().values())
 
-    def bind(self, objective: nn.Module) -> None:
+    def check(self, objective: nn.Module) -> None:
+        """Raise a ``ValueError`` naming the first active mode ``objective`` cannot serve."""
         for m in self.active_modes().values():
-            m.bind(objective)
-
-    def set_step(self, step: int) -> None:
-        self.step = step
-        for m in self.modes.values():
-            m.set_step(step)
+            m.check(objective)
 
     # ------------------------------------------------------------------------------------------ the step
-    def select_tokens(self, relevance: Tensor | None, step: int | None = None) -> Tensor | None:
-        """Training ``ids_keep (B, K)`` from the token-selecting mode (``selects_tokens``), or None."""
+    def _one(self, flag: str, relevance: Tensor | None) -> tuple[str, GuidanceMode] | None:
         for name, m in self.active_modes().items():
-            if m.selects_tokens:
+            if getattr(m, flag):
                 if relevance is None:
                     raise ValueError(f"{name} needs batch['relevance']")
-                return m.select_tokens(relevance, self.step if step is None else step)
+                return name, m
         return None
 
+    def select_tokens(self, relevance: Tensor | None, step: int, count: int | None = None) -> Tensor | None:
+        """Training ``ids_keep (B, K)`` from the token-selecting mode, or None (see
+        :meth:`GuidanceMode.select_tokens`)."""
+        found = self._one("selects_tokens", relevance)
+        return found[1].select_tokens(relevance, step, count) if found else None
+
+    def patch_weights(self, relevance: Tensor | None, step: int) -> tuple[Tensor, str] | None:
+        """Training per-patch loss weights ``(B, P)`` and their normalisation from the patch-weighting mode, or
+        None."""
+        found = self._one("weights_patches", relevance)
+        return found[1].patch_weights(relevance, step) if found else None
+
     @contextlib.contextmanager
-    def forward(self, relevance: Tensor | None, stage: str = "train",
+    def forward(self, relevance: Tensor | None, stage: str, step: int,
                 ids_keep: Tensor | None = None) -> Iterator["Guidance"]:
         """Context for the objective's forward: the modes' ``forward_context`` entered in ascending
         ``forward_order`` (the prior's logit bias before the loss modes' capture, which so records the biased
         attention the block uses); ties keep the modes' order."""
         with contextlib.ExitStack() as stack:
             for m in sorted(self.active_modes().values(), key=lambda m: m.forward_order):
-                stack.enter_context(m.forward_context(relevance, stage, self.step, ids_keep))
+                stack.enter_context(m.forward_context(relevance, stage, step, ids_keep))
             yield self
 
-    def losses(self, relevance: Tensor | None, ids_keep: Tensor | None = None,
-               step: int | None = None) -> tuple[Tensor | None, dict[str, Tensor | float]]:
+    def losses(self, relevance: Tensor | None, step: int,
+               ids_keep: Tensor | None = None) -> tuple[Tensor | None, dict[str, Tensor | float]]:
         """``(sum of weighted loss terms or None, logs)``; logs hold each loss term's ``<name>_loss``,
         ``<name>_value`` and ``<name>_weight``, and each mode's own :meth:`~GuidanceMode.logs` as ``<name>_<key>``."""
-        step = self.step if step is None else step
         total, logs = None, {}
         for name, m in self.active_modes().items():
             terms = m.loss_terms(relevance, step, ids_keep)

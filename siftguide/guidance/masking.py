@@ -19,16 +19,17 @@ from .base import GuidanceMode
 __all__ = ["KeypointMasking", "guided_masking"]
 
 
-def guided_masking(relevance: Tensor, keep: int, alpha: float = 1.0, hint: float = 0.0, eps: float = 0.1,
+def guided_masking(relevance: Tensor, n_keep: int, alpha: float = 1.0, hint: float = 0.0, eps: float = 0.1,
                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """``ids_keep (B, keep)`` (sorted) and ``mask (B, P)`` (1 = masked) from relevance ``(B, P)`` or
+    """``ids_keep (B, n_keep)`` (sorted) and ``mask (B, P)`` (1 = masked) from relevance ``(B, P)`` or
     ``(B, Gh, Gw)`` (see the module docstring)."""
     r = relevance.flatten(1).float()
     b, p = r.shape
-    if not 0 < keep <= p:
-        raise ValueError(f"keep must be in 1..{p}, got {keep}")
+    if not 0 < n_keep <= p:
+        raise ValueError(f"n_keep must be in 1..{p}, got {n_keep}")
     if not 0.0 <= hint <= 1.0:
         raise ValueError(f"hint must be in [0, 1], got {hint}")
+    keep = n_keep
     m = p - keep
     u = torch.rand(b, p, device=r.device, generator=generator).clamp_(1e-12, 1 - 1e-7)
     key = alpha * torch.log(p * r + eps) - torch.log(-torch.log(u))  # + Gumbel(0, 1)
@@ -49,11 +50,14 @@ def guided_masking(relevance: Tensor, keep: int, alpha: float = 1.0, hint: float
 
 class KeypointMasking(GuidanceMode):
     """Args: model (unused, for a uniform constructor); alpha (bias strength); hint (share of the masked
-    patches revealed at random); eps; curriculum_steps (0: guided from the first step)."""
+    patches revealed at random); eps; curriculum_steps (0: guided from the first step).
+
+    Draws from torch's global generator, as the objective's own random masks do (:mod:`siftguide.rng`)."""
 
     acts_in = "objective"
     name = "masking"
-    objective_hook = "masking"  # bind() plugs __call__ into the objective's training masks
+    selects_tokens = True  # the visible tokens of a masked objective, as many as the objective runs
+    requires = "masked_tokens"
     objective_hint = "it needs a masked objective (objective=mae)"
 
     def __init__(self, model: nn.Module | None = None, alpha: float = 1.0, hint: float = 0.1, eps: float = 0.1,
@@ -65,17 +69,18 @@ class KeypointMasking(GuidanceMode):
         if eps <= 0 or curriculum_steps < 0:
             raise ValueError(f"masking needs eps > 0 and curriculum_steps >= 0, got {eps} and {curriculum_steps}")
         self.alpha, self.hint, self.eps, self.curriculum_steps = float(alpha), float(hint), float(eps), curriculum_steps
-        self.step = 0
 
-    def current_alpha(self, step: int | None = None) -> float:
-        s = self.step if step is None else step
+    def current_alpha(self, step: int) -> float:
         if self.curriculum_steps <= 0:
             return self.alpha
-        return self.alpha * min(1.0, s / self.curriculum_steps)
+        return self.alpha * min(1.0, step / self.curriculum_steps)
 
-    def __call__(self, relevance: Tensor, keep: int) -> tuple[Tensor, Tensor]:
-        """The ``masking`` hook point: ``ids_keep (B, keep)`` and ``mask (B, P)`` from ``relevance``."""
-        return guided_masking(relevance, keep, self.current_alpha(), self.hint, self.eps)
+    def select_tokens(self, relevance: Tensor, step: int, count: int | None = None) -> Tensor:
+        """The visible tokens ``ids_keep (B, count)`` of a masked objective for training step ``step``."""
+        if count is None:
+            raise ValueError("masking selects the visible tokens of a masked objective, which says how many "
+                             "(count); got None")
+        return guided_masking(relevance, count, self.current_alpha(step), self.hint, self.eps)[0]
 
     def __repr__(self) -> str:
         return (f"KeypointMasking(alpha={self.alpha}, hint={self.hint}, eps={self.eps}, "

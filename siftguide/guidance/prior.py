@@ -54,7 +54,6 @@ class AttentionPrior(GuidanceMode):
         self.num_prefix = prefix_tokens(model)["num_prefix"]
         self.beta, self.eps, self.at_eval = float(beta), float(eps), at_eval
         self.schedule = GuidanceSchedule.make(schedule)
-        self.step = 0
 
     @property
     def active(self) -> bool:
@@ -63,13 +62,14 @@ class AttentionPrior(GuidanceMode):
     def needs_relevance(self, stage: str) -> bool:
         return self.active and (stage == "train" or self.at_eval)
 
-    def current_beta(self, step: int | None = None) -> float:
-        return self.beta * self.schedule(self.step if step is None else step)
+    def current_beta(self, step: int) -> float:
+        return self.beta * self.schedule(step)
 
     @contextlib.contextmanager
-    def apply(self, relevance: Tensor, step: int | None = None, ids_keep: Tensor | None = None,
+    def apply(self, relevance: Tensor, step: int = 0, ids_keep: Tensor | None = None,
               beta: float | None = None) -> Iterator["AttentionPrior"]:
-        """Within the context the chosen blocks' logits carry the bias of ``relevance (B, Gh, Gw)``."""
+        """Within the context the chosen blocks' logits carry the bias of ``relevance (B, Gh, Gw)``, with the
+        strength of optimizer step ``step`` (or ``beta`` when given)."""
         b = self.current_beta(step) if beta is None else beta
         if not self.active or b == 0:
             yield self

@@ -2,7 +2,8 @@
 
 Per patch, a density ``rho_p`` in [0, 1] from the relevance ``r`` (``density='max'``: ``r_p / max_q r_q``, the
 image's densest patch is 1), then ``w_p = exp(rho_p / T) / min_q exp(rho_q / T)``: the least dense patch weighs 1
-(plain MAE), the densest ``exp(1 / T)`` (T = 0.25: about 55). The masked-patch loss becomes
+(plain MAE), the densest ``exp(1 / T)`` (T = 0.25: about 55). The objective weights its masked-patch loss with them
+(:func:`siftguide.objectives.base.weighted_patch_loss`):
 
 * ``normalize='mask'`` (KAMIM / SimMIM): ``sum_p w_p m_p l_p / sum_p m_p``;
 * ``normalize='weight'``: ``sum_p w_p m_p l_p / sum_p w_p m_p`` (a weighted mean: same scale as plain MAE).
@@ -17,7 +18,9 @@ from torch import Tensor, nn
 
 from .base import GuidanceMode
 
-__all__ = ["KeypointReconWeight", "keypoint_weights", "weighted_patch_loss"]
+__all__ = ["KeypointReconWeight", "keypoint_weights", "WEIGHT_NORMS"]
+
+WEIGHT_NORMS = ("mask", "weight")
 
 
 def keypoint_weights(relevance: Tensor, temperature: float = 0.25) -> Tensor:
@@ -30,38 +33,26 @@ def keypoint_weights(relevance: Tensor, temperature: float = 0.25) -> Tensor:
     return torch.exp((rho - rho.amin(1, keepdim=True)) / temperature)
 
 
-def weighted_patch_loss(per_patch: Tensor, mask: Tensor, weights: Tensor | None = None,
-                        normalize: str = "mask") -> Tensor:
-    """Scalar loss from ``per_patch (B, P)`` losses, ``mask (B, P)`` (1 = counted) and optional ``weights``."""
-    if weights is None:
-        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
-    wm = weights * mask
-    if normalize == "mask":
-        return (per_patch * wm).sum() / mask.sum().clamp_min(1.0)
-    if normalize == "weight":
-        return (per_patch * wm).sum() / wm.sum().clamp_min(1e-12)
-    raise ValueError(f"normalize must be 'mask' or 'weight', got {normalize!r}")
-
-
 class KeypointReconWeight(GuidanceMode):
-    """Args: model (unused); temperature ``T``; normalize (``mask`` or ``weight``)."""
+    """Args: model (unused); temperature ``T``; normalize (``mask`` or ``weight``: how the objective normalises the
+    weighted loss, see the module docstring)."""
 
     acts_in = "objective"
     name = "recon_weight"
-    objective_hook = "patch_weighting"  # bind() plugs __call__ into the objective's reconstruction loss
+    weights_patches = True
+    requires = "patch_weights"
     objective_hint = "it weights a reconstruction loss (objective=mae)"
 
     def __init__(self, model: nn.Module | None = None, temperature: float = 0.25, normalize: str = "mask") -> None:
         if temperature <= 0:
             raise ValueError(f"recon_weight temperature must be > 0, got {temperature}")
-        if normalize not in ("mask", "weight"):
-            raise ValueError(f"recon_weight normalize must be 'mask' or 'weight', got {normalize!r}")
+        if normalize not in WEIGHT_NORMS:
+            raise ValueError(f"recon_weight normalize must be one of {WEIGHT_NORMS}, got {normalize!r}")
         self.temperature, self.normalize = float(temperature), normalize
-        self.step = 0
 
-    def __call__(self, per_patch: Tensor, mask: Tensor, relevance: Tensor) -> Tensor:
-        """The ``patch_weighting`` hook point: the scalar loss from ``per_patch (B, P)`` losses and ``mask (B, P)``."""
-        return weighted_patch_loss(per_patch, mask, keypoint_weights(relevance, self.temperature), self.normalize)
+    def patch_weights(self, relevance: Tensor, step: int) -> tuple[Tensor, str]:
+        """KAMIM weights ``(B, P)`` >= 1 of this step's relevance, and how to normalise the weighted loss."""
+        return keypoint_weights(relevance, self.temperature), self.normalize
 
     def __repr__(self) -> str:
         return f"KeypointReconWeight(temperature={self.temperature}, normalize={self.normalize!r})"

@@ -1,6 +1,4 @@
 """Pre-training objectives (see :mod:`siftguide.objectives.base` for the interface)."""
-from .base import Objective, ObjectiveOutput, encode
+from .base import Guided, Objective, ObjectiveOutput, encode, weighted_patch_loss
 from .mae import MAEObjective
 from .supervised import SupervisedObjective
-
-__all__ = ["Objective", "ObjectiveOutput", "encode", "SupervisedObjective", "MAEObjective"]

@@ -1,31 +1,43 @@
 """The objective interface: what a pre-training objective receives and returns.
 
-An objective is a small ``nn.Module`` called as ``objective(net, images, batch, stage, keep=None)``:
+An objective is a small ``nn.Module`` called as ``objective(net, images, batch, stage, guided=None)``:
 
 * ``net``: the timm ViT (the objective may own more parameters: a decoder, a probe, a teacher);
 * ``images``: ``(B, C, H, W)`` normalised model inputs; ``batch``: the batch dict (``image`` in [0, 1],
-  ``label``, ``index`` and, when a guidance mode needs it, ``relevance (B, Gh, Gw)``);
+  ``label``, ``index``);
 * ``stage``: ``train``, ``val`` or ``test`` (behaviour is chosen by the stage, never by grad mode);
-* ``keep``: ``ids_keep (B, K)`` patch tokens to run (token dropping), for objectives with
-  ``supports_token_drop``.
+* ``guided``: what the guidance modes chose for this training step (:class:`Guided`): the patch tokens the encoder
+  runs (``ids_keep``) and per-patch loss weights; None, or empty fields, mean the objective's own defaults.
 
 It returns an :class:`ObjectiveOutput`. Hooks: :meth:`Objective.setup` (once, with the net: build own parameters),
 :meth:`Objective.on_train_batch_end` (after each optimizer step: e.g. an EMA teacher's update).
 
-Hook points: an objective declares, in ``hook_points``, the named places of its computation that a guidance mode
-may take over (``{"masking": "<signature>", ...}``); a mode with ``objective_hook = "masking"`` is plugged in by
-:meth:`Objective.set_hook` when it is bound, and the objective reads it with :meth:`Objective.hook` (None: its
-own default). So a new objective-side mode for an existing hook point needs no change to the objective.
+What an objective can take from guidance is declared in ``offers`` (checked once against each mode's ``requires``,
+:meth:`siftguide.guidance.GuidanceMode.check`): ``token_subset`` (it runs any given subset of patch tokens),
+``masked_tokens`` (a masked objective: the visible tokens may be chosen for it, :meth:`Objective.visible_count` of
+them), ``patch_weights`` (a per-patch reconstruction loss). The objective never calls guidance: it receives tensors.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Objective", "ObjectiveOutput", "encode"]
+__all__ = ["Objective", "ObjectiveOutput", "Guided", "encode", "weighted_patch_loss"]
+
+
+@dataclass
+class Guided:
+    """What guidance hands an objective for one training forward.
+
+    ids_keep: ``(B, K)`` sorted patch indices the encoder runs (token dropping; a masked objective's visible
+    tokens), None: the objective's own. patch_weights: ``(B, P)`` weights of a per-patch loss, None: unweighted.
+    weight_norm: how the weighted loss is normalised (:func:`weighted_patch_loss`)."""
+
+    ids_keep: Tensor | None = None
+    patch_weights: Tensor | None = None
+    weight_norm: str = "mask"
 
 
 @dataclass
@@ -57,37 +69,37 @@ def encode(net: nn.Module, images: Tensor, ids_keep: Tensor | None = None, num_p
     return net.norm(net.blocks(net.norm_pre(x)))
 
 
+def weighted_patch_loss(per_patch: Tensor, mask: Tensor, weights: Tensor | None = None,
+                        normalize: str = "mask") -> Tensor:
+    """Scalar loss from ``per_patch (B, P)`` losses, ``mask (B, P)`` (1 = counted) and optional ``weights (B, P)``:
+    ``sum(m l) / sum(m)`` without weights; ``sum(w m l) / sum(m)`` (``normalize="mask"``, KAMIM / SimMIM) or
+    ``sum(w m l) / sum(w m)`` (``"weight"``, a weighted mean on the scale of the plain loss) with them."""
+    if weights is None:
+        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+    wm = weights * mask
+    if normalize == "mask":
+        return (per_patch * wm).sum() / mask.sum().clamp_min(1.0)
+    if normalize == "weight":
+        return (per_patch * wm).sum() / wm.sum().clamp_min(1e-12)
+    raise ValueError(f"normalize must be 'mask' or 'weight', got {normalize!r}")
+
+
 class Objective(nn.Module):
     """Base class (see the module docstring)."""
 
     needs_labels = False  # True: training reads batch["label"] (a run with data.labels=false is refused)
-    supports_token_drop = False  # True: forward() runs the given ``keep`` tokens (a token-selecting mode may serve it)
-    hook_points: dict[str, str] = {}  # name -> the callable's contract; the points a guidance mode may take over
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hooks: dict[str, Callable] = {}  # hook point -> the callable plugged in (not a submodule: no state)
-
-    def set_hook(self, point: str, fn: Callable | None) -> None:
-        """Plug ``fn`` into the hook point ``point`` (None: back to the objective's default)."""
-        if point not in self.hook_points:
-            raise ValueError(f"{type(self).__name__} has no hook point {point!r} (its hook_points: "
-                             f"{sorted(self.hook_points) or 'none'})")
-        if fn is None:
-            self.hooks.pop(point, None)
-        else:
-            self.hooks[point] = fn
-
-    def hook(self, point: str) -> Callable | None:
-        """What is plugged into ``point``, or None."""
-        return self.hooks.get(point)
+    offers: frozenset[str] = frozenset()  # what guidance may hand it: token_subset | masked_tokens | patch_weights
 
     def setup(self, net: nn.Module) -> None:
         """Called once with the net before training (build the objective's own parameters here)."""
         self.num_prefix = int(getattr(net, "num_prefix_tokens", 1))
 
+    def visible_count(self, num_patches: int) -> int | None:
+        """How many patch tokens a masked objective's encoder runs per image (``masked_tokens``); None otherwise."""
+        return None
+
     def forward(self, net: nn.Module, images: Tensor, batch: dict, stage: str = "train",
-                keep: Tensor | None = None) -> ObjectiveOutput:
+                guided: Guided | None = None) -> ObjectiveOutput:
         raise NotImplementedError
 
     def tokens(self, net: nn.Module, images: Tensor) -> Tensor:

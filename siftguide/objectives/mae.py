@@ -9,10 +9,10 @@ Decoder: linear projection, learned mask token, fixed 2-D sin-cos position embed
 ``Block``s, linear prediction of each patch's pixels. Loss: mean squared error on the masked patches, per-patch
 normalised targets with ``norm_pix_loss`` (as in the paper).
 
-Hook points (:attr:`MAEObjective.hook_points`): ``masking``, a callable ``(relevance, keep) -> (ids_keep, mask)``
-(the ``masking`` guidance mode), used in training when the batch carries ``relevance``; otherwise masking is
-uniformly random. ``patch_weighting``, ``(per_patch, mask, relevance) -> loss`` (the ``recon_weight`` mode).
-Validation always uses random masks and the plain loss, so ``val/loss`` compares across modes.
+From guidance (:class:`~siftguide.objectives.base.Guided`, training only): the visible tokens ``ids_keep (B, V)``
+(the ``masking`` mode; otherwise masking is uniformly random, ``V = visible_count(P)`` either way) and per-patch
+weights of the reconstruction loss (the ``recon_weight`` mode). Validation always uses random masks and the plain
+loss, so ``val/loss`` compares across modes.
 
 Online linear probe (solo-learn style): a linear classifier on the stop-gradient pooled encoder features of
 labelled batches, trained alongside; it cannot change the encoder. ``val/acc`` is the probe's accuracy on full
@@ -20,13 +20,11 @@ labelled batches, trained alongside; it cannot change the encoder. ``val/acc`` i
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Objective, ObjectiveOutput, encode
+from .base import Guided, Objective, ObjectiveOutput, encode, weighted_patch_loss
 
 __all__ = ["MAEObjective", "random_masking", "patchify", "sincos_pos_embed"]
 
@@ -39,11 +37,11 @@ def patchify(images: Tensor, patch: tuple[int, int]) -> Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // ph) * (w // pw), ph * pw * c)
 
 
-def random_masking(batch: int, num_patches: int, keep: int, device: torch.device,
+def random_masking(batch: int, num_patches: int, n_keep: int, device: torch.device,
                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Per-sample random subsets: ``ids_keep (B, keep)`` (sorted) and ``mask (B, P)`` (1 = masked)."""
+    """Per-sample random subsets: ``ids_keep (B, n_keep)`` (sorted) and ``mask (B, P)`` (1 = masked)."""
     noise = torch.rand(batch, num_patches, device=device, generator=generator)
-    ids_keep = noise.argsort(dim=1)[:, :keep].sort(dim=1).values
+    ids_keep = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values
     mask = torch.ones(batch, num_patches, device=device)
     mask.scatter_(1, ids_keep, 0.0)
     return ids_keep, mask
@@ -68,11 +66,7 @@ class MAEObjective(Objective):
     """MAE loss + online linear probe. Call :meth:`setup` with the encoder before use (the module does)."""
 
     needs_labels = False
-    hook_points = {
-        "masking": "(relevance (B, Gh, Gw), keep) -> (ids_keep (B, keep) sorted, mask (B, P), 1 = masked): the "
-                   "training masks",
-        "patch_weighting": "(per_patch (B, P), mask (B, P), relevance (B, Gh, Gw)) -> scalar: the training loss",
-    }
+    offers = frozenset({"masked_tokens", "patch_weights"})
 
     def __init__(self, mask_ratio: float = 0.75, decoder_dim: int = 128, decoder_depth: int = 2,
                  decoder_heads: int = 4, norm_pix_loss: bool = True, num_classes: int = 0,
@@ -86,15 +80,6 @@ class MAEObjective(Objective):
         self.decoder_dim, self.decoder_depth, self.decoder_heads = decoder_dim, decoder_depth, decoder_heads
         self.num_classes = num_classes
         self._ready = False
-
-    def set_masking(self, masking: Callable[[Tensor, int], tuple[Tensor, Tensor]] | None) -> None:
-        """``set_hook("masking", masking)``: training masks from ``masking(relevance, keep)`` (kept alias)."""
-        self.set_hook("masking", masking)
-
-    def set_patch_weighting(self, weighting: Callable[[Tensor, Tensor, Tensor], Tensor] | None) -> None:
-        """``set_hook("patch_weighting", weighting)``: training loss from ``weighting(per_patch, mask, relevance)``
-        (kept alias)."""
-        self.set_hook("patch_weighting", weighting)
 
     def setup(self, net: nn.Module) -> None:
         from timm.models.vision_transformer import Block
@@ -135,23 +120,29 @@ class MAEObjective(Objective):
         """Encoder tokens of full (unmasked) images ``(B, prefix + P, D)`` (for kNN evaluation)."""
         return self.encode(net, images, None)
 
+    def visible_count(self, num_patches: int) -> int:
+        """Visible patch tokens per image: ``round(P * (1 - mask_ratio))``, at least 1."""
+        return max(1, int(round(num_patches * (1 - self.mask_ratio))))
+
     def forward(self, net: nn.Module, images: Tensor, batch: dict, stage: str = "train",
-                keep: Tensor | None = None) -> ObjectiveOutput:
+                guided: Guided | None = None) -> ObjectiveOutput:
         if not self._ready:
             raise RuntimeError("MAEObjective.setup(net) must be called before use")
         self.check_stage(stage)
-        if keep is not None:
-            raise ValueError("MAEObjective selects its own visible tokens; token dropping cannot be combined with it")
         b = images.shape[0]
         training = stage == "train"
+        guided = guided if training and guided is not None else Guided()
         # at evaluation the probe sees full images; run that forward first so that the masked forward, whose
         # ids_keep is returned, is the one any attention capture records last
         full_feats = self.pooled(self.tokens(net, images)) if not training and self.probe is not None else None
-        n_keep = max(1, int(round(self.num_patches * (1 - self.mask_ratio))))
-        rel = batch.get("relevance") if training else None
-        masking, weighting = self.hook("masking"), self.hook("patch_weighting")
-        if masking is not None and rel is not None:
-            ids_keep, mask = masking(rel, n_keep)
+        n_keep = self.visible_count(self.num_patches)
+        if guided.ids_keep is not None:
+            if guided.ids_keep.shape != (b, n_keep):
+                raise ValueError(f"MAE runs {n_keep} visible tokens per image, guidance chose "
+                                 f"{tuple(guided.ids_keep.shape)} (expected ({b}, {n_keep}))")
+            ids_keep = guided.ids_keep
+            mask = torch.ones(b, self.num_patches, device=images.device)
+            mask.scatter_(1, ids_keep, 0.0)
         else:
             ids_keep, mask = random_masking(b, self.num_patches, n_keep, images.device)
         tokens = self.encode(net, images, ids_keep)
@@ -166,8 +157,8 @@ class MAEObjective(Objective):
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
         per_patch = (pred - target).pow(2).mean(-1)
-        if weighting is not None and rel is not None:
-            loss = weighting(per_patch, mask, rel)
+        if guided.patch_weights is not None:
+            loss = weighted_patch_loss(per_patch, mask, guided.patch_weights, guided.weight_norm)
         else:
             loss = (per_patch * mask).sum() / mask.sum()
         out = ObjectiveOutput(loss=loss, ids_keep=ids_keep, metrics={"mae_loss": loss.detach()})

@@ -4,26 +4,27 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Objective, ObjectiveOutput, encode
+from .base import Guided, Objective, ObjectiveOutput, encode
 
 
 class SupervisedObjective(Objective):
     """Cross-entropy on the model's logits; ``features`` are the pooled pre-logits (for kNN evaluation).
 
-    With ``keep`` (token dropping) the blocks see only those patch tokens; timm's pooling (class token or mean of
-    the patch tokens) works on the shortened sequence.
+    With ``guided.ids_keep`` (token dropping) the blocks see only those patch tokens; timm's pooling (class token or
+    mean of the patch tokens) works on the shortened sequence.
     """
 
     needs_labels = True
-    supports_token_drop = True
+    offers = frozenset({"token_subset"})
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
 
     def forward(self, net: nn.Module, images: Tensor, batch: dict, stage: str = "train",
-                keep: Tensor | None = None) -> ObjectiveOutput:
+                guided: Guided | None = None) -> ObjectiveOutput:
         self.check_stage(stage)
+        keep = guided.ids_keep if guided is not None else None
         tokens = net.forward_features(images) if keep is None else encode(net, images, keep,
                                                                              getattr(self, "num_prefix", None))
         features = net.forward_head(tokens, pre_logits=True)

@@ -1,12 +1,15 @@
 """SIFT keypoints -> per-patch relevance distributions over a ViT's patch grid.
 
 Each relevance map is ``(B, Gh, Gw)``, non-negative, and sums to 1 per image. Three ways to turn keypoints
-into mass (``mode``):
+into mass (``mode``), and one dense alternative without keypoints:
 
 * ``count``: number of keypoints whose location falls in the patch;
 * ``response``: sum of the keypoints' DoG contrast (strong, well-localised keypoints count more);
 * ``gaussian``: each keypoint spreads a unit of mass as an isotropic Gaussian of std ``splat * scale``
-  (its SIFT scale, in pixels) integrated over the patches (a keypoint describes a region, not a point).
+  (its SIFT scale, in pixels) integrated over the patches (a keypoint describes a region, not a point);
+* ``dog``: the mean absolute difference of Gaussians over the patch, summed over the first octave's scale layers
+  (:func:`dog_relevance`, from the image itself): every structure at SIFT's scales leaves mass, also where it is
+  too small or too faint to give an extremum that passes the detector's tests.
 
 Then ``m -> m ** (1 / temperature)`` (T > 1 flattens, T < 1 sharpens), an optional Gaussian smoothing over the
 patch grid (``smoothing`` in patches), normalisation, and mixing with the uniform distribution
@@ -22,11 +25,15 @@ from torch import Tensor
 from ..precision import fp32_region
 from .detector import Keypoints, check_images, detect_keypoints, gaussian_blur, rgb_to_gray
 
-__all__ = ["MODES", "counts_from_keypoints", "keypoint_patch_counts", "patch_relevance", "relevance_from_keypoints",
-           "normalize_relevance", "shuffle_relevance", "uniform_relevance", "gradient_relevance", "roll_relevance", "random_relevance", "foreground_relevance",
+__all__ = ["MODES", "KEYPOINT_MODES", "PRIOR_FORMS", "dog_relevance", "counts_from_keypoints", "keypoint_patch_counts", "patch_relevance",
+           "relevance_from_keypoints", "normalize_relevance", "compose_with_prior", "shuffle_relevance", "shuffle_shift",
+           "uniform_relevance", "gradient_relevance", "roll_relevance", "random_relevance", "foreground_relevance",
            "patch_positions"]
 
-MODES = ("count", "response", "gaussian")
+MODES = ("count", "response", "gaussian", "dog")
+KEYPOINT_MODES = ("count", "response", "gaussian")  # the modes computed from keypoints (cached or detected)
+_DOG_FLOOR = 1e-4  # |DoG| below this is float rounding (one grey level gives ~1e-3)
+PRIOR_FORMS = ("mixture", "product")
 
 
 def _pair(p: int | tuple[int, int]) -> tuple[int, int]:
@@ -126,7 +133,31 @@ def relevance_from_keypoints(
     elif mode == "gaussian":
         mass = _splat(kp, grid, patch, splat)
     else:
-        raise ValueError(f"unknown relevance mode {mode!r}; expected one of {MODES}")
+        raise ValueError(f"relevance mode {mode!r} is not computed from keypoints; expected one of {KEYPOINT_MODES}")
+    return normalize_relevance(mass, temperature, smoothing, uniform_mix)
+
+
+@fp32_region()
+def dog_relevance(images: Tensor, patch_size: int | tuple[int, int], sigma: float = 1.6, layers: int = 3,
+                  temperature: float = 1.0, smoothing: float = 0.0, uniform_mix: float = 0.0) -> Tensor:
+    """Dense SIFT-scale structure per patch: ``(B, C, H, W)`` in [0, 1] -> ``(B, H // ph, W // pw)``.
+
+    With ``G_i`` the grey image blurred at ``sigma * 2^(i / layers)`` (SIFT's first-octave scales, at the image's
+    resolution), the mass of a patch is the mean over its pixels of ``sum_{i < layers + 2} |G_{i+1} - G_i|`` (sums below
+    1e-4, float rounding, count as 0), then :func:`normalize_relevance` (uniform for a constant image).
+    """
+    check_images(images)
+    ph, pw = _pair(patch_size)
+    h, w = images.shape[-2:]
+    if h % ph or w % pw:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch_size {(ph, pw)}")
+    if sigma <= 0 or layers < 1:
+        raise ValueError(f"dog_relevance needs sigma > 0 and layers >= 1, got {sigma} and {layers}")
+    g = rgb_to_gray(images.float())
+    blurred = [gaussian_blur(g, sigma * 2 ** (i / layers)) for i in range(layers + 3)]
+    energy = sum((b - a).abs() for a, b in zip(blurred[:-1], blurred[1:]))  # (B, 1, H, W)
+    energy = torch.where(energy > _DOG_FLOOR, energy, 0.0)  # rounding of the blur on flat regions is no structure
+    mass = torch.nn.functional.avg_pool2d(energy, (ph, pw)).squeeze(1)
     return normalize_relevance(mass, temperature, smoothing, uniform_mix)
 
 
@@ -135,7 +166,7 @@ def patch_relevance(
     smoothing: float = 0.0, uniform_mix: float = 0.0, splat: float = 1.0, **detector_kwargs,
 ) -> Tensor:
     """SIFT patch relevance of a batch: ``(B, C, H, W)`` in ``[0, 1]`` -> ``(B, H // ph, W // pw)``, each map
-    summing to 1 (uniform for images without keypoints).
+    summing to 1 (uniform for images without keypoints); ``mode="dog"``: the dense map of :func:`dog_relevance`.
 
     Example:
         >>> img = torch.zeros(1, 1, 64, 64); img[:, :, 8:16, 40:48] = 1.0
@@ -148,6 +179,9 @@ def patch_relevance(
     h, w = images.shape[-2:]
     if h % ph or w % pw:
         raise ValueError(f"image size {h}x{w} is not divisible by patch_size {(ph, pw)}")
+    if mode == "dog":  # dense: no keypoints
+        return dog_relevance(images, (ph, pw), detector_kwargs.get("sigma", 1.6),
+                             detector_kwargs.get("n_octave_layers", 3), temperature, smoothing, uniform_mix)
     kp = detect_keypoints(images, **detector_kwargs)
     return relevance_from_keypoints(kp, (h // ph, w // pw), (ph, pw), mode, temperature, smoothing, uniform_mix,
                                     splat)
@@ -161,14 +195,53 @@ def uniform_relevance(rel: Tensor) -> Tensor:
     return torch.full_like(rel, 1.0 / (rel.shape[-1] * rel.shape[-2]))
 
 
+def shuffle_shift(batch: int, generator: torch.Generator | None = None) -> int:
+    """A cyclic shift in ``1..batch - 1`` drawn from ``generator`` (use a CPU generator: the draw is read on the
+    host), so that no image keeps its own map; 0 (and no draw) for ``batch < 2``."""
+    return int(torch.randint(1, batch, (1,), generator=generator)) if batch >= 2 else 0
+
+
 def shuffle_relevance(rel: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Relevance maps permuted across the images of the batch (a derangement when B > 1): keeps the marginal
     statistics of SIFT relevance but breaks its link with the image it is paired with."""
-    b = rel.shape[0]
-    if b < 2:
-        return rel
-    shift = int(torch.randint(1, b, (1,), generator=generator))  # a cyclic shift: no image keeps its own map
-    return rel.roll(shift, dims=0)
+    return rel.roll(shuffle_shift(rel.shape[0], generator), dims=0)
+
+
+@fp32_region()
+def compose_with_prior(rel: Tensor, prior: Tensor, mix: float, count: Tensor | None = None,
+                       min_keypoints: float = 0.0, form: str = "mixture") -> Tensor:
+    """Each image's map composed with a dataset prior: ``(B, Gh, Gw)`` distributions.
+
+    Per image ``b`` the prior's weight is ``l_b = 1 - (1 - mix) * e_b`` with the evidence ``e_b = min(1, count_b /
+    min_keypoints)`` (``e_b = 1`` when ``min_keypoints == 0``), so an image without keypoints gets the prior itself.
+    ``form="mixture"``: ``(1 - l) rel + l prior``; ``form="product"``: ``prior^l rel^(1 - l)``, renormalised (the
+    prior where the two have no patch in common). ``mix = 0`` with ``min_keypoints = 0`` returns ``rel``.
+
+    Args:
+        rel: ``(B, Gh, Gw)`` per-image maps; prior: ``(1 or B, Gh, Gw)``; count: ``(B,)`` keypoints per image
+            (needed when ``min_keypoints > 0``).
+    """
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"prior mix must be in [0, 1], got {mix}")
+    if min_keypoints < 0:
+        raise ValueError(f"min_keypoints must be >= 0, got {min_keypoints}")
+    if form not in PRIOR_FORMS:
+        raise ValueError(f"unknown prior form {form!r}; expected one of {PRIOR_FORMS}")
+    if rel.ndim != 3 or prior.ndim != 3 or prior.shape[-2:] != rel.shape[-2:]:
+        raise ValueError(f"rel must be (B, Gh, Gw) and prior (1 or B, Gh, Gw) on the same grid, got "
+                         f"{tuple(rel.shape)} and {tuple(prior.shape)}")
+    r, m = rel.float(), prior.float().to(rel.device)
+    lam = torch.full((r.shape[0], 1, 1), float(mix), device=r.device)
+    if min_keypoints > 0:
+        if count is None or count.shape != (r.shape[0],):
+            raise ValueError(f"min_keypoints needs count (B,) = ({r.shape[0]},) keypoints per image")
+        evidence = (count.to(r.device).float() / float(min_keypoints)).clamp(max=1.0).view(-1, 1, 1)
+        lam = 1.0 - (1.0 - lam) * evidence
+    if form == "mixture":
+        return (1.0 - lam) * r + lam * m
+    out = m.pow(lam) * r.pow(1.0 - lam)  # 0^0 = 1: l = 1 gives the prior, l = 0 the image's map
+    total = out.flatten(1).sum(1).view(-1, 1, 1)
+    return torch.where(total > 0, out / total.clamp_min(1e-12), m.expand_as(out))
 
 
 @fp32_region()

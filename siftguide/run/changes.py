@@ -5,7 +5,7 @@ A resumed run is the saved run continued, so the settings that define *what* is 
 seed, relevance, the guidance modes and their structure, the number of processes) cannot change: such a resume
 stops with the keys named (:func:`check_resume`), unless the user starts a *new* run from the checkpoint's
 weights (``resume.new_run=true``, in a new run directory). The settings of *how* training goes on can change at the
-resumed step: optimizer hyper-parameters and the LR schedule (:class:`~siftguide.resume.ResumeState` applies them
+resumed step: optimizer hyper-parameters and the LR schedule (:class:`~siftguide.run.resume.ResumeState` applies them
 to the restored optimizer), guidance weights and schedules (the modes are built from the config, they keep no
 saved state), the run's length, validation, logging and evaluation (:data:`APPLIED_ON_RESUME`). Anything not listed
 there stops the resume: a key nobody has thought about is safer refused than silently half applied.
@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger("siftguide.resume")
+log = logging.getLogger("siftguide.run.resume")
 
 __all__ = ["APPLIED_ON_RESUME", "HISTORY_FILE", "check_resume", "record", "write_config", "diff", "ResumeRefused"]
 
@@ -43,8 +43,8 @@ APPLIED_ON_RESUME = (
     "trainer.max_steps", "trainer.max_time", "trainer.val_check_interval", "trainer.check_val_every_n_epoch",
     "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.num_sanity_val_steps", "trainer.accelerator", "trainer.benchmark", "trainer.deterministic",
-    "logger.*", "callbacks.*", "module.align_batches", "module.align_layers", "test", "optimized_metric",
-    "task_name", "compile", "relevance.compile", "resume.*",
+    "logger.*", "callbacks.*", "test", "optimized_metric",
+    "task_name", "compile", "resume.*",
     # how data is loaded (not which data)
     "data.num_workers", "data.pin_memory", "data.download", "data.cache_dir", "data.val_subset",
     "data.max_skip_fraction",

@@ -26,7 +26,7 @@ _NUMBERS = (
     ("model.num_classes", True), ("model.in_chans", True), ("model.embed_dim", True), ("model.depth", True),
     ("model.num_heads", True), ("model.mlp_ratio", False), ("callbacks.knn.bank_size", True),
     ("callbacks.knn.query_size", True), ("callbacks.knn.k", True), ("callbacks.knn.batch_size", True),
-    ("module.align_batches", True),
+    ("callbacks.attention_divergence.batches", True),
 )
 
 __all__ = ["validate_config"]

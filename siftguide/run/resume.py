@@ -4,22 +4,22 @@ Lightning's checkpoint holds weights, optimizer, LR scheduler and loop progress.
 
 * :func:`resolve_ckpt_path`: ``ckpt_path=last`` (the run directory's ``checkpoints/last.ckpt``, or a fresh start
   when there is none yet: an auto-resume switch for jobs that may be restarted), a run directory, or a file;
-  every file is read first with the safe loader (:func:`siftguide.analysis.loading.load_checkpoint`), and a
+  every file is read first with the safe loader (:func:`siftguide.run.checkpoint.load_checkpoint`), and a
   ``last.ckpt`` that cannot be read falls back to the previous checkpoint, ``last.prev.ckpt``, which
   :class:`RotatingCheckpointIO` keeps beside it;
-* :class:`ResumeState`: the RNG states (torch CPU/CUDA, numpy, python, and the generators of the relevance
-  stage, guidance modes and objective), restored just before the first resumed step; the learning rate of the
+* :class:`ResumeState`: the RNG states (torch CPU/CUDA, numpy, python, and the random streams of the relevance
+  stage, guidance modes and objective, :mod:`siftguide.rng`), restored just before the first resumed step; the learning rate of the
   resumed step recomputed from the schedule (the optimizer holds the one of the saved step, and the schedule may
   have changed, e.g. a larger ``trainer.max_steps``), and the optimizer's hyper-parameters (learning rate, weight
-  decay, betas) taken from the current config, so that a change allowed on resume (:mod:`siftguide.changes`)
+  decay, betas) taken from the current config, so that a change allowed on resume (:mod:`siftguide.run.changes`)
   acts from the resumed step on; the logger's step counter realigned with the optimizer step
   (Lightning advances it once more when resuming from an end-of-fit checkpoint);
 * :func:`continue_csv`: ``metrics.csv`` of the same run directory keeps its rows of the steps before the
   checkpoint (Lightning's CSV logger would delete the file), the resumed run appends the rest;
 * :func:`wandb_id`: the wandb run id is kept in the run directory, so the resumed run continues it;
-* :func:`config_changes`: what differs from the checkpoint's config (:mod:`siftguide.changes` decides what may).
+* :func:`config_changes`: what differs from the checkpoint's config (:mod:`siftguide.run.changes` decides what may).
 
-The data order is resumed by :class:`~siftguide.sampler.ResumableSampler`.
+The data order is resumed by :class:`~siftguide.data.sampler.ResumableSampler`.
 """
 from __future__ import annotations
 
@@ -38,9 +38,10 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from .analysis.loading import UnreadableCheckpointError, load_checkpoint
+from ..rng import RandomStream
+from .checkpoint import UnreadableCheckpointError, load_checkpoint
 
-log = logging.getLogger("siftguide.resume")
+log = logging.getLogger("siftguide.run.resume")
 
 __all__ = ["ResumeState", "resolve_ckpt_path", "continue_csv", "wandb_id", "config_changes", "WANDB_ID_FILE",
            "RESULTS_FILE", "RotatingCheckpointIO", "LAST_CKPT", "PREV_CKPT", "load_weights"]
@@ -56,7 +57,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, trust: bool
     """The checkpoint to resume from: ``None``; ``last``: ``<output_dir>/checkpoints/last.ckpt`` if it exists
     (else ``None``: a fresh run, logged); a run directory: its ``checkpoints/last.ckpt``; or a file.
 
-    The file is read first (safely unless ``trust``: see :func:`~siftguide.analysis.loading.load_checkpoint`).
+    The file is read first (safely unless ``trust``: see :func:`~siftguide.run.checkpoint.load_checkpoint`).
     For ``last`` and a run directory, a ``last.ckpt`` that cannot be read (torn, truncated) is renamed
     ``last.ckpt.corrupt`` with a warning naming it, and the previous checkpoint ``last.prev.ckpt`` is used."""
     if not ckpt_path:
@@ -190,15 +191,14 @@ def wandb_id(output_dir: str | Path, resume: bool) -> str:
     return run_id
 
 
-def _rng_owners(module) -> Iterator[tuple[str, Any]]:
-    """Objects of the module that may hold their own ``torch.Generator`` (shuffled / random relevance, token
-    dropping, ...)."""
-    for name in ("relevance", "objective"):
-        if getattr(module, name, None) is not None:
-            yield name, getattr(module, name)
-    guidance = getattr(module, "guidance", None)
-    for name, mode in (getattr(guidance, "modes", None) or {}).items():
-        yield f"guidance.{name}", mode
+def _streams(module) -> Iterator[tuple[str, RandomStream]]:
+    """The parts' own random streams (:mod:`siftguide.rng`): the relevance stage's, the objective's and each guidance
+    mode's ``rng``, named by where they live."""
+    parts = [("relevance", getattr(module, "relevance", None)), ("objective", getattr(module, "objective", None))]
+    parts += [(f"guidance.{n}", m) for n, m in (getattr(getattr(module, "guidance", None), "modes", None) or {}).items()]
+    for name, part in parts:
+        if isinstance(getattr(part, "rng", None), RandomStream):
+            yield name, part.rng
 
 
 class ResumeState(L.Callback):
@@ -211,15 +211,13 @@ class ResumeState(L.Callback):
         self._realign = False
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        gens = {f"{owner}.{attr}": {"device": str(g.device), "state": g.get_state()}
-                for owner, obj in _rng_owners(pl_module) for attr, g in vars(obj).items()
-                if isinstance(g, torch.Generator)}
+        streams = {name: rng.state_dict() for name, rng in _streams(pl_module)}
         name, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint[_KEY] = {  # tensors and plain types only: loadable with torch.load(weights_only=True)
             "torch": torch.get_rng_state(), "python": list(random.getstate()),
             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "generators": gens,
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "streams": streams,
         }
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -242,17 +240,10 @@ class ResumeState(L.Callback):
         random.setstate((version, tuple(internal), gauss_next))
         if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
-        owners = dict(_rng_owners(pl_module))
-        for key, g in state["generators"].items():
-            owner, attr = key.rsplit(".", 1)
-            obj = owners.get(owner)
-            if obj is None:
-                continue
-            gen = getattr(obj, attr, None)
-            if not isinstance(gen, torch.Generator):  # created lazily on first use: create it now
-                gen = torch.Generator(device=g["device"])
-                setattr(obj, attr, gen)
-            gen.set_state(g["state"])
+        saved = state.get("streams", {})
+        for name, rng in _streams(pl_module):
+            if name in saved:
+                rng.load_state_dict(saved[name])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._realign:  # the logged step of the first resumed batch must be its optimizer step

@@ -1,4 +1,4 @@
-"""The compare command: tables and curves from run directories, in-process and as ``python -m siftguide.compare``."""
+"""The compare command: tables and curves from run directories, in-process and as ``python -m siftguide.analysis.compare``."""
 import subprocess
 import sys
 
@@ -26,7 +26,7 @@ def test_cli_writes_png_and_tables(tmp_path, capsys):
 def test_module_cli_in_a_subprocess(tmp_path):
     study_runs(tmp_path / "runs")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "siftguide.compare", str(tmp_path / "runs"), "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "siftguide.analysis.compare", str(tmp_path / "runs"), "--out", str(out),
                            "--verdict"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "12 runs in 4 groups" in proc.stdout and "SIFT vs best wrong-map control" in proc.stdout

@@ -128,7 +128,7 @@ def test_keep_and_drop_override_the_default(runs, tmp_path):
 @pytest.mark.e2e
 def test_command_line_on_a_run_directory(runs, tmp_path):
     run_dir = runs["mae"][1].parents[1]
-    proc = subprocess.run([sys.executable, "-m", "siftguide.export", str(run_dir), "--out", str(tmp_path / "o")],
+    proc = subprocess.run([sys.executable, "-m", "siftguide.analysis.export", str(run_dir), "--out", str(tmp_path / "o")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "head: dropped" in proc.stdout and "timm.create_model(\"local-dir:" in proc.stdout

@@ -84,7 +84,7 @@ def test_kl_spearman_distance_entropy():
 
 
 def test_one_kl_for_the_guidance_loss_and_the_analysis():
-    from siftguide.guidance.alignment import divergence, kl_divergence as guidance_kl
+    from siftguide.guidance.attention import divergence, kl_divergence as guidance_kl
 
     assert kl_divergence is guidance_kl
     g = torch.Generator().manual_seed(0)

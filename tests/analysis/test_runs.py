@@ -104,7 +104,7 @@ def test_label_collisions_fall_back_to_longer_forms(tmp_path):
 def test_modes_as_config_nodes_group_label_and_mark_the_baseline(tmp_path):
     """The composed layout (``guidance=[attention,token_drop]``): one ``guidance.<mode>`` node per mode, a global
     ``guidance.weight`` multiplying the loss modes, ``relevance.kind`` naming the map."""
-    attention = {"_target_": "siftguide.guidance.SiftGuidance", "weight": 1.0, "layers": [-1]}
+    attention = {"_target_": "siftguide.guidance.AttentionAlignment", "weight": 1.0, "layers": [-1]}
     token_drop = {"_target_": "siftguide.guidance.TokenDrop", "keep": 0.5}
     runs = {  # name: (guidance, relevance kind, is a baseline)
         "none": ({"weight": 0.0}, "sift", True),

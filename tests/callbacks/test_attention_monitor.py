@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from siftguide.analysis.analyze import InterrelationStats
-from siftguide.callbacks.attention_monitor import AttentionMonitor
+from siftguide.analysis.monitor import AttentionMonitor
 from siftguide.train import build, train
 
 

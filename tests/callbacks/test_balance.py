@@ -11,11 +11,11 @@ def test_guidance_balance_warns_once_for_a_whole_dominated_window(caplog):
     from siftguide.callbacks.balance import GuidanceBalance
 
     def step(cb, k, task, term, every=4):
-        module = SimpleNamespace(last_terms=(torch.tensor(task), {"attention_loss": torch.tensor(term)}),
-                                 guidance=SimpleNamespace(weight=1000.0))
+        module = SimpleNamespace(guidance=SimpleNamespace(weight=1000.0))
+        outputs = {"loss": torch.tensor(task + term), "task_loss": torch.tensor(task),
+                   "guidance_terms": {"attention_loss": torch.tensor(term)}}
         trainer = SimpleNamespace(global_step=k, log_every_n_steps=every, is_global_zero=True)
-        cb.on_train_batch_end(trainer, module, None, None, k - 1)
-        assert module.last_terms is None  # consumed: no reference kept to the step's tensors
+        cb.on_train_batch_end(trainer, module, outputs, None, k - 1)
 
     cb = GuidanceBalance()
     with caplog.at_level(logging.WARNING, logger="siftguide.train"):

@@ -1,10 +1,10 @@
 """siftguide.callbacks.knn: kNN prediction, features of both poolings in one pass, the bank (the same at every
-validation, unreadable files left out), and the shards that ranks gather."""
+validation, unreadable files left out), and the torchmetrics metric whose shares ranks gather."""
 import pytest
 import torch
 from hydra.utils import instantiate
 
-from siftguide.callbacks.knn import KNNEvaluator, knn_predict, shard_rows, unshard_rows
+from siftguide.callbacks.knn import KNNEvaluator, WeightedKNN, knn_predict
 from siftguide.train import build_module
 from tests.helpers import folder_cfg, image_folder
 
@@ -66,17 +66,15 @@ def test_knn_bank_leaves_unreadable_files_out(tiny_cfg, tmp_path):
     assert bool((bx.flatten(1).amax(1) > 0).all())
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-@pytest.mark.parametrize("n", [1, 2, 5, 8, 11])
-def test_shard_rows_then_gather_restores_every_row_once(n, world):
-    x = torch.arange(n * 3).view(n, 3)
-    shares = [shard_rows(n, r, world) for r in range(world)]
-    assert len({len(s) for s in shares}) == 1  # equal shapes, as all_gather needs
-    assert sorted(set(torch.cat(shares).tolist())) == list(range(n))  # every row in some share
-    gathered = torch.stack([x[s] for s in shares])  # what all_gather returns: (world, per, 3)
-    assert torch.equal(unshard_rows(gathered, n), x)
-
-
-def test_shard_rows_rejects_a_bad_rank():
-    with pytest.raises(ValueError, match="rank"):
-        shard_rows(4, 2, 2)
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_metric_of_rank_shares_equals_the_whole_vote(world):
+    """Each rank updates WeightedKNN with every world-th row (what KNNEvaluator hands it); concatenating the shares,
+    as its DDP gather does, gives the accuracy of knn_predict on all rows (the vote does not depend on row order)."""
+    g = torch.Generator().manual_seed(0)
+    bank, by = torch.randn(50, 8, generator=g), torch.randint(0, 3, (50,), generator=g)
+    queries, qy = torch.randn(31, 8, generator=g), torch.randint(0, 3, (31,), generator=g)
+    whole = (knn_predict(bank, by, queries, 3, k=5) == qy).float().mean()
+    metric = WeightedKNN(3, k=5)
+    for r in range(world):  # one process holding every rank's share: what compute() sees after the gather
+        metric.update(bank[r::world], by[r::world], queries[r::world], qy[r::world])
+    assert metric.compute() == whole

@@ -18,7 +18,7 @@ from tests.helpers import logged_rows
 
 # 2 batches per epoch, validation (and a checkpoint) every 3 steps
 FAST = ["data.train_subset=64", "data.val_size=64", "trainer.max_steps=7", "trainer.val_check_interval=3",
-        "callbacks.knn=null", "module.align_batches=0", "trainer.log_every_n_steps=1"]
+        "callbacks.knn=null", "callbacks.attention_divergence.batches=0", "trainer.log_every_n_steps=1"]
 
 
 class _Send(L.Callback):
@@ -103,20 +103,20 @@ def test_a_signal_during_set_up_stops_at_once(tiny_cfg, monkeypatch):
     exit code 143."""
     import time
 
-    import siftguide.module as module_py
+    from siftguide.callbacks import RelevanceSetup
 
-    setup = module_py.PretrainModule._setup_relevance
+    setup = RelevanceSetup.setup_relevance
     waited = []
 
-    def slow_setup(self):  # a long cache build, signalled at its start
+    def slow_setup(self, trainer, module):  # a long cache build, signalled at its start
         os.kill(os.getpid(), signal.SIGTERM)
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 20:  # the build would go on for 20 s
             time.sleep(0.01)
         waited.append(time.perf_counter() - t0)
-        return setup(self)
+        return setup(self, trainer, module)
 
-    monkeypatch.setattr(module_py.PretrainModule, "_setup_relevance", slow_setup)
+    monkeypatch.setattr(RelevanceSetup, "setup_relevance", slow_setup)
     cfg = tiny_cfg(FAST, name="setup")
     t0 = time.perf_counter()
     with pytest.raises(SystemExit) as e:

@@ -10,7 +10,7 @@ from tests.helpers import write_idx
 
 
 def test_reads_idx_files_and_splits(tmp_path, monkeypatch):
-    monkeypatch.setattr("siftguide.data.DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
+    monkeypatch.setattr("siftguide.data.formats.DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
     write_idx(tmp_path / "fm")
     x, y = load_fashion_mnist(str(tmp_path / "fm"), cache_dir=str(tmp_path), download=False)
     assert x.shape == (40, 1, 28, 28) and x.dtype == torch.uint8 and y.tolist()[:3] == [0, 1, 2]
@@ -28,13 +28,13 @@ def test_reads_idx_files_and_splits(tmp_path, monkeypatch):
 
 
 def test_missing_data_error_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("siftguide.data.DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
+    monkeypatch.setattr("siftguide.data.formats.DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
     with pytest.raises(RuntimeError, match="apt-get install dataset-fashion-mnist"):
         find_fashion_mnist(None, str(tmp_path / "cache"), download=False)
 
 
 def test_corrupt_file_is_reported(tmp_path, monkeypatch):
-    monkeypatch.setattr("siftguide.data.DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
+    monkeypatch.setattr("siftguide.data.formats.DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
     write_idx(tmp_path / "fm")
     with gzip.open(tmp_path / "fm" / "train-images-idx3-ubyte.gz", "wb") as f:
         f.write(b"\x00" * 100)
@@ -43,7 +43,7 @@ def test_corrupt_file_is_reported(tmp_path, monkeypatch):
 
 
 def test_val_size_must_leave_training_images(tmp_path, monkeypatch):
-    monkeypatch.setattr("siftguide.data.DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
+    monkeypatch.setattr("siftguide.data.formats.DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
     write_idx(tmp_path / "fm")
     dm = FashionMNISTDataModule(root=str(tmp_path / "fm"), cache_dir=str(tmp_path), val_size=40, download=False)
     with pytest.raises(ValueError, match="no training images"):
@@ -51,7 +51,7 @@ def test_val_size_must_leave_training_images(tmp_path, monkeypatch):
 
 
 def test_val_subset_validates_on_a_fixed_prefix(tmp_path, monkeypatch):
-    monkeypatch.setattr("siftguide.data.DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
+    monkeypatch.setattr("siftguide.data.formats.DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
     write_idx(tmp_path / "fm")
     kw = dict(root=str(tmp_path / "fm"), cache_dir=str(tmp_path), batch_size=4, val_size=10, download=False)
     dm = FashionMNISTDataModule(val_subset=6, **kw)

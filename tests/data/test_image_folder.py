@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from siftguide.data import ImageFolderDataModule, _FolderImages
+from siftguide.data import ImageFolderDataModule, FolderImages
 from siftguide.train import train
 from tests.helpers import S, bad_files, folder_cfg, good_png, image_folder
 
@@ -31,7 +31,7 @@ def test_unusual_image_modes_decode_to_8bit(tmp_path):
     pal.save(d / "g_palette.png")
     Image.new("LA", (20, 20), (250, 0)).save(d / "h_la.png")  # fully transparent grey
 
-    rgb, grey = _FolderImages(str(d), S, labels=False, channels=3), _FolderImages(str(d), S, labels=False, channels=1)
+    rgb, grey = FolderImages(str(d), S, labels=False, channels=3), FolderImages(str(d), S, labels=False, channels=1)
     names = [Path(p).stem for p, _ in rgb.samples]
     x3 = {n: rgb[i] for i, n in enumerate(names)}
     x1 = {n: grey[i] for i, n in enumerate(names)}
@@ -59,7 +59,7 @@ def test_decoding_is_deterministic_and_keeps_the_centre(tmp_path):
     wide = np.zeros((40, 120), np.uint8)
     wide[:, 50:70] = 255  # a bright band in the middle
     Image.fromarray(wide).save(tmp_path / "train" / "c0" / "wide.png")
-    ds = _FolderImages(str(tmp_path / "train"), S, labels=True, channels=1)
+    ds = FolderImages(str(tmp_path / "train"), S, labels=True, channels=1)
     for i in range(len(ds)):
         assert torch.equal(ds[i]["image"], ds[i]["image"])
     w = next(ds[i]["image"] for i in range(len(ds)) if ds.samples[i][0].endswith("wide.png"))
@@ -78,7 +78,7 @@ def test_unreadable_files_are_skipped_counted_and_named(tmp_path, caplog):
         (batch,) = list(dm.train_dataloader())
         (batch2,) = list(dm.train_dataloader())  # a second epoch: counted again, not warned again
     assert batch["image"].shape == (6, 1, S, S) and batch["label"].shape == (6,) and batch["index"].shape == (6,)
-    assert int(batch["skipped"]) == 3 and int(batch2["skipped"]) == 3
+    assert len(batch["skipped_files"]) == 3 and len(batch2["skipped_files"]) == 3
     good = {i for i, (p, _) in enumerate(dm.train_set.samples) if Path(p) not in bad}
     assert set(batch["index"].tolist()) == good
     warned = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
@@ -146,7 +146,7 @@ def test_directory_symlink_loops_are_not_followed(tmp_path, caplog):
     root = image_folder(tmp_path / "imgs", n=8)
     (root / "train" / "c0" / "sub").mkdir()
     good_png(root / "train" / "c0" / "sub" / "0.png", 5)
-    assert _FolderImages(str(root / "train"), S, True, 1).samples == ImageFolder(str(root / "train")).samples
+    assert FolderImages(str(root / "train"), S, True, 1).samples == ImageFolder(str(root / "train")).samples
     (root / "train" / "c0" / "sub" / "0.png").unlink()
     (root / "train" / "c0" / "sub").rmdir()
     (root / "train" / "c0" / "loop").symlink_to(".")
@@ -155,7 +155,7 @@ def test_directory_symlink_loops_are_not_followed(tmp_path, caplog):
     (root / "train" / "c1" / "more").symlink_to(tmp_path / "elsewhere")  # a folder elsewhere: read
     for labels in (True, False):
         with caplog.at_level(logging.WARNING, logger="siftguide.data"):
-            ds = _FolderImages(str(root / "train"), S, labels, channels=1)
+            ds = FolderImages(str(root / "train"), S, labels, channels=1)
         paths = [Path(p) for p, _ in ds.samples]
         assert len(paths) == 17 and len({p.resolve() for p in paths}) == 17
         assert sorted(t for _, t in ds.samples) == ([0] * 8 + [1] * 9 if labels else [-1] * 17)

@@ -1,8 +1,8 @@
-"""siftguide.sampler: the resumable sampler continues mid-epoch and draws no global random numbers."""
+"""siftguide.data.sampler: the resumable sampler continues mid-epoch and draws no global random numbers."""
 import pytest
 import torch
 
-from siftguide.sampler import ResumableSampler
+from siftguide.data.sampler import ResumableSampler
 
 
 def test_sampler_resumes_mid_epoch_and_draws_no_global_random_numbers():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-import siftguide.synthetic as syn
+import siftguide.data.synthetic as syn
 from siftguide import detect_keypoints
 from siftguide.data import DeviceTransform, FashionMNISTDataModule, find_fashion_mnist, load_fashion_mnist
 from tests.conftest import compose_cfg
@@ -53,7 +53,7 @@ def real(monkeypatch):
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     """DataModule factory on a 60/20-image fake IDX folder (noise images, labels i % 10)."""
-    monkeypatch.setattr("siftguide.data.DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
+    monkeypatch.setattr("siftguide.data.formats.DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
     write_idx(tmp_path / "fm", n_train=60, n_test=20)
 
     def make(cls, **kw):
@@ -181,6 +181,24 @@ def test_translated_garments_vary_in_place_and_size_and_clutter_adds_mass(real):
     assert outside.any(-1).any(-1).float().mean() > 0.9
     none = real(syn.ClutteredFashionMNISTDataModule, clutter_count=0)
     assert torch.equal(none.train_set.images, t.train_set.images)
+
+
+def test_object_scale_sets_the_size_range_as_a_share_of_the_canvas(fake):
+    """data.object_scale=[low, high]: garment sides round(low * C)..round(high * C), the same images as the pixel
+    range it stands for (the default variants unchanged)."""
+    small = fake(syn.TranslatedFashionMNISTDataModule, object_scale=[0.2, 0.35])
+    assert (small.min_size, small.max_size) == (13, 22)
+    px = fake(syn.TranslatedFashionMNISTDataModule, min_size=13, max_size=22)
+    assert torch.equal(small.train_set.images, px.train_set.images)
+    sizes = small.draw_params(60, "train", torch.zeros(60))["size"]
+    assert sizes.min() >= 13 and sizes.max() <= 22 and len(sizes.unique()) > 4
+    default = fake(syn.TranslatedFashionMNISTDataModule)
+    assert (default.min_size, default.max_size) == (24, 44)
+    clutter = fake(syn.ClutteredFashionMNISTDataModule, object_scale=[0.5, 0.5])
+    assert (clutter.min_size, clutter.max_size) == (32, 32)
+    for bad in ([0.0, 0.3], [0.4, 0.3], [0.5, 1.2], [0.3]):
+        with pytest.raises(ValueError, match="data.object_scale"):
+            syn.TranslatedFashionMNISTDataModule(object_scale=bad)
 
 
 def _tint_codes(images):

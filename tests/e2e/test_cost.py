@@ -40,7 +40,7 @@ def test_cost_is_the_same_beside_a_cpu_hog_while_wall_clock_is_not(tiny_cfg):
     torch.set_num_threads(1)  # one compute thread: no OpenMP spin-waiting to count as compute
     try:
         common = ["trainer.max_steps=150", "trainer.val_check_interval=150", "callbacks.knn=null",
-                  "module.align_batches=0", "guidance=prior"]
+                  "callbacks.attention_divergence.batches=0", "guidance=prior"]
         metrics = {}
         for name in ("alone", "beside_hog"):
             cfg = tiny_cfg(common, name=name)

@@ -1,4 +1,4 @@
-"""The real thing: ``python train.py`` killed with SIGKILL, then resumed exactly (in-process: tests/test_resume.py)."""
+"""The real thing: ``python train.py`` killed with SIGKILL, then resumed exactly (in-process: tests/run/test_resume.py)."""
 import os
 import signal
 import subprocess

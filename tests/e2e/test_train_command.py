@@ -35,7 +35,7 @@ def test_train_py_command_line_with_wandb_offline(tmp_path):
 
 def test_multirun_sweep_then_compare(tmp_path):
     """`train.py -m` over two guidance weights: one run directory each (config + metrics), then compare."""
-    from siftguide.compare import main as compare_main
+    from siftguide.analysis.compare import main as compare_main
     from tests.conftest import TINY
 
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}

@@ -1,11 +1,11 @@
-"""The attention mode (SiftGuidance) on several timm ViT variants: exact capture, gradients, no leaks, clean detach,
+"""The attention mode (AttentionAlignment) on several timm ViT variants: exact capture, gradients, no leaks, clean detach,
 errors, heads and early layers, the divergences."""
 
 import pytest
 import timm
 import torch
 
-from siftguide import SiftGuidance
+from siftguide import AttentionAlignment
 from siftguide.attention import prefix_tokens, resolve_layers
 from siftguide.guidance import divergence
 from tests.helpers import corner_relevance
@@ -47,7 +47,7 @@ def test_plugin_on_variant(variant):
     assert prefix_tokens(model)["num_prefix"] == n_prefix
     with torch.no_grad():
         ref = model(x)
-    guide = SiftGuidance(model, layers=[1], weight=0.5)
+    guide = AttentionAlignment(model, layers=[1], weight=0.5)
     assert guide.attention == ("mean" if variant == "avgpool_no_cls" else "cls")
     model.train()
     with guide.capture():
@@ -58,7 +58,7 @@ def test_plugin_on_variant(variant):
     n = n_prefix + grid[0] * grid[1]
     assert probs.shape == (2, model.blocks[1].attn.num_heads, n, n)
     torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
-    loss = guide.loss(random_relevance(2, grid))
+    loss = guide.loss(random_relevance(2, grid), 0)
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
     assert model.blocks[1].attn.qkv.weight.grad.abs().sum() > 0
@@ -72,13 +72,13 @@ def test_plugin_on_variant(variant):
 
 def test_no_leak_across_steps_or_into_inference():
     model = make("vit_tiny_patch16_224", dict(img_size=32, patch_size=8))
-    guide = SiftGuidance(model, layers=[-1])
+    guide = AttentionAlignment(model, layers=[-1])
     x, rel = torch.rand(2, 3, 32, 32), random_relevance(2, (4, 4))
     with guide.capture():
         model(x)
-    guide.loss(rel)
+    guide.loss(rel, 0)
     with pytest.raises(RuntimeError, match="capture"):
-        guide.loss(rel)  # the captured attention was consumed
+        guide.loss(rel, 0)  # the captured attention was consumed
     with torch.no_grad():
         model.eval()(x)
     assert guide._capture.maps == {}
@@ -91,31 +91,31 @@ def test_no_leak_across_steps_or_into_inference():
 
 def test_weight_zero_is_inert():
     model = make("vit_tiny_patch16_224", dict(img_size=32, patch_size=8))
-    guide = SiftGuidance(model, layers=[-1], weight=0.0)
+    guide = AttentionAlignment(model, layers=[-1], weight=0.0)
     x = torch.rand(2, 3, 32, 32)
     with guide.capture():
         assert model.blocks[-1].attn.fused_attn  # no capture at all
         out = model(x)
-    loss = guide.loss(random_relevance(2, (4, 4)))
+    loss = guide.loss(random_relevance(2, (4, 4)), 0)
     assert float(loss) == 0.0 and not loss.requires_grad
     out.sum().backward()  # the model still trains normally
 
 
 def test_mismatched_relevance_grid_is_a_clear_error():
     model = make("vit_tiny_patch16_224", dict(img_size=32, patch_size=8))
-    guide = SiftGuidance(model, layers=[-1])
+    guide = AttentionAlignment(model, layers=[-1])
     with guide.capture():
         model(torch.rand(2, 3, 32, 32))
     with pytest.raises(ValueError, match="patch grid"):
-        guide.loss(random_relevance(2, (8, 8)))
+        guide.loss(random_relevance(2, (8, 8)), 0)
 
 
 def test_dynamic_image_size():
     model = make("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, dynamic_img_size=True))
-    guide = SiftGuidance(model, layers=[-1])
+    guide = AttentionAlignment(model, layers=[-1])
     with guide.capture():
         model(torch.rand(2, 3, 48, 24))
-    loss = guide.loss(random_relevance(2, (6, 3)))
+    loss = guide.loss(random_relevance(2, (6, 3)), 0)
     assert torch.isfinite(loss)
 
 
@@ -123,9 +123,9 @@ def test_unsupported_attention_names_the_module():
     model = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
                               embed_dim=64, num_heads=2)
     with pytest.raises(TypeError, match="RelPosAttention"):
-        SiftGuidance(model, layers=[-1], attention="mean")
+        AttentionAlignment(model, layers=[-1], attention="mean")
     with pytest.raises(TypeError, match="blocks"):
-        SiftGuidance(torch.nn.Linear(2, 2))
+        AttentionAlignment(torch.nn.Linear(2, 2))
 
 
 def test_argument_errors():
@@ -134,12 +134,12 @@ def test_argument_errors():
         resolve_layers(model, [5])
     assert resolve_layers(model, [-1, 2, 0]) == [0, 2]
     with pytest.raises(ValueError, match="divergence"):
-        SiftGuidance(model, divergence="js")
+        AttentionAlignment(model, divergence="js")
     with pytest.raises(ValueError, match=">= 0"):
-        SiftGuidance(model, weight=-1)
+        AttentionAlignment(model, weight=-1)
     no_cls = make("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, class_token=False, global_pool="avg"))
     with pytest.raises(ValueError, match="class token"):
-        SiftGuidance(no_cls, attention="cls")
+        AttentionAlignment(no_cls, attention="cls")
 
 
 def test_heads_selection_changes_the_target_attention():
@@ -147,10 +147,10 @@ def test_heads_selection_changes_the_target_attention():
     x, rel = torch.rand(2, 3, 32, 32), random_relevance(2, (4, 4))
     values = []
     for heads in (None, [0], [1]):
-        g = SiftGuidance(model, layers=[-1], heads=heads)
+        g = AttentionAlignment(model, layers=[-1], heads=heads)
         with g.capture():
             model(x)
-        values.append(float(g.loss(rel).detach()))
+        values.append(float(g.loss(rel, 0).detach()))
         g.detach()
     assert len(set(round(v, 6) for v in values)) == 3
 
@@ -167,7 +167,7 @@ def test_divergences_zero_at_match_and_ordered():
 
 def test_attention_mode_per_head_and_early_layers(tiny_vit):
     net = tiny_vit(depth=3)
-    guide = SiftGuidance(net, layers=[0, 1], heads=[1], head_reduce="each")
+    guide = AttentionAlignment(net, layers=[0, 1], heads=[1], head_reduce="each")
     with guide.capture():
         net(torch.rand(2, 1, 32, 32))
     assert guide.layers == [0, 1]

@@ -3,7 +3,7 @@ schedule and is off at evaluation."""
 import pytest
 import torch
 
-from siftguide.guidance import AttentionPrior, SiftGuidance
+from siftguide.guidance import AttentionPrior, AttentionAlignment
 from tests.helpers import corner_relevance
 
 
@@ -11,7 +11,7 @@ def test_prior_shifts_attention_toward_relevant_patches(tiny_vit):
     net = tiny_vit().eval()
     x = torch.rand(2, 1, 32, 32)
     rel = corner_relevance(2)
-    guide = SiftGuidance(net, layers=[-1])
+    guide = AttentionAlignment(net, layers=[-1])
     prior = AttentionPrior(net, layers=[-1], beta=2.0)
 
     def mass():

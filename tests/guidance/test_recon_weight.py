@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from siftguide.guidance import KeypointReconWeight, keypoint_weights, weighted_patch_loss
-from siftguide.objectives import MAEObjective
+from siftguide.guidance import KeypointReconWeight, keypoint_weights
+from siftguide.objectives import Guided, MAEObjective, weighted_patch_loss
 from tests.helpers import corner_relevance
 
 
@@ -21,13 +21,13 @@ def test_keypoint_weights_follow_kamim():
 def test_mae_without_relevance_consumers_is_unchanged(tiny_vit):
     x = torch.rand(2, 1, 32, 32)
     outs = []
+    uniform = torch.full((2, 4, 4), 1 / 16)
     for weighting in (None, KeypointReconWeight()):
         net = tiny_vit()
         obj = MAEObjective(decoder_dim=16, decoder_depth=1, decoder_heads=2)
         obj.setup(net)
-        if weighting is not None:
-            weighting.bind(obj)
+        guided = Guided() if weighting is None else Guided(None, *weighting.patch_weights(uniform, 0))
         torch.manual_seed(1)
         # uniform relevance: KAMIM weights are all 1, the loss is plain MAE's
-        outs.append(obj(net, x, {"relevance": torch.full((2, 4, 4), 1 / 16)}, "train").loss)
+        outs.append(obj(net, x, {}, "train", guided).loss)
     assert torch.equal(outs[0], outs[1])

@@ -1,7 +1,7 @@
 """siftguide.guidance.schedule: the guidance schedules, and one cosine shared with the learning rate."""
 import pytest
 
-from siftguide import SiftGuidance
+from siftguide import AttentionAlignment
 from siftguide.guidance import GuidanceSchedule
 
 
@@ -23,7 +23,7 @@ def test_schedules(tiny_vit):
         with pytest.raises(ValueError, match="fraction"):
             GuidanceSchedule("cosine", total_steps=300, fraction=bad)
     model = tiny_vit(in_chans=3, num_classes=5, depth=3, embed_dim=192, num_heads=3).eval()  # vit_tiny, RGB
-    g = SiftGuidance(model, weight=2.0, schedule=dict(kind="linear", total_steps=10))
+    g = AttentionAlignment(model, weight=2.0, schedule=dict(kind="linear", total_steps=10))
     assert g.current_weight(5) == pytest.approx(1.0)
 
 
@@ -32,7 +32,7 @@ def test_one_cosine_for_the_guidance_schedule_and_the_learning_rate():
     import math
 
     from siftguide.guidance.schedule import cosine_decay, warmup_cosine
-    from siftguide.module import warmup_cosine as former_lr  # the LR schedule's former copy, still defined there
+    from siftguide.guidance.schedule import warmup_cosine as former_lr  # the LR schedule's former copy, still defined there
 
     for w, total, floor in [(50, 300, 0.01), (0, 10, 0.0), (5000, 100_000, 0.0), (10, 11, 0.5)]:
         new, old = warmup_cosine(w, total, floor), former_lr(w, total, floor)

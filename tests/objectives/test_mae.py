@@ -3,7 +3,7 @@ tokens, the sin-cos position embedding (timm's)."""
 import pytest
 import torch
 
-from siftguide import SiftGuidance
+from siftguide import AttentionAlignment
 from siftguide.objectives.mae import MAEObjective, patchify, random_masking, sincos_pos_embed
 
 ENCODER = dict(num_classes=10, embed_dim=192, num_heads=3)  # the tiny ViT at vit_tiny's own width and heads
@@ -24,7 +24,7 @@ def test_mae_loss_probe_and_visible_guidance(tiny_vit):
     net = tiny_vit(**ENCODER)
     obj = MAEObjective(mask_ratio=0.75, decoder_dim=32, decoder_depth=1, decoder_heads=2, num_classes=10)
     obj.setup(net)
-    guide = SiftGuidance(net, layers=[-1], weight=1.0)
+    guide = AttentionAlignment(net, layers=[-1], weight=1.0)
     x = torch.rand(4, 1, 32, 32)
     batch = {"label": torch.tensor([0, 1, 2, 3])}
     with guide.capture():
@@ -35,7 +35,7 @@ def test_mae_loss_probe_and_visible_guidance(tiny_vit):
     assert guide._capture.maps[1].shape[-1] == 1 + 4
     rel = torch.rand(4, 4, 4)
     rel = rel / rel.flatten(1).sum(1).view(4, 1, 1)
-    g = guide.loss(rel, ids_keep=out.ids_keep)
+    g = guide.loss(rel, 0, ids_keep=out.ids_keep)
     assert torch.isfinite(g) and g > 0
 
 
@@ -61,7 +61,7 @@ def test_eval_forward_captures_the_masked_pass(tiny_vit):
     net = tiny_vit(**ENCODER).eval()
     obj = MAEObjective(decoder_dim=32, decoder_depth=1, decoder_heads=2, num_classes=10)
     obj.setup(net)
-    guide = SiftGuidance(net, layers=[-1])
+    guide = AttentionAlignment(net, layers=[-1])
     with torch.no_grad(), guide.capture():
         out = obj(net, torch.rand(2, 1, 32, 32), {"label": torch.tensor([0, 1])}, "val")
     rel = torch.full((2, 4, 4), 1 / 16)

@@ -1,5 +1,6 @@
 """siftguide.relevance.cache: keypoints mapped through the augmentation's matrix, the in-memory cache against
-detection on augmented images, packed keypoints, and the cache built once across 2 gloo processes."""
+detection on augmented images, packed keypoints, and the cache built once across 2 gloo processes (with the kNN
+metric's gather over the same processes)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,11 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from siftguide.callbacks.knn import KNNEvaluator
+from siftguide.callbacks.knn import WeightedKNN, knn_predict
 from siftguide.data import DeviceTransform, load_fashion_mnist
-from siftguide.relevance import KeypointCache, RelevanceTarget, detect_keypoints, transform_keypoints
+from siftguide.relevance import KeypointCache, RelevanceStage, detect_keypoints, transform_keypoints
 from siftguide.relevance.cache import pack_keypoints, unpack_keypoints
-from tests.helpers import TrainerStub
 from tests.oracle import spearman
 
 SIFT = dict(max_keypoints=16)
@@ -34,9 +34,9 @@ def _agreement(x, tf, target, cache):
     torch.manual_seed(0)
     aug, matrix = tf(x, train=True, return_matrix=True)
     target.caches = {"train": cache}
-    cached = target(aug, 8, index=torch.arange(len(x)), matrix=matrix)
+    cached = target(aug, 8, index=torch.arange(len(x)), matrix=matrix)[0]
     target.caches = {}
-    fresh = target(aug, 8)
+    fresh = target(aug, 8)[0]
     torch.testing.assert_close(cached.flatten(1).sum(1), torch.ones(len(x)))
     same = spearman(cached.flatten(1), fresh.flatten(1))
     other = spearman(cached.flatten(1), fresh.roll(1, 0).flatten(1))  # paired with another image
@@ -46,7 +46,7 @@ def _agreement(x, tf, target, cache):
 def test_cached_relevance_matches_detection_on_augmented_images(tmp_path):
     x, _ = load_fashion_mnist(split="test", download=False)
     x = x[:64]
-    target = RelevanceTarget(sift=dict(max_keypoints=64))
+    target = RelevanceStage(sift=dict(max_keypoints=64))
     tf = DeviceTransform(64, crop_scale=(0.8, 1.0))
     cache = KeypointCache.load_or_build(x, tf.resize, target.sift, tf.size, tmp_path)
     assert len(list(tmp_path.glob("keypoints-*.pt"))) == 1
@@ -72,16 +72,6 @@ def test_packed_keypoints_round_trip():
     assert torch.equal(back.valid, kp.valid) and torch.equal(back.xy[back.valid], kp.xy[kp.valid])
 
 
-class _Module:
-    """What KNNEvaluator.all_features needs from a LightningModule: all_gather (here torch.distributed's)."""
-
-    @staticmethod
-    def all_gather(t: torch.Tensor) -> torch.Tensor:
-        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, t)
-        return torch.stack(out)
-
-
 def _worker(rank: int, world: int, init_file: str, images: torch.Tensor, directory: str, out: str) -> None:
     torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -102,18 +92,24 @@ def _worker(rank: int, world: int, init_file: str, images: torch.Tensor, directo
         detected.clear()
         # the second call finds rank 0's file: nobody detects; the ranks get it by broadcast
         loaded = KeypointCache.load_or_build(images, tf.resize, SIFT, tf.size, directory, batch_size=4)
-        knn = KNNEvaluator()
-        knn.features = lambda module, x, pools=None: x.flatten(1).float() * 2  # stand-in network: the gather is tested
-        feats = knn.all_features(TrainerStub(rank, world), _Module(), images)
+        bank, by, queries, qy = _knn_rows()
+        metric = WeightedKNN(3, k=5)  # each rank holds every world-th row, as KNNEvaluator hands them out
+        metric.update(bank[rank::world], by[rank::world], queries[rank::world], qy[rank::world])
         torch.save({"built": built._tensors(), "loaded": loaded._tensors(), "n_built": n_built,
-                    "n_loaded": sum(detected), "feats": feats}, Path(out) / f"{rank}.pt")
+                    "n_loaded": sum(detected), "knn": metric.compute()}, Path(out) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_cache_built_once_and_knn_features_gathered_across_2_gloo_processes(tmp_path):
+def _knn_rows():
+    g = torch.Generator().manual_seed(0)  # the same rows in every process
+    return torch.randn(25, 8, generator=g), torch.randint(0, 3, (25,), generator=g), \
+        torch.randn(11, 8, generator=g), torch.randint(0, 3, (11,), generator=g)  # odd: unequal shares
+
+
+def test_cache_built_once_and_knn_gathered_across_2_gloo_processes(tmp_path):
     x, _ = load_fashion_mnist(split="test", download=False)
-    images = x[:11]  # odd: unequal shares (6 + 5) and one padding row in the kNN gather
+    images = x[:11]  # odd: unequal shares (6 + 5)
     # fork: the children inherit the imported modules (a spawned child re-imports lightning and timm: ~10 s)
     mp.start_processes(_worker, args=(2, str(tmp_path / "init"), images, str(tmp_path / "cache"), str(tmp_path)),
                        nprocs=2, start_method="fork")
@@ -128,4 +124,6 @@ def test_cache_built_once_and_knn_features_gathered_across_2_gloo_processes(tmp_
         for got in (r["built"], r["loaded"]):
             for a, b in zip(got, reference):
                 torch.testing.assert_close(a, b)
-        torch.testing.assert_close(r["feats"], images.flatten(1).float() * 2)  # all rows, in order, on every rank
+    bank, by, queries, qy = _knn_rows()
+    whole = (knn_predict(bank, by, queries, 3, k=5) == qy).float().mean()
+    assert all(float(r["knn"]) == float(whole) for r in ranks)  # every rank votes over every rank's rows

@@ -241,10 +241,10 @@ def test_cuda_matches_cpu():
 
 @CUDA
 def test_no_host_sync_in_the_hot_path():
-    from siftguide.relevance import RelevanceTarget
+    from siftguide.relevance import RelevanceStage
 
     x = (photo_batch(64, crops_per_photo=1)[:8].float() / 255).cuda()
-    target = RelevanceTarget(sift=dict(max_keypoints=64))
+    target = RelevanceStage(sift=dict(max_keypoints=64))
     target(x, 8)  # warm-up builds the cached blur matrices (a one-time host -> device copy)
     torch.cuda.set_sync_debug_mode("error")
     try:

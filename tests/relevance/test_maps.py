@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from siftguide import patch_relevance
-from siftguide.relevance import (MODES, Keypoints, RelevanceTarget, detect_keypoints, gradient_relevance,
+from siftguide.relevance import (MODES, Keypoints, RelevanceStage, detect_keypoints, gradient_relevance,
                                  keypoint_patch_counts, normalize_relevance, relevance_from_keypoints)
 from tests.conftest import blob_image
 from tests.oracle import photo_batch
@@ -72,7 +72,7 @@ def test_unknown_mode_is_an_error():
     with pytest.raises(ValueError, match="count"):
         relevance_from_keypoints(_kp([(1.0, 1.0)]), (1, 1), 8, "nope")
     with pytest.raises(ValueError, match="sift"):
-        RelevanceTarget(kind="nope")
+        RelevanceStage(kind="nope")
 
 
 def test_gradient_relevance_is_high_on_edges():
@@ -96,3 +96,22 @@ def test_patch_counts_sum_to_valid_keypoints():
     kp = detect_keypoints(x, max_keypoints=256)
     assert counts.shape == (4, 4, 4)
     assert torch.equal(counts.flatten(1).sum(1), kp.valid.sum(1).float())
+
+
+def test_the_dense_mode_leaves_mass_on_a_faint_object_that_count_misses():
+    """A faint small blob gives no keypoint (its DoG extremum is below the contrast threshold): count falls back to
+    the uniform map; mode=dog puts the most mass on the blob's patch, and none on a flat image."""
+    from siftguide.relevance import RelevanceStage, detect_keypoints, dog_relevance
+
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    faint = (0.5 + 0.02 * torch.exp(-((xx - 44) ** 2 + (yy - 12) ** 2) / (2 * 2.0**2))).view(1, 1, 64, 64)
+    assert int(detect_keypoints(faint).valid.sum()) == 0
+    count = RelevanceStage("sift")(faint, 16)[0]
+    torch.testing.assert_close(count, torch.full((1, 4, 4), 1 / 16))
+    dense, stats = RelevanceStage("sift", mode="dog")(faint, 16)
+    assert stats == {} and int(dense.flatten(1).argmax()) == 2 and float(dense[0, 0, 2]) > 0.5  # row 0, column 2
+    torch.testing.assert_close(dense.flatten(1).sum(1), torch.ones(1))
+    flat = dog_relevance(torch.full((2, 1, 64, 64), 0.3), 16)
+    torch.testing.assert_close(flat, torch.full((2, 4, 4), 1 / 16))  # no structure: uniform, not NaN
+    with pytest.raises(ValueError, match="relevance.min_keypoints counts keypoints"):
+        RelevanceStage("sift", mode="dog", min_keypoints=2)

@@ -11,12 +11,17 @@ def test_prefetched_keypoints_give_the_cached_run(tiny_cfg, monkeypatch):
     image mapped through the augmentation, as with the cache: the same training, step for step."""
     import pandas as pd
 
-    from siftguide.module import PretrainModule
+    from siftguide.callbacks import RelevanceSetup
     from siftguide.train import train
 
     prefetched = []
-    real = PretrainModule._prefetch
-    monkeypatch.setattr(PretrainModule, "_prefetch", lambda self, b: (prefetched.append(1), real(self, b))[1])
+    real = RelevanceSetup.prefetch
+
+    def counting(module):
+        prepare = real(module)
+        return lambda b: (prefetched.append(1), prepare(b))[1]
+
+    monkeypatch.setattr(RelevanceSetup, "prefetch", staticmethod(counting))
 
     common = ["guidance=prior", "callbacks.knn=null", "trainer.max_steps=3"]
     runs = {}

@@ -1,4 +1,4 @@
-"""siftguide.changes: settings changed on resume act from the resumed step and are recorded; a changed model is
+"""siftguide.run.changes: settings changed on resume act from the resumed step and are recorded; a changed model is
 refused, and a new run from the weights is the way."""
 from pathlib import Path
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 import yaml
 
-from siftguide.changes import ResumeRefused
-from siftguide.module import warmup_cosine
+from siftguide.run.changes import ResumeRefused
+from siftguide.guidance.schedule import warmup_cosine
 from siftguide.train import train
 from tests.helpers import CHEAP, keep_trainer
 
@@ -25,12 +25,13 @@ def test_settings_changed_on_resume_act_from_the_resumed_step_and_are_recorded(t
         train(tiny_cfg(["trainer.max_steps=6", *CHEAP, "ckpt_path=last", "optimizer.lr=5e-3",
                         "optimizer.weight_decay=0.1", "guidance.weight=2"], name="lr"))
     run = Path(first.paths.output_dir)
-    m = pd.read_csv(run / "metrics.csv").dropna(subset=["train/lr"])
+    m = pd.read_csv(run / "metrics.csv").dropna(subset=["train/lr/decay"])
     assert m["step"].tolist() == [0, 1, 2, 3, 4, 5]
     before, after = warmup_cosine(1, 4, 0.01), warmup_cosine(1, 6, 0.01)  # TINY: warmup 1; min_lr_factor 0.01
-    assert m["train/lr"].tolist() == pytest.approx([1e-3 * before(s) for s in range(4)]
+    assert m["train/lr/decay"].tolist() == pytest.approx([1e-3 * before(s) for s in range(4)]
                                                    + [5e-3 * after(s) for s in (4, 5)], rel=1e-6)
-    assert m["train/guidance_weight"].tolist() == [1.0] * 4 + [2.0] * 2
+    w = pd.read_csv(run / "metrics.csv").dropna(subset=["train/guidance/attention_weight"])
+    assert w["train/guidance/attention_weight"].tolist() == [1.0] * 4 + [2.0] * 2
     decay, no_decay = trainers[0].optimizers[0].param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0 and decay["initial_lr"] == 5e-3
     history = yaml.safe_load((run / "config_history.yaml").read_text())

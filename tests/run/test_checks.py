@@ -1,10 +1,10 @@
-"""siftguide.checks: config values that do not fit are one readable error before anything is trained; the shipped
+"""siftguide.run.checks: config values that do not fit are one readable error before anything is trained; the shipped
 configs pass."""
 from pathlib import Path
 
 import pytest
 
-from siftguide.checks import validate_config
+from siftguide.run.checks import validate_config
 from siftguide.train import train
 
 

@@ -1,6 +1,6 @@
 """Exact resume: a run killed at step k and resumed in its run directory ends as the uninterrupted run; the forms of
 ckpt_path, a torn checkpoint, a checkpoint that would run code (``kill -9`` of ``python train.py``:
-tests/e2e/test_resume.py; settings changed on resume: tests/test_changes.py)."""
+tests/e2e/test_resume.py; settings changed on resume: tests/run/test_changes.py)."""
 import os
 from pathlib import Path
 
@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from siftguide.analysis.loading import UnreadableCheckpointError
-from siftguide.module import warmup_cosine
-from siftguide.resume import WANDB_ID_FILE, resolve_ckpt_path
+from siftguide.run.checkpoint import UnreadableCheckpointError
+from siftguide.guidance.schedule import warmup_cosine
+from siftguide.run.resume import WANDB_ID_FILE, resolve_ckpt_path
 from siftguide.train import train
 from tests.helpers import CHEAP, killed_at, logged_rows
 
@@ -46,7 +46,7 @@ def test_killed_run_resumes_exactly(tiny_cfg, monkeypatch):
     """2 batches per epoch, a checkpoint every 2 steps: killed at step 3 (mid-epoch, past the checkpoint of step
     2), the resumed run logs exactly the uninterrupted run's rows (LR, losses, validation, across an epoch)."""
     fast = ["data.train_subset=64", "data.val_size=64", "trainer.max_steps=5", "trainer.val_check_interval=2",
-            "callbacks.knn=null", "module.align_batches=0", "trainer.log_every_n_steps=1"]
+            "callbacks.knn=null", "callbacks.attention_divergence.batches=0", "trainer.log_every_n_steps=1"]
     _, run = _kill_and_resume(tiny_cfg, monkeypatch, fast, k=3, ckpt_step=2)
     b = logged_rows(run)
     assert b["val/acc"].notna().sum() == 3 and b["train/loss"].notna().sum() == 5
@@ -68,15 +68,15 @@ def test_killed_run_resumes_exactly_with_wandb_and_generators(tiny_cfg, monkeypa
 def test_resuming_a_finished_run_with_more_steps_follows_the_new_schedule(tiny_cfg):
     """The LR after resuming is the new schedule's at the resumed step (the optimizer saved the old one), and the
     logged steps continue at the checkpoint's step (Lightning's end-of-fit checkpoint advanced them by one)."""
-    cheap = ["callbacks.knn=null", "module.align_batches=0", "data.val_size=64"]
+    cheap = ["callbacks.knn=null", "callbacks.attention_divergence.batches=0", "data.val_size=64"]
     first = tiny_cfg(["trainer.max_steps=4", *cheap], name="ext")
     train(first)
     train(tiny_cfg(["trainer.max_steps=6", *cheap, "ckpt_path=last"], name="ext"))
     m = pd.read_csv(Path(first.paths.output_dir) / "metrics.csv")
-    lr = m.dropna(subset=["train/lr"])
+    lr = m.dropna(subset=["train/lr/decay"])
     assert lr["step"].tolist() == [0, 1, 2, 3, 4, 5]
     sched = warmup_cosine(1, 6, 0.01)  # TINY: module.warmup_steps=1; min_lr_factor 0.01; optimizer.lr 1e-3
-    assert lr["train/lr"].iloc[4:].tolist() == pytest.approx([1e-3 * sched(4), 1e-3 * sched(5)], rel=1e-6)
+    assert lr["train/lr/decay"].iloc[4:].tolist() == pytest.approx([1e-3 * sched(4), 1e-3 * sched(5)], rel=1e-6)
 
 
 def test_ckpt_path_forms(tmp_path):
@@ -95,7 +95,7 @@ def test_ckpt_path_forms(tmp_path):
 
 
 def test_config_changes_name_what_differs():
-    from siftguide.resume import config_changes
+    from siftguide.run.resume import config_changes
 
     saved = {"seed": 0, "optimizer": {"lr": 1e-3}, "paths": {"output_dir": "a"}, "logger": {"csv": {"save_dir": "a"}}}
     now = {"seed": 0, "optimizer": {"lr": 3e-4}, "paths": {"output_dir": "b"}, "logger": {"csv": {"save_dir": "b"}},
@@ -110,7 +110,7 @@ def test_a_torn_last_checkpoint_falls_back_to_the_previous_one(tiny_cfg, caplog)
     assert torch.load(ckpts / "last.prev.ckpt", map_location="cpu", weights_only=True)["global_step"] == 4
     size = (ckpts / "last.ckpt").stat().st_size
     os.truncate(ckpts / "last.ckpt", size // 2)  # `truncate -s`: a copy cut short, a full disk
-    with caplog.at_level("WARNING", logger="siftguide.resume"):
+    with caplog.at_level("WARNING", logger="siftguide.run.resume"):
         train(tiny_cfg(["trainer.max_steps=6", "trainer.val_check_interval=2", *CHEAP, "ckpt_path=last"],
                        name="torn"))
     assert f"{ckpts / 'last.ckpt'} is not a PyTorch checkpoint, or is truncated or torn" in caplog.text
@@ -131,7 +131,7 @@ class _WritesAFile:
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_without_the_trust_switch(tiny_cfg, tmp_path):
-    from siftguide.analysis.loading import UntrustedCheckpointError, load_checkpoint
+    from siftguide.run.checkpoint import UntrustedCheckpointError, load_checkpoint
 
     marker, evil = tmp_path / "marker", tmp_path / "evil.ckpt"
     torch.save({"global_step": 1, "state_dict": {}, "x": _WritesAFile(marker)}, evil)
