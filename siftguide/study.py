@@ -15,7 +15,7 @@ it, or a plain statement that no setting beat its wrong-map controls and the bas
   (``--jobs``).
 * Finished runs (``results.json`` with ``status: finished``) are skipped, so an interrupted study is resumed by
   running the same command again; a run that was cut short continues from its last checkpoint (every run gets
-  ``ckpt_path=last``: exact resume in place, a fresh start when it has none) and appends to its ``train.log``; the
+  ``ckpt_path=last``: exact resume in place, a fresh start when it has none) and appends to its ``console.log``; the
   study's plan is kept in ``OUT/study.json``. A run being trained holds ``study.lock`` (an OS file lock, released
   when the study ends however it ends; ``study.lock.holder`` names the training process and its host): several
   studies may share a directory (or a disk, from several machines) without training a run twice.
@@ -27,12 +27,15 @@ it, or a plain statement that no setting beat its wrong-map controls and the bas
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -63,9 +66,42 @@ class StudyRun:
     kind: str                      # relevance kind ("none" for the baseline)
     seed: int
     overrides: list[str] = field(default_factory=list)
+    tag: str = ""                  # --new: a short hash of the overrides, so the run gets a folder of its own
 
     def directory(self, out: Path) -> Path:
-        return out / self.mode / self.kind / f"s{self.seed}"
+        return out / self.mode / self.kind / (f"s{self.seed}-{self.tag}" if self.tag else f"s{self.seed}")
+
+
+RECORD_FILE = "study_run.json"  # in each run directory: the overrides the study trained it with
+# in each run directory: the training process's output (stdout and stderr), each attempt under a header; the run's
+# own log records are in train.log (Hydra's), so no line is written twice into one file
+CONSOLE_FILE = "console.log"
+
+
+def trained_with(run_dir: Path) -> list[str] | None:
+    """The overrides a study trained ``run_dir`` with (``study_run.json``), or None (not trained by a study)."""
+    try:
+        return list(json.loads((run_dir / RECORD_FILE).read_text())["overrides"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def differing_keys(old: list[str], new: list[str]) -> list[str]:
+    """``key: old -> new`` for every override whose value differs or that only one list has (``<absent>``)."""
+    a, b = (dict(o.split("=", 1) for o in x if "=" in o) for x in (old, new))
+    return [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
+def mismatched(runs: list["StudyRun"], out: Path) -> dict[Path, list[str]]:
+    """The runs of this plan whose directory holds a run trained with other overrides: ``{directory: differing
+    keys}`` (a directory without a record, or not started, is not a mismatch)."""
+    found = {}
+    for r in runs:
+        old = trained_with(r.directory(out))
+        if old is not None and old != r.overrides:
+            found[r.directory(out)] = differing_keys(old, r.overrides)
+    return found
 
 
 def _mode_label(spec: str) -> tuple[str, str, list[str]]:
@@ -105,8 +141,9 @@ def controls_for(guidance: str, which: str) -> list[str]:
 
 
 def plan(modes: list[str], seeds: list[int], controls: str = "main", oracle: bool = False,
-         overrides: list[str] | None = None, baseline: bool = True) -> list[StudyRun]:
-    """Every run of a study, seed by seed (baseline, then each mode with SIFT, its controls, the oracle)."""
+         overrides: list[str] | None = None, baseline: bool = True, new: bool = False) -> list[StudyRun]:
+    """Every run of a study, seed by seed (baseline, then each mode with SIFT, its controls, the oracle); ``new``:
+    each run's folder carries a hash of its overrides (``s0-<hash>``), apart from runs trained with other ones."""
     common = list(overrides or [])
     per_seed: list[tuple[str, str, list[str]]] = []
     if baseline:
@@ -122,8 +159,12 @@ def plan(modes: list[str], seeds: list[int], controls: str = "main", oracle: boo
             per_seed.append((label, kind, [f"guidance={guidance}", f"relevance.kind={kind}", *extra]))
     # the keypoint cache wherever the data allows it (in-memory images, image folders), for every run (runs without
     # keypoints ignore it), so that it is not a compared setting; a user's relevance.cache=... comes later and wins
-    return [StudyRun(label, kind, s, [*STUDY_OVERRIDES, *common, *ovr, f"seed={s}"])
-            for s in seeds for label, kind, ovr in per_seed]
+    out = [StudyRun(label, kind, s, [*STUDY_OVERRIDES, *common, *ovr, f"seed={s}"])
+           for s in seeds for label, kind, ovr in per_seed]
+    if new:
+        for r in out:
+            r.tag = hashlib.sha1(json.dumps(r.overrides).encode()).hexdigest()[:8]
+    return out
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -166,9 +207,50 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def _launch(run: StudyRun, out: Path, threads: int | None, python: str,
-            script: Path | None) -> tuple[StudyRun, int | None, float]:
-    """Train one run; ``rc`` None when it was skipped (finished or trained by another study meanwhile)."""
+class Launcher:
+    """Starts the runs' training processes and passes a SIGTERM / SIGINT the study receives on to them: no new run
+    starts, each running one saves its checkpoint and ends as a plain run does, the study waits for them and exits
+    ``128 + signal``."""
+
+    def __init__(self) -> None:
+        self.procs: set[subprocess.Popen] = set()
+        self.signum: int | None = None
+        self._lock = threading.Lock()
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._forward)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _forward(self, signum, frame) -> None:
+        self.signum = signum
+        with self._lock:
+            for p in self.procs:
+                if p.poll() is None:
+                    p.send_signal(signum)
+
+    def start(self, cmd: list[str], **kw) -> subprocess.Popen | None:
+        with self._lock:
+            if self.signum is not None:
+                return None
+            proc = subprocess.Popen(cmd, **kw)
+            self.procs.add(proc)
+            return proc
+
+    def done(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self.procs.discard(proc)
+
+
+def _launch(run: StudyRun, out: Path, threads: int | None, python: str, script: Path | None,
+            launcher: Launcher) -> tuple[StudyRun, int | None, float]:
+    """Train one run; ``rc`` None when it was skipped (finished, trained by another study meanwhile, or the study
+    was stopped by a signal before it started)."""
     d = run.directory(out)
     lock = claim(d)
     if lock is None:
@@ -184,12 +266,18 @@ def _launch(run: StudyRun, out: Path, threads: int | None, python: str,
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
     try:
-        with open(d / "train.log", "a") as f:  # an earlier attempt's log is kept above this one
+        with open(d / CONSOLE_FILE, "a") as f:  # an earlier attempt's output is kept above this one
             f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + " ".join(shlex.quote(c) for c in cmd) + "\n")
             f.flush()
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            (d / RECORD_FILE).write_text(json.dumps({"overrides": run.overrides}, indent=1) + "\n")
+            proc = launcher.start(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            if proc is None:
+                return run, None, 0.0
             lock.name_holder(proc.pid)  # the training process is the holder others are told about
-            rc = proc.wait()
+            try:
+                rc = proc.wait()
+            finally:
+                launcher.done(proc)
     finally:
         lock.release()
     return run, rc, time.perf_counter() - t0
@@ -215,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metric", default=None, help="compare metric (default: val/acc, val/knn_acc for objective=mae)")
     ap.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     ap.add_argument("--report-only", action="store_true", help="only write the report of the finished runs")
+    ap.add_argument("--new", action="store_true",
+                    help="runs whose folder holds a run trained with other overrides are trained anew in folders of "
+                         "their own (s<seed>-<hash>) instead of stopping the study")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--train-script", default=None,
                     help="a training script to run instead of the package's entry point (python -m siftguide.train)")
@@ -238,6 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     out = Path(args.out)
+    clash = mismatched(runs, out)
+    if clash and args.new:
+        runs = plan(args.modes, list(range(args.seed_start, args.seed_start + args.seeds)), args.controls,
+                    args.oracle, args.overrides, baseline=not args.no_baseline, new=True)
+    elif clash:
+        d, keys = next(iter(clash.items()))
+        print(f"error: {len(clash)} run folder(s) of {out} hold runs trained with other settings than this study's "
+              f"(e.g. {d}: {'; '.join(keys)}): reusing them would mix experiments. Use another --out, or --new to "
+              f"train this study's runs in folders of their own", file=sys.stderr)
+        return 1
     todo = [r for r in runs if not is_finished(r.directory(out))]
     print(f"study {out}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run")
     if args.dry_run:
@@ -251,22 +352,39 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv[1:] if argv is None else argv, "overrides": args.overrides,
         "common_overrides": [*STUDY_OVERRIDES, *args.overrides], "metric": metric,
         "runs": [{**asdict(r), "directory": str(r.directory(Path("")))} for r in runs]}, indent=1))
-    failed = []
+    failed, launcher = [], Launcher()
     if todo and not args.report_only:
         threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
-        with ThreadPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(_launch, r, out, threads, args.python, script) for r in todo]
-            for i, fut in enumerate(futures, 1):
-                run, rc, dt = fut.result()
-                if rc is None:
-                    print(f"[{i}/{len(todo)}] {run.mode}/{run.kind}/s{run.seed}: skipped (finished or being "
-                          f"trained by another study{lock_note(run.directory(out))})", flush=True)
-                    continue
-                state = "ok" if rc == 0 and is_finished(run.directory(out)) else f"FAILED (exit {rc})"
-                if state != "ok":
-                    failed.append(run)
-                print(f"[{i}/{len(todo)}] {run.mode}/{run.kind}/s{run.seed}: {state} in {dt / 60:.1f} min", flush=True)
+        launcher.install()
+        try:
+            with ThreadPoolExecutor(args.jobs) as pool:
+                futures = [pool.submit(_launch, r, out, threads, args.python, script, launcher) for r in todo]
+                results = []
+                for fut in futures:
+                    while not fut.done():  # a short wait: the main thread must stay free to take a signal
+                        time.sleep(0.2)
+                    results.append(fut.result())
+                    _progress(len(results), len(todo), *results[-1], out, failed)
+        finally:
+            launcher.restore()
+        if launcher.signum is not None:
+            print(f"{signal.Signals(launcher.signum).name}: the running trainings were stopped at a step boundary "
+                  f"with their checkpoints; run the same command again to continue", flush=True)
+            _report(args, out, failed)
+            return 128 + launcher.signum
     return _report(args, out, failed)
+
+
+def _progress(i: int, n: int, run: StudyRun, rc: int | None, dt: float, out: Path, failed: list[StudyRun]) -> None:
+    """Print how a run ended (and remember a failure)."""
+    if rc is None:
+        print(f"[{i}/{n}] {run.mode}/{run.kind}/s{run.seed}: skipped (finished, being trained by another study"
+              f"{lock_note(run.directory(out))}, or the study was stopped)", flush=True)
+        return
+    state = "ok" if rc == 0 and is_finished(run.directory(out)) else f"FAILED (exit {rc})"
+    if state != "ok":
+        failed.append(run)
+    print(f"[{i}/{n}] {run.mode}/{run.kind}/s{run.seed}: {state} in {dt / 60:.1f} min", flush=True)
 
 
 def run_report(out: Path, python: str = sys.executable) -> int:
@@ -276,7 +394,7 @@ def run_report(out: Path, python: str = sys.executable) -> int:
 
 def _report(args, out: Path, failed: list[StudyRun]) -> int:
     if failed:
-        print(f"{len(failed)} runs failed; their logs: " + ", ".join(str(r.directory(out) / 'train.log') for r in failed))
+        print(f"{len(failed)} runs failed; their logs: " + ", ".join(str(r.directory(out) / CONSOLE_FILE) for r in failed))
     rc = run_report(out)
     return 1 if failed else rc
 

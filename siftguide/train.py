@@ -14,6 +14,8 @@ import inspect  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -30,8 +32,10 @@ from .callbacks.preemption import Interrupted, Preemption, SignalStop  # noqa: E
 from .guidance import Guidance  # noqa: E402
 from .module import PretrainModule  # noqa: E402
 from .run import changes  # noqa: E402
+from .run import directory as run_directory  # noqa: E402
 from .run.checkpoint import safe_loading  # noqa: E402
 from .run.checks import validate_config  # noqa: E402
+from .run.errors import UserError  # noqa: E402
 from .run.lock import RunLock  # noqa: E402
 from .run.resume import (LAST_CKPT, RESULTS_FILE, RotatingCheckpointIO, checkpoint_info, continue_csv,  # noqa: E402
                          load_weights, resolve_ckpt_path, same_run, wandb_id)
@@ -201,6 +205,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def _train(cfg: DictConfig, out_dir: Path, stop: SignalStop, new_run: bool, trust: bool) -> dict[str, float]:
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir, trust=trust)
+    # a run directory holds one run: another run's files are replaced only with overwrite=true (moved aside)
+    continues = str(cfg.get("ckpt_path")) == "last" or (ckpt is not None and not new_run and same_run(ckpt, out_dir))
+    run_directory.claim(out_dir, continues, bool(cfg.get("overwrite")), rank_zero_only.rank == 0)
     module, datamodule, trainer = build(cfg, ckpt)
     for cb in trainer.callbacks:
         if isinstance(cb, Preemption):
@@ -253,9 +260,26 @@ def _train(cfg: DictConfig, out_dir: Path, stop: SignalStop, new_run: bool, trus
     return metrics
 
 
+def report_user_error(e: BaseException) -> None:
+    """One paragraph on stderr for an error the user can act on; its traceback to the run's log file(s)."""
+    logs = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    text = "".join(traceback.format_exception(e))
+    for path in logs:
+        with open(path, "a") as f:
+            f.write(f"[{type(e).__name__}] the error below, with its traceback:\n{text}")
+    where = f" (traceback in {', '.join(logs)}; HYDRA_FULL_ERROR=1 shows it here)" if logs else ""
+    print(f"error: {e}{where}", file=sys.stderr, flush=True)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except (UserError, ValueError, FileNotFoundError) as e:  # what the user can act on: the message is the story
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        report_user_error(e)
+        sys.exit(1)
     return metrics.get(cfg.get("optimized_metric"))  # for hparams_search sweepers
 
 

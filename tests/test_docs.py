@@ -251,3 +251,17 @@ def test_relative_links_resolve(path):
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{target} (no such heading)")
     assert not broken, f"{path.relative_to(ROOT)}: broken links {broken}"
+
+
+def test_every_promise_names_a_test_that_exists():
+    """docs/operations.md's promises table: each row names the test that checks it, and that test exists."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    table = text.split("## Promises, each with the test that checks it", 1)[1].split("\n\n", 2)[1]
+    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith(("| promise", "|---"))]
+    assert len(rows) >= 10
+    for row in rows:
+        refs = re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", row.rsplit("|", 2)[-2])
+        assert refs, row
+        for path, name in refs:
+            assert (ROOT / path).is_file(), path
+            assert not name or re.search(rf"^def {name}\(", (ROOT / path).read_text(), flags=re.M), (path, name)

@@ -79,10 +79,10 @@ def test_study_runs_skips_finished_reports_failures(tmp_path, capsys):
     rc = study.main(argv)
     text = capsys.readouterr().out
     assert rc == 1  # the rolled runs failed: the study says so with a non-zero exit
-    assert "2 runs failed" in text and "train.log" in text
+    assert "2 runs failed" in text and "console.log" in text
     assert study.is_finished(out / "attention" / "sift" / "s1")
     assert not study.is_finished(out / "attention" / "rolled" / "s0")
-    assert "trainer.max_steps=100" in (out / "baseline" / "none" / "s0" / "train.log").read_text()
+    assert "trainer.max_steps=100" in (out / "baseline" / "none" / "s0" / "console.log").read_text()
     report = (out / "report" / "verdict.md").read_text()
     assert "baseline" in report and (out / "report" / "table.md").is_file()
     plan = json.loads((out / "study.json").read_text())
@@ -123,14 +123,14 @@ def test_a_run_cut_short_continues_from_its_checkpoint(tmp_path, capsys):
     assert study.main(argv) == 0  # rerun: both continue from their checkpoint and finish
     for d in (out / "baseline" / "none" / "s0", out / "prior" / "sift" / "s0"):
         assert study.is_finished(d)
-        log = (d / "train.log").read_text()
+        log = (d / "console.log").read_text()
         assert "attempt 1: killed at step 50" in log and "attempt 2: ckpt_path=last" in log  # both attempts kept
         assert log.count("ckpt_path=last") == 3  # in both commands, and in the second attempt's output
     # a user's own ckpt_path is passed on, not replaced
     (tmp_path / "plain.py").write_text(FAKE_TRAIN)
     study.main(["ckpt_path=/weights.ckpt", "--modes", "prior", "--controls", "none", "--seeds", "1", "--out",
                 str(tmp_path / "o2"), "--train-script", str(tmp_path / "plain.py"), "--python", sys.executable])
-    cmd = (tmp_path / "o2" / "prior" / "sift" / "s0" / "train.log").read_text().splitlines()[1]
+    cmd = (tmp_path / "o2" / "prior" / "sift" / "s0" / "console.log").read_text().splitlines()[1]
     assert "ckpt_path=/weights.ckpt" in cmd and "ckpt_path=last" not in cmd
 
 
@@ -290,3 +290,100 @@ def test_study_without_controls_says_the_candidate_is_untested(tmp_path):
     assert rec["command"] == "python train.py relevance.cache=auto trainer.max_steps=400 guidance=prior " \
                              "relevance.kind=sift"
     assert rec["data"] == "fashion_mnist (default)"
+
+
+def test_a_study_never_reuses_runs_trained_on_other_settings(tmp_path, capsys):
+    """A second study into the same --out with other data stops, naming the differing key, before training anything;
+    with --new it trains its runs in folders of their own, and its report names only what its runs trained on."""
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    out = tmp_path / "study"
+    common = ["--modes", "attention", "--controls", "shuffled", "--seeds", "1", "--out", str(out), "--train-script",
+              str(script), "--python", sys.executable]
+    assert study.main(["data.root=/data/a", *common]) == 0
+    first = {p: p.read_text() for p in out.rglob("*") if p.is_file() and "report" not in p.parts}
+    capsys.readouterr()
+    assert study.main(["data.root=/data/b", *common]) == 1
+    err = capsys.readouterr().err
+    assert "trained with other settings" in err and "data.root: /data/a -> /data/b" in err and "--new" in err
+    assert {p: p.read_text() for p in first} == first  # nothing trained, nothing rewritten
+    assert study.main(["data.root=/data/b", *common, "--new"]) == 0
+    new = sorted(p.relative_to(out) for p in out.glob("*/*/s0-*"))
+    assert len(new) == 3 and all(study.trained_with(out / p)[1] == "data.root=/data/b" for p in new)
+    verdict = json.loads((out / "report" / "verdict.json").read_text())
+    assert verdict["data"] == "fashion_mnist (default) (root=/data/b)" and verdict["complete"]
+    assert all("/s0-" in d for g in verdict["groups"] for d in g["runs"])  # none of the first study's runs
+
+
+def test_a_partial_study_says_so_and_gives_no_advice(tmp_path, capsys):
+    """--report-only with a control that was killed (a checkpoint, no results.json): complete false, the run listed,
+    status incomplete, no "ran no wrong-map control" advice."""
+    import yaml
+
+    settings = {("baseline", "none"): ((400, 400, 400), 0.5), ("prior", "sift"): ((240, 230, 250), 0.5),
+                ("prior", "shuffled"): ((390, 400, 380), 0.5)}
+    out = tmp_path / "partial"
+    for r in study.plan(["prior"], [0, 1, 2], "main"):
+        reach, cost = settings[(r.mode, r.kind)]
+        _fake_finished_run(r.directory(out), r.seed, r.mode, r.kind, reach[r.seed], cost)
+    killed = out / "prior" / "shuffled" / "s2"
+    (killed / "results.json").unlink()  # killed before it finished
+    (killed / "checkpoints").mkdir()
+    assert study.main(["--modes", "prior", "--controls", "main", "--seeds", "3", "--out", str(out),
+                       "--report-only"]) == 0
+    assert "the study is incomplete: 1 of 9 runs not finished (prior/shuffled/s2: interrupted)" in \
+        capsys.readouterr().out
+    verdict = json.loads((out / "report" / "verdict.json").read_text())
+    assert verdict["complete"] is False and verdict["not_finished"] == [{"run": "prior/shuffled/s2",
+                                                                          "state": "interrupted"}]
+    assert (out / "report" / "verdict.md").read_text().startswith("**Incomplete study** (complete: false)")
+    rec = yaml.safe_load((out / "report" / "recommended.yaml").read_text())
+    assert rec["status"] == "incomplete" and rec["command"] is None and "prior/shuffled/s2" in rec["statement"]
+    assert "no wrong-map control" not in rec["statement"] and "use the baseline" not in rec["statement"]
+
+
+SLOW_TRAIN = textwrap.dedent("""
+    # stands in for train.py: trains until a signal, then saves and exits as train.py does (143 for SIGTERM)
+    import json, os, pathlib, signal, sys, time
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    d = pathlib.Path(args["hydra.run.dir"])
+    stop = []
+    signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
+    (d / "pid").write_text(str(os.getpid()))
+    while not stop:
+        time.sleep(0.05)
+    (d / "results.json").write_text(json.dumps({"status": "interrupted", "signal": "SIGTERM"}))
+    sys.exit(143)
+""")
+
+
+@pytest.mark.e2e  # two Python processes and the report's: ~30 s
+def test_sigterm_to_a_study_stops_its_trainings_and_leaves_none_behind(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "slow_train.py"
+    script.write_text(SLOW_TRAIN)
+    out = tmp_path / "study"
+    proc = subprocess.Popen([sys.executable, "-m", "siftguide.study", "--modes", "prior", "--controls", "none",
+                             "--seeds", "2", "--jobs", "2", "--out", str(out), "--train-script", str(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids = []
+    for _ in range(600):  # both trainings started (two jobs)
+        pids = [int(p.read_text()) for p in out.glob("*/*/s*/pid") if p.read_text()]
+        if len(pids) == 2:
+            break
+        time.sleep(0.05)
+    assert len(pids) == 2, proc.communicate(timeout=30)[0]
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    for pid in pids:  # the trainings ended with the study, having written their results
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    states = [json.loads(p.read_text())["status"] for p in out.glob("*/*/s*/results.json")]
+    assert states == ["interrupted", "interrupted"], text
+    assert len(list(out.glob("*/*/s*/pid"))) == 2  # the other two runs were never started
+    assert "SIGTERM: the running trainings were stopped" in text

@@ -12,7 +12,8 @@ guide with the SIFT map (``kind: sift``), those that
 
 and recommends the one with the lowest cost ratio (steps ratio without cost data). ``status`` says which case
 holds: ``recommended``; ``untested`` (a setting beats the baseline but the study ran no wrong-map control for it:
-it may not be SIFT's doing); or ``baseline`` (no setting beat its controls: train without guidance). With
+it may not be SIFT's doing); ``baseline`` (no setting beat its controls: train without guidance); or ``incomplete``
+(the verdict says ``complete: false``: some planned runs did not finish, and no advice is given). With
 ``baseline``, ``fastest`` names the setting (any map, a wrong-map control included) that beat the baseline at the
 lowest cost, when one did: a user who only wants speed may take it, knowing the gain is not the per-image SIFT
 map's.
@@ -111,6 +112,8 @@ def recommend(verdict: dict) -> dict:
         beats, why = _beats_baseline(g)
         margin = _control_margin(controls.get(g["label"]))
         vs_controls = "untested" if margin is None else ("beats" if margin["beats_by_2std"] else "fails")
+        if g.get("incomplete"):  # some of its planned runs (its controls, its seeds) did not finish: no judgement
+            vs_controls = "incomplete"
         considered.append({"setting": g["label"], "beats_baseline": beats, "why": why, "against_controls": vs_controls,
                            "cost_ratio": g.get("cost_ratio"), "steps_ratio": g.get("steps_ratio")})
         if beats and vs_controls == "beats":
@@ -126,6 +129,13 @@ def recommend(verdict: dict) -> dict:
            "target": verdict.get("target"), "setting": None, "overrides": None, "evidence": None, "command": None,
            "considered": considered}
     metric = verdict.get("metric")
+    if not verdict.get("complete", True):
+        missing = verdict.get("not_finished") or []
+        listed = ", ".join(f"{r['run']} ({r['state']})" for r in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        out.update(status="incomplete", statement=(
+            f"The study is incomplete: {len(missing)} of its planned runs did not finish ({listed}). No advice until "
+            f"they do: run the study's command again (finished runs are skipped, cut runs continue)."))
+        return out
     if winners or untested:
         g, margin = min(winners or untested, key=key)
         ev = _evidence(g, margin, verdict)

@@ -4,10 +4,12 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from ..run.errors import UserError
+
 __all__ = ["NonFiniteLossError", "NonFiniteCheck"]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Training stopped because the loss became NaN or infinite."""
 
 

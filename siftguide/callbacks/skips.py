@@ -20,13 +20,14 @@ import logging
 import lightning as L
 
 from ..data.datasets import WARNED, warn_unreadable
+from ..run.errors import UserError
 
 __all__ = ["SkippedFiles", "UnreadableDataError"]
 
 log = logging.getLogger("siftguide.data")
 
 
-class UnreadableDataError(RuntimeError):
+class UnreadableDataError(UserError, RuntimeError):
     """Too many training samples were unreadable (``data.max_skip_fraction``)."""
 
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .detector import Keypoints, detect_keypoints
+from .progress import BuildProgress
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +102,19 @@ class KeypointCache:
     # ------------------------------------------------------------------------------------------------ building
     @classmethod
     @torch.no_grad()
-    def build(cls, images: Tensor, prepare, sift: dict, batch_size: int = 512,
-              device: torch.device | str = "cpu") -> "KeypointCache":
+    def build(cls, images: Tensor, prepare, sift: dict, batch_size: int = 512, device: torch.device | str = "cpu",
+              progress: bool = True, progress_every_s: float = 30.0) -> "KeypointCache":
         """Detect keypoints for all ``images (N, C, h, w)`` after ``prepare`` (e.g. the deterministic resize of
-        the device pipeline), in batches on ``device``."""
+        the device pipeline), in batches on ``device``, showing its progress
+        (:class:`~siftguide.relevance.progress.BuildProgress`)."""
         out = []
+        bar = BuildProgress(len(images), "keypoint cache", log, progress_every_s, enabled=progress)
         for i in range(0, len(images), batch_size):
             x = prepare(images[i : i + batch_size].to(device))
             kp = detect_keypoints(x, **sift)
             out.append((kp.xy.cpu(), kp.scale.cpu(), kp.response.cpu(), kp.valid.cpu()))
+            bar.update(x.shape[0])
+        bar.close()
         return cls(*(torch.cat(t) for t in zip(*out)))
 
     @classmethod

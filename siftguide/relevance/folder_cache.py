@@ -85,6 +85,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .cache import pack_keypoints
+from .progress import BuildProgress
 from .detector import detect_keypoints
 
 log = logging.getLogger(__name__)
@@ -493,15 +494,8 @@ def _detect_rows(directory: Path, dataset: Dataset, rows: np.ndarray, prepare, s
     hash_out = np.load(directory / "hash.npy", mmap_mode="r+")
     loader = DataLoader(_Hashing(dataset, rows.tolist()), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=default_collate, pin_memory=torch.device(device).type == "cuda")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        # disable=None: no bar when stderr is not a terminal (a log file would get every refresh); lines below
-        bar = tqdm(total=len(rows), desc="keypoint cache", unit="img", dynamic_ncols=True, smoothing=0.1,
-                   disable=None)
+    bar = BuildProgress(len(rows), f"keypoint cache {directory.name}", log, _PROGRESS_EVERY_S, enabled=progress)
     t0, done, bad = time.perf_counter(), 0, 0
-    last = t0
     for i, batch in enumerate(loader):
         x = prepare(batch["image"].to(device, non_blocking=True))
         packed, count = pack_keypoints(detect_keypoints(x, **sift))
@@ -512,13 +506,7 @@ def _detect_rows(directory: Path, dataset: Dataset, rows: np.ndarray, prepare, s
         if "valid" in batch:
             bad += int((~batch["valid"]).sum())
         done += len(idx)
-        if bar is not None and not bar.disable:
-            bar.update(len(idx))
-        elif progress and time.perf_counter() - last > _PROGRESS_EVERY_S:
-            last = time.perf_counter()
-            rate = done / (last - t0)
-            log.info("keypoint cache %s: %d of %d detected (%.0f img/s, %.0f s left)", directory, done, len(rows),
-                     rate, (len(rows) - done) / max(rate, 1e-9))
+        bar.update(len(idx))
         if i % 50 == 49:
             kp_out.flush()
             hash_out.flush()
@@ -526,8 +514,7 @@ def _detect_rows(directory: Path, dataset: Dataset, rows: np.ndarray, prepare, s
     kp_out.flush()
     hash_out.flush()
     count_out.flush()
-    if bar is not None:
-        bar.close()
+    bar.close()
     return done, bad, time.perf_counter() - t0
 
 

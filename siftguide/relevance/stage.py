@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from ..rng import RandomStream
 from .cache import KeypointCache, pack_keypoints, transform_keypoints, unpack_keypoints
 from .detector import Keypoints, check_images, detect_keypoints
-from .folder_cache import FolderKeypointCache, supports_folder_cache
+from .folder_cache import VERIFY, FolderKeypointCache, supports_folder_cache
 from .graph import BACKENDS, Captured
 from .maps import (MODES, PRIOR_FORMS, _pair, compose_with_prior, dog_relevance, foreground_relevance,
                    gradient_relevance, random_relevance, relevance_from_keypoints, roll_relevance, shuffle_shift)
@@ -80,8 +80,9 @@ class RelevanceStage(nn.Module):
         backend: how on-the-fly detection runs: ``auto`` (a CUDA graph on GPUs, eager elsewhere), ``eager``,
             ``graph``, ``compile`` (:class:`~siftguide.relevance.graph.Captured`).
         cache: ``auto`` | ``true`` | ``false`` (see the module docstring); kept on disk in ``cache_dir`` (required
-            by the folder cache: a temporary directory when null). mean_images: training images averaged for the
-            dataset-mean map.
+            by the folder cache: a temporary directory when null). cache_verify: how the folder cache checks that a
+            file is unchanged (:meth:`~siftguide.relevance.folder_cache.FolderKeypointCache.prepare`). mean_images:
+            training images averaged for the dataset-mean map.
         prefetch: detect the next training batch's keypoints on a side CUDA stream while the current step runs
             (``auto``: on CUDA when detection is on the fly; ``true`` also on CPU, synchronously, for tests).
         foreground_threshold: grey-level difference to the background that makes a foreground pixel.
@@ -90,8 +91,8 @@ class RelevanceStage(nn.Module):
     def __init__(self, kind: str = "sift", mode: str = "count", temperature: float = 1.0, smoothing: float = 0.0,
                  uniform_mix: float = 0.0, splat: float = 1.0, prior_mix: float = 0.0, prior_form: str = "mixture",
                  min_keypoints: float = 0, sift: dict | None = None, seed: int = 0, cache: bool | str = "auto",
-                 cache_dir: str | None = None, mean_images: int = 2048, foreground_threshold: float = 0.1,
-                 backend: str = "auto", prefetch: bool | str = "auto") -> None:
+                 cache_dir: str | None = None, cache_verify: str = "auto", mean_images: int = 2048,
+                 foreground_threshold: float = 0.1, backend: str = "auto", prefetch: bool | str = "auto") -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown relevance.kind {kind!r}; expected one of {KINDS}")
@@ -125,7 +126,9 @@ class RelevanceStage(nn.Module):
         self._captured: dict[tuple, Captured] = {}
         # shuffled: a CPU generator (the shift is read on the host, no device sync); random: the batch's device
         self.rng = RandomStream(seed)
-        self.use_cache, self.cache_dir, self.mean_images = cache, cache_dir, mean_images
+        if cache_verify not in VERIFY:
+            raise ValueError(f"relevance.cache_verify must be one of {VERIFY}, got {cache_verify!r}")
+        self.use_cache, self.cache_dir, self.cache_verify, self.mean_images = cache, cache_dir, cache_verify, mean_images
         self.foreground_threshold = foreground_threshold
         self.caches: dict[str, KeypointCache] = {}  # in-memory datasets, by stage
         self.folder_caches: dict[str, FolderKeypointCache] = {}  # datasets of files, by stage
@@ -182,7 +185,7 @@ class RelevanceStage(nn.Module):
         elif supports_folder_cache(ds):
             cache = FolderKeypointCache.prepare(
                 ds, prepare, self.sift, image_size, self.cache_dir or tempfile.gettempdir(), device=device,
-                batch_size=max(64, batch_size), num_workers=num_workers)
+                batch_size=max(64, batch_size), num_workers=num_workers, verify=self.cache_verify)
             self.folder_caches[stage] = cache
             return cache
         elif self.use_cache == "true":

@@ -26,9 +26,11 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import UserError
+
 log = logging.getLogger("siftguide.run.resume")
 
-__all__ = ["APPLIED_ON_RESUME", "HISTORY_FILE", "check_resume", "record", "write_config", "diff", "ResumeRefused"]
+__all__ = ["APPLIED_ON_RESUME", "IDENTITY", "guidance_modes", "HISTORY_FILE", "check_resume", "record", "write_config", "diff", "ResumeRefused"]
 
 HISTORY_FILE = "config_history.yaml"
 # resolved config keys (fnmatch patterns) a resumed run takes from the new config at the resumed step
@@ -49,11 +51,15 @@ APPLIED_ON_RESUME = (
     "data.num_workers", "data.pin_memory", "data.download", "data.cache_dir", "data.val_subset",
     "data.max_skip_fraction",
 )
-_IGNORED = ("paths.*", "hydra.*", "ckpt_path", "*save_dir", "*default_root_dir", "*dirpath")  # where the run lives
+_IGNORED = ("paths.*", "hydra.*", "ckpt_path", "overwrite", "*save_dir", "*default_root_dir",
+            "*dirpath")  # where the run lives
+# what is trained: a key of these groups that appears or disappears on resume is a change (refused), as a changed
+# value is; elsewhere a key only one side has is a setting added or removed by another siftguide version
+IDENTITY = ("objective.*", "relevance.kind", "data.*", "model.*", "num_classes")
 _ABSENT = "<absent>"
 
 
-class ResumeRefused(ValueError):
+class ResumeRefused(UserError, ValueError):
     """The config differs from the checkpoint's in settings a resumed run cannot change."""
 
 
@@ -78,13 +84,25 @@ def diff(saved: dict, now: dict) -> dict[str, tuple[Any, Any]]:
             if a.get(k, _ABSENT) != b.get(k, _ABSENT) and not _match(k, _IGNORED)}
 
 
+def guidance_modes(config: dict) -> list[str]:
+    """The guidance modes a resolved config trains with (``guidance=none``: none)."""
+    return sorted(k for k, v in (config.get("guidance") or {}).items() if isinstance(v, dict))
+
+
 def check_resume(saved: dict, now: dict, step: int, ckpt: Path) -> dict[str, tuple[Any, Any]]:
     """The changes a resume from ``ckpt`` (at optimizer step ``step``, saved with config ``saved``) makes; raises
-    :class:`ResumeRefused` naming the keys that cannot change. Keys only one side has (a setting added or removed
-    by another siftguide version) are applied, not refused."""
+    :class:`ResumeRefused` naming the keys that cannot change: what is trained (the set of guidance modes, the
+    objective, the relevance kind, the data, the model, the classes: :data:`IDENTITY`; a key there that appears or
+    disappears counts as a change) and every other key whose value differs, unless :data:`APPLIED_ON_RESUME` lets it
+    change. Outside the identity groups, a key only one side has (a setting added or removed by another siftguide
+    version) is applied, not refused."""
     changes = diff(saved, now)
-    refused = [k for k, (old, new) in changes.items()
-               if old != _ABSENT and new != _ABSENT and not _match(k, APPLIED_ON_RESUME)]
+    modes = (guidance_modes(saved), guidance_modes(now))
+    refused = [k for k, (old, new) in changes.items() if not _match(k, APPLIED_ON_RESUME)
+               and ((old != _ABSENT and new != _ABSENT) or _match(k, IDENTITY))]
+    if modes[0] != modes[1]:  # a mode swapped in or out: its keys only appear or disappear
+        changes = {"guidance modes": (modes[0] or ["none"], modes[1] or ["none"]), **changes}
+        refused = ["guidance modes", *(k for k in refused if not k.startswith("guidance."))]
     max_steps = changes.get("trainer.max_steps", (None, None))[1]
     if isinstance(max_steps, int) and 0 <= max_steps < step:
         refused.append("trainer.max_steps")

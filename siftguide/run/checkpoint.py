@@ -19,6 +19,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .errors import UserError
+
 __all__ = ["load_checkpoint", "safe_loading", "SAFE_GLOBALS", "CheckpointError", "UntrustedCheckpointError",
            "UnreadableCheckpointError"]
 
@@ -28,7 +30,7 @@ __all__ = ["load_checkpoint", "safe_loading", "SAFE_GLOBALS", "CheckpointError",
 SAFE_GLOBALS: tuple[type, ...] = ()
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be used; the message names the file (raised by :mod:`siftguide.analysis.export` under its
     name ``ExportError`` too)."""
 

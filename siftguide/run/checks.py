@@ -15,6 +15,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import UserError
+
 # keys read as numbers: (key, integer?); null is left to the code that reads the key
 _NUMBERS = (
     ("seed", True), ("num_classes", True), ("trainer.max_steps", True), ("trainer.max_epochs", True),
@@ -29,7 +31,11 @@ _NUMBERS = (
     ("callbacks.attention_divergence.batches", True),
 )
 
-__all__ = ["validate_config"]
+__all__ = ["validate_config", "ConfigError"]
+
+
+class ConfigError(UserError, ValueError):
+    """Values of a composed config that do not fit, listed with the key, the value and what to do."""
 
 
 def _pair(v) -> tuple[int, int] | None:
@@ -172,7 +178,7 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise one ``ValueError`` listing every problem of a composed run config (none: returns ``None``)."""
     problems = _type_problems(cfg)
     if problems:  # the checks below read these keys as numbers
-        raise ValueError("config problems found before training:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("config problems found before training:\n  - " + "\n  - ".join(problems))
     problems = _class_problems(cfg)
     if cfg.get("model") is not None:
         problems += _model_problems(cfg.model) + _transform_problems(cfg)
@@ -183,4 +189,4 @@ def validate_config(cfg: DictConfig) -> None:
     if (cfg.get("module") or {}).get("warmup_steps", 0) < 0:
         problems.append(f"module.warmup_steps={cfg.module.warmup_steps} must be >= 0")
     if problems:
-        raise ValueError("config problems found before training:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("config problems found before training:\n  - " + "\n  - ".join(problems))

@@ -19,13 +19,15 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .errors import UserError
+
 __all__ = ["RunLock", "RunDirectoryInUse", "LOCK_FILE", "read_holder", "holder_text", "this_holder"]
 
 log = logging.getLogger("siftguide.train")
 LOCK_FILE = "run.lock"
 
 
-class RunDirectoryInUse(RuntimeError):
+class RunDirectoryInUse(UserError, RuntimeError):
     """Another live process holds this directory's lock."""
 
 

@@ -40,10 +40,11 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ..rng import RandomStream
 from .checkpoint import UnreadableCheckpointError, load_checkpoint
+from .errors import UserError
 
 log = logging.getLogger("siftguide.run.resume")
 
-__all__ = ["ResumeState", "resolve_ckpt_path", "continue_csv", "wandb_id", "config_changes", "WANDB_ID_FILE",
+__all__ = ["ResumeState", "CheckpointWriteError", "resolve_ckpt_path", "continue_csv", "wandb_id", "config_changes", "WANDB_ID_FILE",
            "RESULTS_FILE", "RotatingCheckpointIO", "LAST_CKPT", "PREV_CKPT", "load_weights"]
 
 WANDB_ID_FILE = "wandb_id"  # in the run directory: the wandb run id a resumed run continues
@@ -51,6 +52,10 @@ RESULTS_FILE = "results.json"  # in the run directory when a run ends: status fi
 LAST_CKPT = "last.ckpt"  # in <run dir>/checkpoints: the latest checkpoint
 PREV_CKPT = "last.prev.ckpt"  # beside it: the one before (ckpt_path=last falls back to it)
 _KEY = "siftguide_resume"
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (a full disk, a file too large); the message names the last good one."""
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, trust: bool = False) -> Path | None:
@@ -143,17 +148,36 @@ class RotatingCheckpointIO(TorchCheckpointIO):
     system allows, else a copy), so a ``last.ckpt`` damaged some other way (a full disk, a copy cut short, a file
     system that loses the rename) still leaves the previous checkpoint to resume from."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_good: tuple[Path, int] | None = None  # the last checkpoint this process wrote, and its step
+
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
         path = Path(path)
-        if path.name == LAST_CKPT and path.is_file():
-            prev, tmp = path.with_name(PREV_CKPT), path.with_name(PREV_CKPT + ".tmp")
-            tmp.unlink(missing_ok=True)
+        try:
+            if path.name == LAST_CKPT and path.is_file():
+                prev, tmp = path.with_name(PREV_CKPT), path.with_name(PREV_CKPT + ".tmp")
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(path, tmp)
+                except OSError:
+                    shutil.copy2(path, tmp)
+                os.replace(tmp, prev)
+            super().save_checkpoint(checkpoint, path, storage_options)
+        except OSError as e:
+            raise CheckpointWriteError(self._failure(path, int(checkpoint.get("global_step", -1)), e)) from e
+        self.last_good = (path, int(checkpoint.get("global_step", -1)))
+
+    def _failure(self, path: Path, step: int, error: OSError) -> str:
+        good = self.last_good
+        if good is None and path.is_file():  # written by an earlier process of this run
             try:
-                os.link(path, tmp)
-            except OSError:
-                shutil.copy2(path, tmp)
-            os.replace(tmp, prev)
-        super().save_checkpoint(checkpoint, path, storage_options)
+                good = (path, int(load_checkpoint(path, mmap=True).get("global_step", -1)))
+            except UnreadableCheckpointError:
+                good = None
+        kept = (f"the last good checkpoint, {good[0]} (step {good[1]}), is intact: free space or fix the file system, "
+                f"then resume with ckpt_path=last") if good else "no earlier checkpoint of this run exists"
+        return f"could not write the checkpoint {path} at step {step} ({type(error).__name__}: {error}); {kept}"
 
 
 def continue_csv(logger, step: int) -> int:

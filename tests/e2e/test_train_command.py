@@ -73,3 +73,37 @@ def test_optuna_search_config_runs_two_trials(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = yaml.safe_load((tmp_path / "optuna" / "optimization_results.yaml").read_text())
     assert 0.0 <= best["best_value"] <= 1.0 and "guidance.weight" in best["best_params"]
+
+
+def test_errors_a_user_can_act_on_are_one_paragraph_and_exit_1(tmp_path):
+    """A second train.py into a finished run's directory, and a resume that swaps the guidance mode: exit 1 before
+    any work, one paragraph on stderr and no traceback (the traceback is in the run's train.log), every file of the
+    run unchanged but the log."""
+    import hashlib
+
+    from tests.conftest import TINY
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    out = tmp_path / "run"
+    base = [*TINY, "trainer.max_steps=2", "callbacks.knn=null", f"hydra.run.dir={out}"]
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "train.py", *base, *extra], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    def sums():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))
+                if p.is_file() and p.name != "train.log" and ".hydra" not in p.parts}
+
+    assert run().returncode == 0
+    before = sums()
+    for extra, says in (((), "already holds a finished run (step 2)"),
+                        (("ckpt_path=last", "guidance=prior", "trainer.max_steps=4"), "guidance modes")):
+        proc = run(*extra)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+        error = proc.stderr[proc.stderr.find("error: "):]  # after Lightning's own "Seed set to 0" line, if any
+        assert "\nerror: " in "\n" + proc.stderr and says in error, proc.stderr[-2000:]
+        assert sums() == before
+    assert "Traceback" in (out / "train.log").read_text()

@@ -127,3 +127,18 @@ def test_cache_built_once_and_knn_gathered_across_2_gloo_processes(tmp_path):
     bank, by, queries, qy = _knn_rows()
     whole = (knn_predict(bank, by, queries, 3, k=5) == qy).float().mean()
     assert all(float(r["knn"]) == float(whole) for r in ranks)  # every rank votes over every rank's rows
+
+
+def test_the_in_memory_build_reports_its_progress(caplog):
+    """A build that takes minutes is not silent: without a terminal, a line when it starts and lines with the count,
+    the rate and the time left (on a terminal: a progress bar)."""
+    import logging
+
+    images = (torch.rand(40, 1, 32, 32) * 255).to(torch.uint8)
+    tf = DeviceTransform(32, crop_scale=None, hflip=False)
+    with caplog.at_level(logging.INFO, logger="siftguide.relevance.cache"):
+        KeypointCache.build(images, tf.resize, SIFT, batch_size=8, progress_every_s=0.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "keypoint cache: detecting the keypoints of 40 images"
+    progress = [m for m in lines if " of 40 images (" in m]
+    assert len(progress) == 5 and "img/s, ETA" in progress[0] and progress[-1].startswith("keypoint cache: 40 of 40")
