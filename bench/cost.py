@@ -3,7 +3,7 @@
     python bench/cost.py [--steps 30] [--reps 2] [--settings default one_thread spin] [overrides ...]
 
 Each setting runs ``train.py`` (a real run: ``guidance=prior relevance.cache=false``, 2,048 training images, 30 steps
-by default, as issue 32 measured) ``--reps`` times alone and ``--reps`` times beside two busy-loop processes
+by default) ``--reps`` times alone and ``--reps`` times beside two busy-loop processes
 (another user's jobs on the same cores), alternating, and reads the final ``train/cost_s`` (process CPU time of the
 training steps) and ``train/elapsed_s`` (wall-clock) from ``metrics.csv``. Printed per setting: the median cost
 alone and beside the hogs, their ratio (the cost axis holds when it is within 10 % of 1) and the wall-clock ratio

@@ -1,4 +1,4 @@
-"""One-shot GPU benchmark (issue 21): the detector's speed, and guided vs baseline ViT-S/16 training steps.
+"""One-shot GPU benchmark: the detector's speed, and guided vs baseline ViT-S/16 training steps.
 
     python bench/gpu.py [--smoke] [--out FILE.json] [--device cuda|cpu] [--no-compile] [--budget-s 330]
 

@@ -34,7 +34,7 @@ def batches(batch_size: int, size: int):
         yield img, y[idx]
 
 
-def main(argv=None) -> float:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--model", default="vit_tiny_patch16_224")
@@ -46,6 +46,7 @@ def main(argv=None) -> float:
     guide = AttentionAlignment(model, layers=[-1], weight=args.weight)  # <- attach the plugin
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
     data = batches(64, 64)
+    logged = {"task": [], "guidance": []}
     for step in range(args.steps):
         images, labels = next(data)
         rel = patch_relevance(images, patch_size=8, max_keypoints=64)  # <- (B, 8, 8) SIFT relevance
@@ -54,12 +55,14 @@ def main(argv=None) -> float:
         task = F.cross_entropy(logits, labels)
         g = guide.loss(rel, step=step)  # <- weight * KL(relevance || CLS attention)
         (task + g).backward()
+        logged["task"].append(float(task))
+        logged["guidance"].append(float(g))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step:3d}  task {task.item():.3f}  guidance {g.item():.3f}")
     guide.detach()  # the model is exactly as timm built it (fused attention everywhere)
-    return float(g)
+    return {**logged, "model": model}
 
 
 if __name__ == "__main__":

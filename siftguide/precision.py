@@ -50,7 +50,7 @@ def fp32_math() -> Iterator[None]:
     setting (TF32 / bf16 allowed by ``torch.set_float32_matmul_precision``), restored on exit.
 
     For code whose fidelity needs every bit of fp32: SIFT's Gaussian pyramid in TF32 agrees with OpenCV at rho
-    0.82 instead of 1.0 (issue 21). ``autocast(enabled=False)`` alone does not prevent TF32. Flags are set through
+    0.82 instead of 1.0 (``python bench/sift.py``). ``autocast(enabled=False)`` alone does not prevent TF32. Flags are set through
     the per-operator API of torch >= 2.9 (mixing it with the legacy ``allow_tf32`` flags is an error there);
     older torch uses ``set_float32_matmul_precision`` and ``cudnn.allow_tf32``.
     """

@@ -35,7 +35,7 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 SCANNED = [README, *(d for d in DOCS if d.name != "changes.md")]  # changes.md lists the old keys on purpose
 # every page whose links are checked (the results index too)
 LINKED = [*SCANNED, ROOT / "docs" / "results" / "README.md"]
-# pages other work on issue 23 is writing: linked from the README before they land
+# pages linked from the README before they are written (none now)
 PENDING: set = set()  # pages linked before they are written
 MAX_README_LINES = 250
 SETUP_COMMANDS = ["bash scripts/setup.sh && .venv/bin/python train.py", "bash scripts/test.sh"]

@@ -5,8 +5,13 @@ from examples import lightning_module, plain_pytorch
 
 
 def test_plain_pytorch_example():
-    g = plain_pytorch.main(["--steps", "3"])
-    assert math.isfinite(g) and g > 0
+    """Three guided steps: a positive guidance term each step, and after detach() the model carries nothing of the
+    plugin (no hook left, fused attention restored)."""
+    out = plain_pytorch.main(["--steps", "3"])
+    assert len(out["guidance"]) == 3 and all(math.isfinite(t) for t in out["task"])
+    assert all(0 < g < 0.3 * math.log(64) for g in out["guidance"])  # weight 0.3 x KL over 64 patches (< log 64)
+    last = out["model"].blocks[-1].attn
+    assert not last.attn_drop._forward_pre_hooks and last.fused_attn == out["model"].blocks[0].attn.fused_attn
 
 
 def test_lightning_module_example():

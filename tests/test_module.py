@@ -105,3 +105,12 @@ def test_an_unreadable_dataset_stops_with_a_clear_error(tiny_cfg, tmp_path):
     with pytest.raises(RuntimeError, match="kNN evaluation: none of the first"):  # with kNN: the bank check
         train(folder_cfg(tiny_cfg, root, ["trainer.max_steps=30", "data.max_skip_fraction=1"],
                           name="unreadable_knn"))
+
+
+def test_accuracy_is_torchmetrics_and_equals_the_former_formula():
+    from siftguide.module import accuracy
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(257, 10, generator=g), torch.randint(0, 10, (257,), generator=g)
+    logits[:5] = 0.0  # ties: the first class wins, as argmax
+    assert torch.equal(accuracy(logits, labels), (logits.argmax(-1) == labels).float().mean())

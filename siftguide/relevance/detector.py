@@ -23,13 +23,12 @@ OpenCV finds on natural photos and Fashion-MNIST (measured: at most ~0.8 % in th
 steps after the first run only on the strongest half, then quarter, of the slots (``_STEP_BUDGET``; candidates that
 still move after one step are rarer than that, and the refined keypoints are the same, tested).
 
-Built for accelerators, where the cost is the number of kernels more than their work (issue 21): static shapes, no
+Built for accelerators, where the cost is the number of kernels more than their work: static shapes, no
 host sync, so the whole call can be captured in a CUDA graph (:mod:`siftguide.relevance.graph`); each octave's DoG
 is written into one ``(B, T)`` buffer and the candidates of all octaves are refined together, one Newton step for
 all of them (derivatives as one ``(27, 10)`` matmul on the 3x3x3 cube, the 3x3 solve by cross products); extrema are
-compacted into fixed slots by a cumulative count and ``searchsorted`` instead of a ``topk`` over the DoG plane. About
-900 top-level aten ops per call at 64 px and 1,400 at 224 px (batch 8), was 5,500 and 8,500
-(``python bench/sift.py --ops``), with the same keypoints (within 2e-5 px). Everything runs in fp32 whatever the
+compacted into fixed slots by a cumulative count and ``searchsorted`` instead of a ``topk`` over the DoG plane: about
+900 top-level aten ops per call at 64 px and 1,400 at 224 px (batch 8; ``python bench/sift.py --ops``). Everything runs in fp32 whatever the
 global matmul precision (:func:`~siftguide.precision.fp32_math`).
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The detector (and the keypoints -> relevance maps after it) has no host synchronisation and no shape that depends on
 the data, so one call can be recorded once per input shape and replayed (``torch.cuda.CUDAGraph``): the host then
-launches a single graph per batch instead of every small kernel, which is what bounds SIFT on a GPU (issue 21).
+launches a single graph per batch instead of every small kernel, which is what bounds SIFT on a GPU.
 
 :class:`Captured` wraps such a function: ``backend="graph"`` records it on CUDA (eager on other devices),
 ``"compile"`` uses ``torch.compile(mode="reduce-overhead")`` (inductor-fused kernels in CUDA graphs; plain

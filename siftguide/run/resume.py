@@ -273,6 +273,7 @@ class ResumeState(L.Callback):
         if self._realign:  # the logged step of the first resumed batch must be its optimizer step
             self._realign = False
             loop = trainer.fit_loop.epoch_loop
+            # Lightning's logger step counter has no public setter; it is one ahead after an end-of-fit checkpoint
             if loop._batches_that_stepped != trainer.global_step:
                 loop._batches_that_stepped = trainer.global_step
 
@@ -306,4 +307,4 @@ class ResumeState(L.Callback):
                 lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
                 for group, lr in zip(sched.optimizer.param_groups, lrs):
                     group["lr"] = lr
-                sched._last_lr = lrs
+                sched._last_lr = lrs  # what get_last_lr() reads: torch sets it only in step(), which would advance

@@ -32,18 +32,22 @@ def test_elapsed_time_includes_the_device_pipeline(tiny_cfg, monkeypatch):
     assert m["val/cost_s"].dropna().is_monotonic_increasing and m["val/cost_s"].max() <= cost + 1e-6
 
 
-def test_cost_clock_counts_cpu_work_not_waiting():
-    import time as _time
+def test_cost_clock_counts_process_cpu_time_between_marks(monkeypatch):
+    """On a CPU the cost is this process's CPU time between start/mark calls (a fake clock: exact values), and an
+    interval opened after a pause (validation) does not count the pause."""
+    import siftguide.callbacks.timer as timer
 
-    from siftguide.callbacks import CostClock
-
-    clock, cpu = CostClock(), torch.device("cpu")
+    now = [100.0]
+    monkeypatch.setattr(timer.time, "process_time", lambda: now[0])
+    clock, cpu = timer.CostClock(), torch.device("cpu")
     clock.start(cpu)
-    _time.sleep(0.3)
+    now[0] += 2.5  # a step's work
     clock.mark(cpu)
-    assert clock.total() < 0.1
-    t0 = _time.thread_time()
-    while _time.thread_time() - t0 < 0.3:  # busy: 0.3 s of this thread's CPU, however long that takes here
-        pass
+    now[0] += 1.0
     clock.mark(cpu)
-    assert 0.3 <= clock.total() < 1.0
+    assert clock.total() == 3.5
+    now[0] += 50.0  # validation: not training
+    clock.start(cpu)  # the clock reopens after it
+    now[0] += 0.5
+    clock.mark(cpu)
+    assert clock.total() == 4.0

@@ -1,4 +1,4 @@
-"""The cost axis (issue 24): ``train/cost_s`` measures the compute of the training steps, not the machine's load."""
+"""The cost axis: ``train/cost_s`` measures the compute of the training steps, not the machine's load."""
 from __future__ import annotations
 
 import multiprocessing as mp

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from siftguide import AttentionAlignment
+from siftguide.guidance import visible_relevance
 from siftguide.objectives.mae import MAEObjective, patchify, random_masking, sincos_pos_embed
 
 ENCODER = dict(num_classes=10, embed_dim=192, num_heads=3)  # the tiny ViT at vit_tiny's own width and heads
@@ -35,8 +36,11 @@ def test_mae_loss_probe_and_visible_guidance(tiny_vit):
     assert guide._capture.maps[1].shape[-1] == 1 + 4
     rel = torch.rand(4, 4, 4)
     rel = rel / rel.flatten(1).sum(1).view(4, 1, 1)
-    g = guide.loss(rel, 0, ids_keep=out.ids_keep)
-    assert torch.isfinite(g) and g > 0
+    cls = guide._capture.maps[1][:, :, 0, 1:].float().mean(1)  # class token -> the 4 visible patches, heads averaged
+    cls = cls / cls.sum(-1, keepdim=True)
+    r = visible_relevance(rel, out.ids_keep)  # the relevance of the visible patches, renormalised
+    expected = (torch.xlogy(r, r) - r * torch.log(cls + 1e-8)).sum(-1).mean()
+    torch.testing.assert_close(guide.loss(rel, 0, ids_keep=out.ids_keep), expected)
 
 
 def test_probe_does_not_backpropagate_into_the_encoder(tiny_vit):

@@ -256,7 +256,7 @@ def test_no_host_sync_in_the_hot_path():
 @pytest.mark.parametrize("precision", ["high", "medium"])
 def test_detector_computes_in_fp32_whatever_the_matmul_precision(precision):
     """set_float32_matmul_precision("medium") makes CPU matmuls bf16 (oneDNN), "high" makes CUDA ones TF32: the
-    banded-matmul blurs would then lose the keypoints (issue 21: rho 0.55-0.82). The detector forces fp32 and
+    banded-matmul blurs would then lose the keypoints (rho 0.55-0.82 against OpenCV). The detector forces fp32 and
     restores the user's setting."""
     from siftguide.precision import fp32_math
 
