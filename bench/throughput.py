@@ -61,6 +61,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="add guided on the fly with the compiled detector")
     ap.add_argument("--modes", nargs="*", default=None, help="only these mode variants (default: all)")
+    ap.add_argument("--ssl", action="store_true",
+                    help="add self-distillation: DINO, iBOT with block masks, with SIFT masks (attmask, cached "
+                         "keypoints) and with the teacher's attention (AttMask), experiment=ibot_fm's settings")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every variant")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -83,6 +86,10 @@ def main() -> None:
         variants = {k: v for k, v in variants.items() if k in ("baseline", "guided", "guided+cache", *args.modes)}
     if args.compile:
         variants["guided+compile"] = ["guidance=attention", "relevance.cache=false", "relevance.backend=compile"]
+    if args.ssl:
+        variants.update({"dino": ["experiment=dino_fm"], "ibot": ["experiment=ibot_fm"],
+                         "ibot+sift": ["experiment=ibot_fm", "guidance=attmask", C],
+                         "ibot+attention": ["experiment=ibot_fm", "objective.mask_pattern=attention"]})
     built = {k: make_module(args.overrides + v, dev) for k, v in variants.items()}
     cfg = built["baseline"][0]
     from hydra.utils import instantiate
@@ -99,8 +106,9 @@ def main() -> None:
     for _, m in built.values():
         if m.relevance.use_cache == "true":
             m.relevance.caches["train"] = cache
+        m.train()
 
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (_, m) in built.items()}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, (_, m) in built.items()}
     times = {k: [] for k in built}
     saved = {k: 0 for k in built}
     peak = {k: 0 for k in built}
@@ -121,10 +129,12 @@ def main() -> None:
             return x
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            loss = m.training_step(b, 0)
+            out = m.training_step(b, 0)
+        loss = out["loss"] if isinstance(out, dict) else out
         opts[name].zero_grad(set_to_none=True)
         loss.backward()
         opts[name].step()
+        m.on_train_batch_end(out, b, 0)  # an EMA teacher's update (self-distillation) is part of the step
         sync()
         if measure:
             times[name].append(time.perf_counter() - t)

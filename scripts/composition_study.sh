@@ -7,10 +7,15 @@
 #                                                   map, the keypoint-count fallback, the dense DoG map (alone and
 #                                                   mixed); the mean map; the baseline
 #   bash scripts/composition_study.sh confirm SIZE  one object-size range (small | mid | large: the default 24-44 px):
-#                                                   `prior` alone and `[prior,token_drop]` (keep 0.5, 540 steps: about
+#                                                   `prior` alone and `[prior,token_drop]` (keep 0.5, 720 steps: about
 #                                                   the baseline's compute) with $MAP (the screen's best composition),
 #                                                   each against the mean map, the composed map with another image's
 #                                                   part (shuffled) and random; the baseline; $SEEDS seeds
+#   bash scripts/composition_study.sh ibot          iBOT (experiment=ibot_fm, translated, 300 steps, kNN on the teacher):
+#                                                   attmask with SIFT maps (AttMask-High; Hint) against random, mean
+#                                                   and shuffled maps, and iBOT's block masking (the baseline);
+#                                                   $IBOT_SEEDS seeds (3). ibot_attmask: the teacher's own attention
+#                                                   (AttMask), the same settings
 #   bash scripts/composition_study.sh report        the published tables: docs/results/composition/<part>/ (the
 #                                                   study's own report: table.md, curves.png, verdict.md, verdict.json,
 #                                                   recommended.yaml); runs still training are left out
@@ -24,10 +29,11 @@ JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-5}
 MAP=${MAP:-"relevance.prior_mix=0.5"}
 export WANDB_MODE=offline WANDB_SILENT=true
-SUP=(data=fashion_mnist_translated logger=csv trainer.enable_progress_bar=false trainer.max_steps=300
-     trainer.val_check_interval=25 data.val_subset=2000 module.warmup_steps=30 callbacks.knn=null)
+# sized for 2 CPU cores (about 6 min a run, two at a time): batch 64, 400 steps, validation every 50 on 1,000 images
+SUP=(data=fashion_mnist_translated logger=csv trainer.enable_progress_bar=false data.batch_size=64
+     trainer.max_steps=400 trainer.val_check_interval=50 data.val_subset=1000 module.warmup_steps=40 callbacks.knn=null)
 PRIOR="guidance.prior.schedule.fraction=0.5"
-DROP540="trainer.max_steps=540"
+DROP540="trainer.max_steps=720"  # token dropping at keep 0.5: 1.8x the steps, about the baseline's compute
 scale() {
   case "$1" in
     small) echo "data.object_scale=[0.2,0.35]" ;;
@@ -37,7 +43,7 @@ scale() {
   esac
 }
 study() { $PY -m siftguide.study --jobs "$JOBS" "${SUP[@]}" "$@"; }
-part=${1:?part: screen | confirm SIZE | report}; shift
+part=${1:?part: screen | confirm SIZE | ibot | ibot_attmask | report}; shift
 case "$part" in
   screen)
     study "$(scale small)" --seeds 2 --controls none --out "$OUT/screen" --modes \
@@ -52,7 +58,25 @@ case "$part" in
     size=${1:?confirm needs a size: small | mid | large}; shift
     study "$(scale "$size")" --seeds "$SEEDS" --controls mean,shuffled,random --out "$OUT/$size" --modes \
       "prior $PRIOR $MAP" "[prior,token_drop] $PRIOR $DROP540 $MAP" "$@" ;;
+  ibot)  # issue 29: iBOT with SIFT-ranked masks against random, block, the mean map, another image's map and AttMask
+    $PY -m siftguide.study --jobs "$JOBS" experiment=ibot_fm data=fashion_mnist_translated logger=csv \
+      trainer.enable_progress_bar=false trainer.max_steps=300 trainer.val_check_interval=50 data.val_subset=1000 \
+      callbacks.knn.bank_size=2000 callbacks.knn.query_size=1000 --metric val/knn_acc --seeds "${IBOT_SEEDS:-3}" \
+      --controls random,mean,shuffled --out "$OUT/ibot" --modes attmask "attmask guidance.attmask.hints=0.1" "$@" ;;
+  ibot_attmask)  # AttMask itself (the teacher's attention): unguided, so its own study (a second baseline-like arm)
+    $PY -m siftguide.study --jobs "$JOBS" experiment=ibot_fm data=fashion_mnist_translated logger=csv \
+      trainer.enable_progress_bar=false trainer.max_steps=300 trainer.val_check_interval=50 data.val_subset=1000 \
+      callbacks.knn.bank_size=2000 callbacks.knn.query_size=1000 --metric val/knn_acc --seeds "${IBOT_SEEDS:-3}" \
+      --controls none --no-baseline --out "$OUT/ibot_attmask" --modes "none objective.mask_pattern=attention" "$@" ;;
   report)
+    if ls "$OUT"/ibot/*/*/s*/results.json "$OUT"/ibot_attmask/*/*/s*/results.json > /dev/null 2>&1; then
+      mapfile -t runs < <($PY -c 'import sys; from pathlib import Path
+from siftguide.analysis.study_report import is_finished
+sys.stdout.write("".join(f"{d}\n" for a in sys.argv[1:] for d in sorted(Path(a).glob("*/*/s*")) if is_finished(d)))' \
+        "$OUT/ibot" "$OUT/ibot_attmask")
+      $PY -m siftguide.analysis.compare "${runs[@]}" --metric val/knn_acc --baseline mask_pattern=block --verdict \
+        --out docs/results/composition/ibot_all | tail -n 3
+    fi
     for d in "$OUT"/*/; do
       name=$(basename "$d")
       [ -f "$d/study.json" ] || continue

@@ -3,12 +3,12 @@ and the guidance modes, and owns the optimizer.
 
 Per batch (already on the device; docs/architecture.md draws it file by file):
 
-1. ``on_after_batch_transfer``: :class:`~siftguide.data.DeviceTransform` (resize + kornia augmentation, with its
-   pixel matrix) and, when an active guidance mode reads it at this stage, ``batch["relevance"]`` and
+1. ``on_after_batch_transfer``: the views of :class:`~siftguide.data.DeviceTransform` (resize, kornia augmentation,
+   pixel matrices; multi-crop) and, when an active mode reads it at this stage, ``batch["relevance"]`` and
    ``batch["relevance_stats"]`` from the :class:`~siftguide.relevance.RelevanceStage`, once;
-2. ``training_step`` (optimizer step ``step`` passed to every guidance hook): the guidance's token selection and
-   patch weights, the objective's forward inside the guidance context (attention prior, attention capture), loss =
-   task loss + the loss modes' weighted terms. It returns ``{"loss", "task_loss", "guidance_terms"}``.
+2. ``training_step`` (optimizer step ``step`` passed to every guidance hook and the objective): what the modes hand
+   the objective (tokens, patch weights and masks), its forward in the guidance context, loss = task loss + the
+   loss modes' weighted terms; it returns ``{"loss", "task_loss", "guidance_terms"}``.
 
 Logged: ``train/loss``, ``train/task_loss``, ``train/guidance_loss`` (the loss modes' weighted terms), each mode's
 ``train/guidance/<mode>_<key>``, ``train/tokens_kept`` (share of patch tokens the encoder ran), the relevance stage's
@@ -26,7 +26,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 from .data import DeviceTransform
 from .guidance import Guidance
-from .objectives.base import Guided, Objective
+from .objectives.base import Objective
 from .relevance import RelevanceStage
 from .rng import RandomStream
 
@@ -94,10 +94,11 @@ class PretrainModule(L.LightningModule):
         stage, batch = self._stage(), dict(batch)
         if batch["image"].shape[0] == 0:  # every file of the batch was unreadable (image folders): nothing to do
             return batch
-        batch["image"], matrix = self.transform(batch["image"], train=stage == "train", return_matrix=True)
+        v = self.transform.views(batch["image"], train=stage == "train")  # (multi-crop: the global views, view-major)
+        batch["image"], batch["local_views"] = v.image, v.local
         if self.guidance.needs_relevance(stage):
             batch["relevance"], batch["relevance_stats"] = self.relevance(
-                batch["image"], self.patch_size, batch.get("index"), matrix, stage, self.relevance.keypoints_of(batch))
+                v.image, self.patch_size, batch.get("index"), v.matrix, stage, self.relevance.keypoints_of(batch))
         return batch
 
     # ------------------------------------------------------------------ steps
@@ -109,29 +110,28 @@ class PretrainModule(L.LightningModule):
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         step, images, rel = self.global_step, self.transform.normalize(batch["image"]), batch.get("relevance")
         bs = images.shape[0]
-        ids = self.guidance.select_tokens(rel, step, self.objective.visible_count(self.num_patches))
-        weights = self.guidance.patch_weights(rel, step)
-        with self.guidance.forward(rel, "train", step, ids):
-            out = self.objective(self.net, images, batch, "train", Guided(ids, *(weights or (None,))))
+        guided = self.guidance.guided(rel, step, self.objective)  # tokens, patch weights, patch masks
+        with self.guidance.forward(rel, "train", step, guided.ids_keep):
+            out = self.objective(self.net, images, batch, "train", guided, step)
         extra, logs = self.guidance.losses(rel, step, out.ids_keep)
         loss = out.loss if extra is None else out.loss + extra
-        self.log("train/task_loss", out.loss, batch_size=bs)
-        if extra is not None:
-            self.log("train/guidance_loss", extra, batch_size=bs)
-        values = {**out.metrics, **batch.get("relevance_stats", {}),
-                  **{f"guidance/{k}": v for k, v in logs.items() if v is not None}}
-        if ids is not None:
-            values["tokens_kept"] = ids.shape[1] / self.num_patches
+        values = {"task_loss": out.loss, **({} if extra is None else {"guidance_loss": extra}), **out.metrics,
+                  **batch.get("relevance_stats", {}), **{f"guidance/{k}": v for k, v in logs.items() if v is not None}}
+        if guided.ids_keep is not None:
+            values["tokens_kept"] = guided.ids_keep.shape[1] / self.num_patches
         for k, v in values.items():
             self.log(f"train/{k}", v, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         if out.logits is not None:
             self.log("train/acc", accuracy(out.logits, batch["label"]), prog_bar=True, batch_size=bs)
-        terms = {k: v.detach() for k, v in logs.items() if k.endswith("_loss") and torch.is_tensor(v)}
-        return {"loss": loss, "task_loss": out.loss.detach(), "guidance_terms": terms}
+        return {"loss": loss, "task_loss": out.loss.detach(),  # what the callbacks read (the guidance balance)
+                "guidance_terms": {k: v.detach() for k, v in logs.items() if k.endswith("_loss")}}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.objective.on_train_batch_end(self.net, self.global_step)
+
+    def on_before_optimizer_step(self, optimizer) -> None:  # e.g. DINO's frozen last layer
+        self.objective.before_optimizer_step(self.global_step)
 
     def _eval_step(self, batch: dict, stage: str) -> dict | None:
         if batch["image"].shape[0] == 0:
@@ -140,7 +140,7 @@ class PretrainModule(L.LightningModule):
         bs = images.shape[0]
         # the schedules of the last training step (a validation after step k evaluates the model of step k)
         with self.guidance.forward(batch.get("relevance"), stage, max(self.global_step - 1, 0)):
-            out = self.objective(self.net, images, batch, stage)
+            out = self.objective(self.net, images, batch, stage, step=self.global_step)
         # epoch-level means over every rank's share of the set (sums and counts all-reduced once per epoch, not per
         # step); a set whose size is not a multiple of the world size is padded by the DistributedSampler
         self.log(f"{stage}/loss", out.loss, batch_size=bs, sync_dist=True)

@@ -80,6 +80,16 @@ def _wandb_group(cfg: DictConfig) -> None:
             cfg.logger.wandb.group = Path(hc.sweep.dir).name
 
 
+def cpu_threads(cfg: DictConfig) -> None:
+    """A run on the CPU computes with ``cfg.cpu_threads`` threads (``torch.set_num_threads``; null: torch's default,
+    one per core). One thread keeps ``train/cost_s`` (process CPU time) a measure of the work beside other processes:
+    within 3 % beside two busy ones, against 0.78x with two threads and passive waiting, and 1.9x with OpenMP's
+    spin-waiting (``python bench/cost.py``, docs/metrics.md)."""
+    n, accel = cfg.get("cpu_threads"), str(cfg.trainer.get("accelerator", "auto"))
+    if n and (accel == "cpu" or (accel == "auto" and not torch.cuda.is_available())):
+        torch.set_num_threads(int(n))
+
+
 def build_guidance(cfg: DictConfig, net) -> Guidance:
     """The composed guidance modes of ``cfg.guidance``: ``weight`` plus one node per mode (a partial taking the
     net); ``guidance=none`` has no mode."""
@@ -146,6 +156,7 @@ def build(cfg: DictConfig, ckpt: Path | None = None) -> tuple[PretrainModule, L.
     cannot change within a run stops here, before anything is written (:mod:`siftguide.run.changes`)."""
     validate_config(cfg)  # values that do not fit: one clear error before anything is built or written
     quiet_warnings()
+    cpu_threads(cfg)
     L.seed_everything(cfg.seed, workers=True)
     _wandb_group(cfg)
     out_dir = Path(cfg.paths.output_dir)

@@ -12,6 +12,7 @@
 | :class:`Preemption` | ``preemption.py`` | SIGTERM / SIGINT end the fit at the current step |
 | :class:`SkippedFiles` | ``skips.py`` | unreadable files: counted, one warning each, a summary, a ceiling |
 | :class:`GuidanceBalance` | ``balance.py`` | warns once when a guidance term drowns the task loss |
+| :class:`WeightDecaySchedule` | ``weight_decay.py`` | the weight decay along a cosine (DINO), off by default |
 
 The learning rate is Lightning's ``LearningRateMonitor``; the periodic attention monitor with figures is
 :class:`siftguide.analysis.monitor.AttentionMonitor` (``callbacks=[default,attention_monitor]``).
@@ -27,3 +28,4 @@ from .relevance_setup import RelevanceSetup
 from .skips import SkippedFiles
 from .timer import CostClock, TrainTimer
 from .validate import ValidateAtEnd
+from .weight_decay import WeightDecaySchedule

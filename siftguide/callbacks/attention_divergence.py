@@ -1,7 +1,7 @@
 """``val/attn_div``: how far the model's attention is from its images' SIFT relevance, logged for every run.
 
 On the first ``batches`` validation batches of each validation, the chosen blocks' attention of the module's own
-evaluation forward is captured (those blocks run timm's explicit attention path for these batches) and compared
+evaluation forward (of the network the objective evaluates: the run's net, a self-distillation teacher) is captured (those blocks run timm's explicit attention path for these batches) and compared
 with the SIFT relevance of the (un-augmented) validation images, computed with the run's relevance settings whatever
 its map kind: ``KL(r || a)`` with ``a`` the class token's attention over the patches (the mean attention received
 without a class token), averaged over the blocks, as the ``attention`` mode measures it
@@ -32,7 +32,8 @@ class AttentionDivergence(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.batches and self._meter is None:  # blocks out of range: an error before any step
-            self._meter = AttentionAlignment(pl_module.net, layers=self.layers, weight=0.0)
+            self._meter = AttentionAlignment(pl_module.objective.evaluated(pl_module.net), layers=self.layers,
+                                             weight=0.0)
 
     def _measured(self, trainer, batch_idx: int) -> bool:
         return batch_idx < self.batches and not trainer.sanity_checking
@@ -41,7 +42,8 @@ class AttentionDivergence(L.Callback):
         if not self._measured(trainer, batch_idx) or batch["image"].shape[0] == 0:
             return
         if self._meter is None:
-            self._meter = AttentionAlignment(pl_module.net, layers=self.layers, weight=0.0)
+            self._meter = AttentionAlignment(pl_module.objective.evaluated(pl_module.net), layers=self.layers,
+                                             weight=0.0)
         self._capture = contextlib.ExitStack()
         self._capture.enter_context(self._meter.capture(force=True))
 

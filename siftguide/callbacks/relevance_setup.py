@@ -12,6 +12,8 @@ change no datamodule; this callback is the one place that does.
 """
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 
@@ -34,9 +36,15 @@ class RelevanceSetup(L.Callback):
             return
         dm = trainer.datamodule
         datasets = {stage: getattr(dm, attr, None) for stage, attr in _SETS.items()}
-        made = module.relevance.setup(
-            datasets, module.transform.resize, module.transform.size, module.patch_size, module.device,
-            batch_size=int(getattr(dm, "batch_size", 256) or 256), num_workers=int(getattr(dm, "num_workers", 0) or 0))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or threads)  # a cache build (minutes on a CPU) is not training: every core
+        try:
+            made = module.relevance.setup(
+                datasets, module.transform.resize, module.transform.size, module.patch_size, module.device,
+                batch_size=int(getattr(dm, "batch_size", 256) or 256),
+                num_workers=int(getattr(dm, "num_workers", 0) or 0))
+        finally:
+            torch.set_num_threads(threads)
         for stage, cache in made.items():
             setattr(dm, _SETS[stage], WithKeypoints(datasets[stage], cache))
         self.done = True

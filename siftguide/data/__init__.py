@@ -10,4 +10,4 @@ from .sampler import ResumableSampler, train_order
 from .scanning import scan_images
 from .synthetic import (ClutteredFashionMNISTDataModule, DecoyFashionMNISTDataModule, TintedFashionMNISTDataModule,
                         TranslatedFashionMNISTDataModule)
-from .transform import DeviceTransform
+from .transform import DeviceTransform, MultiCropTransform, Views

@@ -1,7 +1,8 @@
 """The device-side image pipeline: resize to the model's size and kornia augmentation, with the pixel matrix the
-augmentation applied (cached keypoints follow it)."""
+augmentation applied (cached keypoints follow it); multi-crop views for self-distillation (DINO, iBOT)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import kornia.augmentation as K
@@ -9,7 +10,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DeviceTransform"]
+__all__ = ["DeviceTransform", "MultiCropTransform", "Views"]
+
+
+@dataclass
+class Views:
+    """What the pipeline hands the module for one batch of ``B`` images.
+
+    image: ``(copies * B, C, S, S)`` in [0, 1], view-major (``image[v * B + i]``: view ``v`` of image ``i``), the views
+    the relevance stage and the guidance see; matrix: their ``(copies * B, 3, 3)`` pixel transforms (None: no
+    augmentation); local: ``(n_local * B, C, s, s)`` normalised small views (multi-crop), or None, with their pixel
+    transforms ``local_matrix (n_local * B, 3, 3)`` from the resized image; copies: global views per image."""
+
+    image: Tensor
+    matrix: Tensor | None = None
+    local: Tensor | None = None
+    copies: int = 1
+    local_matrix: Tensor | None = None
 
 
 class DeviceTransform(nn.Module):
@@ -56,3 +73,59 @@ class DeviceTransform(nn.Module):
 
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
+
+    def views(self, images: Tensor, train: bool) -> Views:
+        """The batch as :class:`Views`: one augmented view per image."""
+        x, matrix = self(images, train, return_matrix=True)
+        return Views(x, matrix)
+
+
+def _crops(size: tuple[int, int], scale: Sequence[float], ratio: Sequence[float], hflip: bool):
+    augs = [K.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio))]
+    if hflip:
+        augs.append(K.RandomHorizontalFlip())
+    return K.AugmentationSequential(*augs)
+
+
+class MultiCropTransform(DeviceTransform):
+    """Multi-crop views for self-distillation (DINO, Caron et al. 2021): in training, ``global_crops`` views of each
+    image at the model's size (random resized crops of area share ``global_scale``, flipped) and ``local_crops``
+    small views at ``local_size`` px (area share ``local_scale``); at evaluation, the resized image alone. Each
+    global view keeps its pixel matrix, so cached keypoints follow it into the view.
+
+    Args (beyond :class:`DeviceTransform`'s): global_crops (>= 1), global_scale, local_crops (>= 0), local_size,
+    local_scale."""
+
+    def __init__(self, img_size: int | Sequence[int], mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
+                 hflip: bool = True, crop_ratio: Sequence[float] = (0.75, 1.333), global_crops: int = 2,
+                 global_scale: Sequence[float] = (0.4, 1.0), local_crops: int = 4, local_size: int = 32,
+                 local_scale: Sequence[float] = (0.05, 0.4)) -> None:
+        super().__init__(img_size, mean, std, hflip=hflip, crop_scale=global_scale, crop_ratio=crop_ratio)
+        if global_crops < 1 or local_crops < 0:
+            raise ValueError(f"transform.global_crops must be >= 1 and transform.local_crops >= 0, got {global_crops} "
+                             f"and {local_crops}")
+        for key, (lo, hi) in (("global_scale", global_scale), ("local_scale", local_scale)):
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"transform.{key}={list((lo, hi))} must be [low, high] with 0 < low <= high <= 1 "
+                                 f"(the crop's share of the image area)")
+        if local_size < 1:
+            raise ValueError(f"transform.local_size must be >= 1 px, got {local_size}")
+        self.global_crops, self.local_crops, self.local_size = global_crops, local_crops, int(local_size)
+        self.local_augment = _crops((local_size, local_size), local_scale, crop_ratio, hflip) if local_crops else None
+
+    def views(self, images: Tensor, train: bool) -> Views:
+        if not train:
+            return Views(self.resize(images))
+        x = self.resize(images)
+        globals_, matrices = [], []
+        for _ in range(self.global_crops):
+            globals_.append(self.augment(x).clamp_(0.0, 1.0))
+            matrices.append(self.augment.transform_matrix)
+        local, local_matrix = None, None
+        if self.local_crops:
+            crops, mats = [], []
+            for _ in range(self.local_crops):
+                crops.append(self.local_augment(x).clamp_(0.0, 1.0))
+                mats.append(self.local_augment.transform_matrix)
+            local, local_matrix = self.normalize(torch.cat(crops)), torch.cat(mats)
+        return Views(torch.cat(globals_), torch.cat(matrices), local, self.global_crops, local_matrix)

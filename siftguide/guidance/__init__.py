@@ -13,8 +13,10 @@ and says what it does through the hooks of :class:`GuidanceMode` (:mod:`siftguid
 | ``token_drop`` | :class:`TokenDrop` | forward | keep the most relevant patch tokens (cheaper steps) |
 | ``masking`` | :class:`KeypointMasking` | objective (MAE) | mask relevant patches more often, with hints |
 | ``recon_weight`` | :class:`KeypointReconWeight` | objective (MAE) | KAMIM keypoint-weighted reconstruction loss |
+| ``attmask`` | :class:`AttMask` | objective (iBOT) | mask the most relevant patches of each global view |
 """
 from .attention import DIVERGENCES, AttentionAlignment, divergence, kl_divergence
+from .attmask import AttMask
 from .background import BackgroundSuppression
 from .base import BIAS, CAPTURE, AttentionLoss, GuidanceMode, LossTerms, visible_relevance
 from .composite import Guidance

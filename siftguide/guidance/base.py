@@ -10,6 +10,8 @@ keeps no step of its own):
   of visible tokens a masked objective runs (MAE), None where the mode chooses it (token dropping);
 * :meth:`~GuidanceMode.patch_weights` ``(relevance, step) -> ((B, P), normalize) | None``: per-patch weights of the
   objective's reconstruction loss and how to normalise it (``weights_patches = True``);
+* :meth:`~GuidanceMode.patch_mask` ``(relevance, step, counts) -> (B, P) bool``: the patches a masked-prediction
+  objective's student sees masked, as many per image as the objective drew (``masks_patches = True``);
 * :meth:`~GuidanceMode.forward_context` ``(relevance, stage, step, ids_keep)``: a context manager around the
   objective's forward (the prior's logit bias; the loss modes' attention capture). Contexts are entered in
   ascending ``forward_order`` (:data:`BIAS` before :data:`CAPTURE`, so a capture records the biased attention);
@@ -20,7 +22,8 @@ keeps no step of its own):
 What a mode needs of the objective is declared in ``requires`` and checked once (:meth:`~GuidanceMode.check`)
 against the objective's declarations (:class:`~siftguide.objectives.base.Objective`): ``"token_subset"`` (the
 objective runs any given subset of patch tokens: supervised), ``"masked_tokens"`` (a masked objective whose visible
-tokens a mode may choose: MAE), ``"patch_weights"`` (a per-patch reconstruction loss). Data flows one way: modes
+tokens a mode may choose: MAE), ``"patch_weights"`` (a per-patch reconstruction loss), ``"patch_masks"`` (the
+patches masked for the student: iBOT). Data flows one way: modes
 hand tensors to the module, which hands them to the objective; no mode is called back from inside an objective.
 
 ``acts_in`` (``loss`` / ``forward`` / ``objective``) says where the mode acts; a ``loss`` mode is switched off by the
@@ -44,7 +47,7 @@ __all__ = ["GuidanceMode", "AttentionLoss", "visible_relevance", "LossTerms", "B
 
 LossTerms = tuple[Tensor, "Tensor | None", float]  # (weighted loss, unweighted value or None, scheduled weight)
 BIAS, CAPTURE = 0, 10  # forward_order: contexts that change the attention, then those that record it
-REQUIREMENTS = ("token_subset", "masked_tokens", "patch_weights")  # what a mode may require of an objective
+REQUIREMENTS = ("token_subset", "masked_tokens", "patch_weights", "patch_masks")  # what a mode may require of an objective
 
 
 def visible_relevance(rel: Tensor, ids_keep: Tensor) -> Tensor:
@@ -63,6 +66,7 @@ class GuidanceMode:
     acts_in = "loss"  # loss | forward | objective; loss modes are off when the composite's weight is 0
     selects_tokens = False  # True: select_tokens() chooses the encoder's patch tokens (at most one mode per run)
     weights_patches = False  # True: patch_weights() weights the objective's per-patch loss (at most one per run)
+    masks_patches = False  # True: patch_mask() picks the patches the student sees masked (at most one per run)
     forward_order = CAPTURE  # order of forward_context() among the modes (ascending; BIAS before CAPTURE)
     requires: str | None = None  # what the objective must offer: one of REQUIREMENTS, or None
     objective_hint = ""  # said when check() finds an objective that cannot serve the mode ("use objective=mae")
@@ -76,10 +80,16 @@ class GuidanceMode:
         return self.active and stage == "train"
 
     def check(self, objective: nn.Module) -> None:
-        """Raise a ``ValueError`` when ``objective`` does not offer what this mode ``requires`` (its ``offers``)."""
+        """Raise a ``ValueError`` when ``objective`` does not offer what this mode ``requires`` (its ``offers``), or
+        when the mode acts inside the forward (``acts_in == "forward"``) of an objective whose views differ in size
+        (multi-crop: ``objective.multi_view``)."""
+        kind = type(objective).__name__
+        if self.acts_in == "forward" and getattr(objective, "multi_view", False):
+            raise ValueError(f"guidance mode {self.name} acts inside the forward, and objective {kind} runs views of "
+                             f"different sizes (multi-crop): not supported; use a mode that acts on the loss or on "
+                             f"the masks")
         if self.requires is None or self.requires in getattr(objective, "offers", ()):
             return
-        kind = type(objective).__name__
         hint = f"; {self.objective_hint}" if self.objective_hint else ""
         raise ValueError(f"guidance mode {self.name} cannot serve objective {kind}: the mode needs "
                          f"{self.requires!r}, and {kind} offers {sorted(getattr(objective, 'offers', ())) or 'none'}"
@@ -94,6 +104,10 @@ class GuidanceMode:
     def patch_weights(self, relevance: Tensor, step: int) -> tuple[Tensor, str] | None:
         """``(B, P)`` per-patch loss weights for this training step and their normalisation (``mask`` /
         ``weight``, :func:`~siftguide.objectives.base.weighted_patch_loss`), or None."""
+        return None
+
+    def patch_mask(self, relevance: Tensor, step: int, counts: Tensor) -> Tensor | None:
+        """``(B, P)`` bool: the patches the student sees masked, ``counts (B,)`` of them per image, or None."""
         return None
 
     def forward_context(self, relevance: Tensor | None, stage: str, step: int,

@@ -2,10 +2,9 @@
 
 Per training step the composing module (or your loop) calls, in order, with the optimizer step ``step``::
 
-    ids = guidance.select_tokens(rel, step, count)          # the token-selecting mode, if any (None: the objective's)
-    weights = guidance.patch_weights(rel, step)             # the patch-weighting mode, if any (None: plain loss)
-    with guidance.forward(rel, "train", step, ids):         # every mode's forward_context (prior bias, then capture)
-        out = objective(net, images, batch, "train", Guided(ids, *(weights or (None,))))
+    guided = guidance.guided(rel, step, objective)          # tokens, patch weights, patch masks (None: objective's own)
+    with guidance.forward(rel, "train", step, guided.ids_keep):  # every mode's forward_context (prior, then capture)
+        out = objective(net, images, batch, "train", guided, step)
     extra, logs = guidance.losses(rel, step, out.ids_keep)  # sum of the modes' weighted loss terms, and their logs
 
 :meth:`Guidance.check` tells, once, whether an objective can serve every active mode. ``weight`` multiplies every
@@ -23,6 +22,7 @@ from typing import Callable, Iterator, Mapping
 
 from torch import Tensor, nn
 
+from ..objectives.base import Guided
 from .base import GuidanceMode
 
 __all__ = ["Guidance"]
@@ -48,7 +48,8 @@ class Guidance:
                 raise TypeError(f"guidance mode {name!r} built a {type(mode).__name__}, not a GuidanceMode")
             self.modes[name] = mode
         for flag, what in (("selects_tokens", "token-selecting mode (token_drop, masking)"),
-                           ("weights_patches", "patch-weighting mode (recon_weight)")):
+                           ("weights_patches", "patch-weighting mode (recon_weight)"),
+                           ("masks_patches", "patch-masking mode (attmask)")):
             named = [n for n, m in self.modes.items() if getattr(m, flag)]
             if len(named) > 1:
                 raise ValueError(f"at most one {what} per run, got {named}")
@@ -92,6 +93,22 @@ class Guidance:
         None."""
         found = self._one("weights_patches", relevance)
         return found[1].patch_weights(relevance, step) if found else None
+
+    def patch_mask(self, relevance: Tensor | None, step: int, counts: Tensor | None) -> Tensor | None:
+        """Training patch masks ``(B, P)`` bool from the patch-masking mode, or None."""
+        found = self._one("masks_patches", relevance) if counts is not None else None
+        return found[1].patch_mask(relevance, step, counts) if found else None
+
+    def guided(self, relevance: Tensor | None, step: int, objective: nn.Module) -> Guided:
+        """What the active modes hand ``objective`` for a training step (:class:`~siftguide.objectives.Guided`): the
+        tokens to run (as many as ``objective.visible_count`` says, for a masked objective), per-patch weights and
+        patch masks (``objective.mask_counts`` per image). Empty where no mode acts or no relevance is given."""
+        if relevance is None:
+            return Guided()
+        n = relevance.flatten(1).shape
+        weights = self.patch_weights(relevance, step)
+        return Guided(self.select_tokens(relevance, step, objective.visible_count(n[1])), *(weights or (None,)),
+                      patch_mask=self.patch_mask(relevance, step, objective.mask_counts(n[0], relevance.device)))
 
     @contextlib.contextmanager
     def forward(self, relevance: Tensor | None, stage: str, step: int,

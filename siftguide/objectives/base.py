@@ -7,7 +7,8 @@ An objective is a small ``nn.Module`` called as ``objective(net, images, batch, 
   ``label``, ``index``);
 * ``stage``: ``train``, ``val`` or ``test`` (behaviour is chosen by the stage, never by grad mode);
 * ``guided``: what the guidance modes chose for this training step (:class:`Guided`): the patch tokens the encoder
-  runs (``ids_keep``) and per-patch loss weights; None, or empty fields, mean the objective's own defaults.
+  runs (``ids_keep``), per-patch loss weights, patch masks; None, or empty fields, mean the objective's own defaults;
+* ``step``: the optimizer step (schedules of the objective's own, e.g. a teacher temperature).
 
 It returns an :class:`ObjectiveOutput`. Hooks: :meth:`Objective.setup` (once, with the net: build own parameters),
 :meth:`Objective.on_train_batch_end` (after each optimizer step: e.g. an EMA teacher's update).
@@ -15,7 +16,8 @@ It returns an :class:`ObjectiveOutput`. Hooks: :meth:`Objective.setup` (once, wi
 What an objective can take from guidance is declared in ``offers`` (checked once against each mode's ``requires``,
 :meth:`siftguide.guidance.GuidanceMode.check`): ``token_subset`` (it runs any given subset of patch tokens),
 ``masked_tokens`` (a masked objective: the visible tokens may be chosen for it, :meth:`Objective.visible_count` of
-them), ``patch_weights`` (a per-patch reconstruction loss). The objective never calls guidance: it receives tensors.
+them), ``patch_weights`` (a per-patch reconstruction loss), ``patch_masks`` (which patches the student sees masked,
+:meth:`Objective.mask_counts` of them per image). The objective never calls guidance: it receives tensors.
 """
 from __future__ import annotations
 
@@ -33,11 +35,13 @@ class Guided:
 
     ids_keep: ``(B, K)`` sorted patch indices the encoder runs (token dropping; a masked objective's visible
     tokens), None: the objective's own. patch_weights: ``(B, P)`` weights of a per-patch loss, None: unweighted.
-    weight_norm: how the weighted loss is normalised (:func:`weighted_patch_loss`)."""
+    weight_norm: how the weighted loss is normalised (:func:`weighted_patch_loss`). patch_mask: ``(B, P)`` bool,
+    True where the student sees a mask token instead of the patch (iBOT), None: the objective's own masks."""
 
     ids_keep: Tensor | None = None
     patch_weights: Tensor | None = None
     weight_norm: str = "mask"
+    patch_mask: Tensor | None = None
 
 
 @dataclass
@@ -88,7 +92,8 @@ class Objective(nn.Module):
     """Base class (see the module docstring)."""
 
     needs_labels = False  # True: training reads batch["label"] (a run with data.labels=false is refused)
-    offers: frozenset[str] = frozenset()  # what guidance may hand it: token_subset | masked_tokens | patch_weights
+    offers: frozenset[str] = frozenset()  # what guidance may hand it: token_subset | masked_tokens | patch_weights |
+    # patch_masks
 
     def setup(self, net: nn.Module) -> None:
         """Called once with the net before training (build the objective's own parameters here)."""
@@ -98,16 +103,27 @@ class Objective(nn.Module):
         """How many patch tokens a masked objective's encoder runs per image (``masked_tokens``); None otherwise."""
         return None
 
-    def forward(self, net: nn.Module, images: Tensor, batch: dict, stage: str = "train",
-                guided: Guided | None = None) -> ObjectiveOutput:
+    def mask_counts(self, batch: int, device: torch.device | str) -> Tensor | None:
+        """``(batch,)`` patches to mask per image this step (``patch_masks``: drawn by the objective); None otherwise."""
+        return None
+
+    def forward(self, net: nn.Module, images: Tensor, batch: dict, stage: str = "train", guided: Guided | None = None,
+                step: int = 0) -> ObjectiveOutput:
         raise NotImplementedError
 
     def tokens(self, net: nn.Module, images: Tensor) -> Tensor:
         """Final tokens ``(B, N, D)`` of full images (for kNN evaluation and analysis)."""
         return net.forward_features(images)
 
+    def evaluated(self, net: nn.Module) -> nn.Module:
+        """The network evaluation forwards run (the run's net; a self-distillation teacher)."""
+        return net
+
     def on_train_batch_end(self, net: nn.Module, step: int) -> None:
         """After each optimizer step (EMA teachers, momentum schedules)."""
+
+    def before_optimizer_step(self, step: int) -> None:
+        """After backward, before the optimizer step (gradients of the objective's own parameters, e.g. frozen)."""
 
     @staticmethod
     def check_stage(stage: str) -> None:

@@ -124,8 +124,8 @@ class MAEObjective(Objective):
         """Visible patch tokens per image: ``round(P * (1 - mask_ratio))``, at least 1."""
         return max(1, int(round(num_patches * (1 - self.mask_ratio))))
 
-    def forward(self, net: nn.Module, images: Tensor, batch: dict, stage: str = "train",
-                guided: Guided | None = None) -> ObjectiveOutput:
+    def forward(self, net: nn.Module, images: Tensor, batch: dict, stage: str = "train", guided: Guided | None = None,
+                step: int = 0) -> ObjectiveOutput:
         if not self._ready:
             raise RuntimeError("MAEObjective.setup(net) must be called before use")
         self.check_stage(stage)

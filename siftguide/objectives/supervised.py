@@ -21,8 +21,8 @@ class SupervisedObjective(Objective):
         super().__init__()
         self.label_smoothing = label_smoothing
 
-    def forward(self, net: nn.Module, images: Tensor, batch: dict, stage: str = "train",
-                guided: Guided | None = None) -> ObjectiveOutput:
+    def forward(self, net: nn.Module, images: Tensor, batch: dict, stage: str = "train", guided: Guided | None = None,
+                step: int = 0) -> ObjectiveOutput:
         self.check_stage(stage)
         keep = guided.ids_keep if guided is not None else None
         tokens = net.forward_features(images) if keep is None else encode(net, images, keep,

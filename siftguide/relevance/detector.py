@@ -76,6 +76,11 @@ class Keypoints:
         """``(B,)`` number of valid keypoints per image."""
         return self.valid.sum(dim=1)
 
+    def repeat(self, copies: int) -> "Keypoints":
+        """The batch ``copies`` times, image-major blocks: ``(copies * B, N, ...)`` (the keypoints of every view)."""
+        return Keypoints(*(t.repeat(copies, *([1] * (t.ndim - 1))) for t in
+                           (self.xy, self.scale, self.response, self.valid, self.octave)))
+
 
 def check_images(images: Tensor, name: str = "images") -> None:
     if not isinstance(images, Tensor):

@@ -316,7 +316,8 @@ class RelevanceStage(nn.Module):
                 matrix: Tensor | None = None, stage: str = "train",
                 keypoints: Keypoints | None = None) -> tuple[Tensor, Stats]:
         """``(B, C, H, W)`` images in [0, 1] at the model's size -> ``(B, H // ph, W // pw)`` relevance of this
-        stage's kind, and what was measured on the way: ``{"no_keypoint_frac": ()}`` (share of images without any
+        stage's kind (``B`` may be several views of each image, view-major: ``index`` and ``keypoints`` of the images
+        are repeated to match), and what was measured on the way: ``{"no_keypoint_frac": ()}`` (share of images without any
         keypoint) for the kinds that use keypoints, else ``{}`` (device tensors: no host sync).
         ``index (B,)`` / ``matrix (B, 3, 3)`` / ``keypoints``: dataset indices, augmentation and the keypoints the
         batch carries, for cached or prefetched keypoints (see :meth:`sift_relevance`)."""
@@ -326,6 +327,10 @@ class RelevanceStage(nn.Module):
         if h % ph or w % pw:
             raise ValueError(f"image size {h}x{w} is not divisible by patch_size {(ph, pw)}")
         b, grid = images.shape[0], (h // ph, w // pw)
+        if index is not None and len(index) != b:  # several views per image, view-major: the images' own repeat
+            index = index.repeat(b // len(index))
+        if keypoints is not None and keypoints.xy.shape[0] != b:
+            keypoints = keypoints.repeat(b // keypoints.xy.shape[0])
         if self.kind == "uniform":
             return torch.full((b, *grid), 1.0 / (grid[0] * grid[1]), device=images.device), {}
         if self.kind == "random":

@@ -46,7 +46,7 @@ APPLIED_ON_RESUME = (
     "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.num_sanity_val_steps", "trainer.accelerator", "trainer.benchmark", "trainer.deterministic",
     "logger.*", "callbacks.*", "test", "optimized_metric",
-    "task_name", "compile", "resume.*",
+    "task_name", "compile", "cpu_threads", "resume.*",
     # how data is loaded (not which data)
     "data.num_workers", "data.pin_memory", "data.download", "data.cache_dir", "data.val_subset",
     "data.max_skip_fraction",

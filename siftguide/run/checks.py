@@ -10,6 +10,7 @@ the module is built (still before training); more class folders than ``num_class
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -117,6 +118,60 @@ def _transform_problems(cfg: DictConfig) -> list[str]:
     return out
 
 
+def activation_bytes(cfg: DictConfig) -> int | None:
+    """An estimate of the activation memory a training step keeps for backward, in bytes (fp32), for the student's
+    views of a multi-crop run: per block and token ``(8 + 2 * mlp_ratio) * dim`` values (attention input and output,
+    q/k/v, norms, residuals, the MLP's hidden layer before and after its activation) plus ``2 * heads * T`` attention
+    probabilities, over ``depth`` blocks, every view of every image of the batch. None when the config has no
+    multi-crop transform or lacks the numbers."""
+    t, m = cfg.get("transform") or {}, cfg.get("model") or {}
+    if "local_crops" not in t:
+        return None
+    try:
+        patch = int(m.patch_size) if m.get("patch_size") else int(re.findall(r"patch(\d+)", str(m.model_name))[0])
+        dim, heads, depth = int(m.embed_dim), int(m.num_heads), int(m.depth)
+        ratio, size, batch = float(m.get("mlp_ratio", 4.0)), int(t.img_size), int(cfg.data.batch_size)
+        views = [(size, int(t.get("global_crops", 2))), (int(t.local_size), int(t.local_crops))]
+    except (TypeError, ValueError, IndexError, AttributeError):
+        return None
+    total = 0
+    for side, n in views:
+        tokens = (side // patch) ** 2 + 1
+        total += n * depth * tokens * ((8 + 2 * ratio) * dim + 2 * heads * tokens)
+    return int(4 * batch * total)
+
+
+def _memory_available(cfg: DictConfig) -> tuple[int, str]:
+    """Bytes the step may use, and where: the first GPU's total memory when training on CUDA, else the host's
+    available memory (``MemAvailable``)."""
+    import torch
+
+    accel = str(cfg.trainer.get("accelerator", "auto"))
+    if accel in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory), "GPU"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "host"
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "host"
+
+
+def _multicrop_problems(cfg: DictConfig) -> list[str]:
+    need = activation_bytes(cfg)
+    if need is None:
+        return []
+    have, where = _memory_available(cfg)
+    if need <= 0.8 * have:
+        return []
+    t = cfg.transform
+    return [f"transform.local_crops={t.local_crops} (and {t.get('global_crops', 2)} global views) at "
+            f"data.batch_size={cfg.data.batch_size} would keep about {need / 2**30:.1f} GiB of activations for one step, "
+            f"more than 80 % of the {have / 2**30:.1f} GiB of {where} memory: lower transform.local_crops, "
+            f"transform.local_size or data.batch_size"]
+
+
 def _select(cfg: DictConfig, key: str):
     try:
         return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
@@ -186,6 +241,8 @@ def validate_config(cfg: DictConfig) -> None:
         problems += _trainer_problems(cfg.trainer)
     if cfg.get("data") is not None:
         problems += _data_problems(cfg)
+    if cfg.get("trainer") is not None and cfg.get("data") is not None:
+        problems += _multicrop_problems(cfg)
     if (cfg.get("module") or {}).get("warmup_steps", 0) < 0:
         problems.append(f"module.warmup_steps={cfg.module.warmup_steps} must be >= 0")
     if problems:
