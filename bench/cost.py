@@ -9,12 +9,17 @@ training steps) and ``train/elapsed_s`` (wall-clock) from ``metrics.csv``. Print
 alone and beside the hogs, their ratio (the cost axis holds when it is within 10 % of 1) and the wall-clock ratio
 (which the hogs do bend). Settings:
 
-* ``default``: what ``python train.py`` does: torch's threads (one per core), waiting threads sleep
-  (``OMP_WAIT_POLICY=PASSIVE``, set by ``siftguide.train`` before torch loads OpenMP);
-* ``one_thread``: ``OMP_NUM_THREADS=1`` (what the study gives each of its parallel runs);
+* ``default``: torch's threads (one per core), waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``, set by
+  ``siftguide.train`` before torch loads OpenMP): ``python train.py cpu_threads=null``;
+* ``one_thread``: ``OMP_NUM_THREADS=1``: one compute thread, what ``python train.py`` does (``cpu_threads: 1``);
 * ``spin``: ``OMP_WAIT_POLICY=ACTIVE``: OpenMP's spin-waiting, how runs behaved before the passive default.
 
 The alone runs need quiet cores: the script says how much of a core a busy loop got before it starts.
+
+Measured on the project's 2-core CPU, quiet (``python bench/cost.py --reps 1``, one run per cell): ``one_thread``
+52.2 s alone, 53.7 s beside two busy processes (1.03x; wall-clock 1.65x); ``default`` with a thread per core 68.6 s
+and 53.8 s (0.78x); ``spin`` 57.6 s and 110.7 s (1.92x, wall-clock 3.85x). Hence ``cpu_threads: 1``, the default
+(``siftguide.train.cpu_threads``; ``default`` above is ``cpu_threads=null``).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"default": {}, "one_thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
             "spin": {"OMP_WAIT_POLICY": "ACTIVE"}}
+THREADS = {"default": "cpu_threads=null", "one_thread": "cpu_threads=1", "spin": "cpu_threads=null"}
 RUN = ["guidance=prior", "relevance.cache=false", "data.train_subset=2048", "data.val_subset=256", "logger=csv",
        "callbacks.knn=null", "callbacks.attention_divergence.batches=0", "trainer.enable_progress_bar=false",
        "trainer.enable_model_summary=false"]
@@ -59,7 +65,7 @@ def one_run(setting: str, hogs: int, steps: int, overrides: list[str], out: Path
     for p in procs:
         p.start()
     try:
-        subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, f"trainer.max_steps={steps}",
+        subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, THREADS[setting], f"trainer.max_steps={steps}",
                         f"trainer.val_check_interval={steps}", *overrides, f"hydra.run.dir={run_dir}"],
                        env=env, check=True, capture_output=True, cwd=ROOT)
     finally:

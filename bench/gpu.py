@@ -33,6 +33,9 @@ not timed (the pool is on the device, as after the transfer).
 Part 3, the folder cache: a folder of ``--folder-images`` JPEGs (224 px) is generated and its cache built as a
 training run builds it (``FolderKeypointCache.prepare``, loader workers decoding): images/s and bytes per image.
 
+Part 4, self-distillation: DINO and iBOT (block, SIFT and teacher-attention masks) against the supervised baseline,
+step-rate ratio and activation memory (``bench/throughput.py --ssl`` on the device; not with ``--smoke``).
+
 Each part prints its table and rewrites ``--out`` as soon as it ends, so a run cut short keeps what it measured.
 A compile starts only while more of ``--budget-s`` is left than it is expected to take (``--compile-estimate-s``,
 or 1.2x the last compile), and after ``--hard-limit-s`` the process exits with what it has. A part that fails is
@@ -48,6 +51,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -538,6 +542,23 @@ def targets(report: Report) -> None:
           f"with the folder cache {fmt(folder, '.3f')} (>= 0.95)")
 
 
+# ---------------------------------------------------------------------------------- part 4: self-distillation
+def ssl_part(args, dev, sync, report: Report) -> None:
+    """DINO and iBOT (block, SIFT and teacher-attention masks) beside the supervised baseline: step-rate ratio and
+    activation memory, from ``bench/throughput.py --ssl`` on this device (the run's own module, at the 64 px
+    Fashion-MNIST config). Not in ``--smoke``."""
+    if args.smoke:
+        print("\nself-distillation: skipped with --smoke")
+        return
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--ssl", "--device", str(dev),
+                           "--steps", str(args.ssl_steps), "--modes", "prior", "data.train_subset=4096"],
+                          capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    print("\nself-distillation (bench/throughput.py --ssl):\n" + "\n".join(lines[-12:]))
+    report.data["ssl"] = {"returncode": proc.returncode, "lines": lines, "stderr_tail": proc.stderr[-2000:]}
+    report.save()
+
+
 # ------------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -551,7 +572,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="expected seconds per compile of the detector (282 s measured on an H200 at the step shape)")
     ap.add_argument("--hard-limit-s", type=float, default=None,
                     help="exit (status 3, results so far kept) after this many seconds; default 450, off with --smoke")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["sift", "steps", "folder"], help="parts to leave out")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["sift", "steps", "folder", "ssl"],
+                    help="parts to leave out")
+    ap.add_argument("--ssl-steps", type=int, default=10, help="timed steps per variant of the self-distillation part")
     for k, v in FULL.items():  # sizes default to the full run, or to the smoke run with --smoke
         kw = dict(type=int, nargs="+") if isinstance(v, list) else dict(type=type(v) if v is not None else int)
         ap.add_argument("--" + k.replace("_", "-"), default=None, **kw)
@@ -609,6 +632,8 @@ def main(argv: list[str] | None = None) -> dict:
         attempt("steps", steps_part, args, dev, sync, report, clock)
     if "folder" not in args.skip:
         attempt("folder", folder_part, args, dev, sync, report)
+    if "ssl" not in args.skip:
+        attempt("ssl", ssl_part, args, dev, sync, report)
     if batches:
         attempt("sift compiled", sift_compiled_part, args, dev, sync, report, batches, clock)
     targets(report)

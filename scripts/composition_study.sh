@@ -42,6 +42,9 @@ scale() {
     *) echo "unknown size $1 (small | mid | large)" >&2; exit 2 ;;
   esac
 }
+IBOT=(experiment=ibot_fm data=fashion_mnist_translated logger=csv trainer.enable_progress_bar=false trainer.max_steps=300
+      trainer.val_check_interval=50 data.val_subset=1000 callbacks.knn.bank_size=2000 callbacks.knn.query_size=1000
+      --metric val/knn_acc --seeds "${IBOT_SEEDS:-3}")
 study() { $PY -m siftguide.study --jobs "$JOBS" "${SUP[@]}" "$@"; }
 part=${1:?part: screen | confirm SIZE | ibot | ibot_attmask | report}; shift
 case "$part" in
@@ -58,16 +61,12 @@ case "$part" in
     size=${1:?confirm needs a size: small | mid | large}; shift
     study "$(scale "$size")" --seeds "$SEEDS" --controls mean,shuffled,random --out "$OUT/$size" --modes \
       "prior $PRIOR $MAP" "[prior,token_drop] $PRIOR $DROP540 $MAP" "$@" ;;
-  ibot)  # issue 29: iBOT with SIFT-ranked masks against random, block, the mean map, another image's map and AttMask
-    $PY -m siftguide.study --jobs "$JOBS" experiment=ibot_fm data=fashion_mnist_translated logger=csv \
-      trainer.enable_progress_bar=false trainer.max_steps=300 trainer.val_check_interval=50 data.val_subset=1000 \
-      callbacks.knn.bank_size=2000 callbacks.knn.query_size=1000 --metric val/knn_acc --seeds "${IBOT_SEEDS:-3}" \
-      --controls random,mean,shuffled --out "$OUT/ibot" --modes attmask "attmask guidance.attmask.hints=0.1" "$@" ;;
+  ibot)  # iBOT with SIFT-ranked masks against random, the mean map, another image's map and iBOT's block masks
+    $PY -m siftguide.study --jobs "$JOBS" "${IBOT[@]}" --controls random,mean,shuffled --out "$OUT/ibot" \
+      --modes attmask "attmask guidance.attmask.hints=0.1" "$@" ;;
   ibot_attmask)  # AttMask itself (the teacher's attention): unguided, so its own study (a second baseline-like arm)
-    $PY -m siftguide.study --jobs "$JOBS" experiment=ibot_fm data=fashion_mnist_translated logger=csv \
-      trainer.enable_progress_bar=false trainer.max_steps=300 trainer.val_check_interval=50 data.val_subset=1000 \
-      callbacks.knn.bank_size=2000 callbacks.knn.query_size=1000 --metric val/knn_acc --seeds "${IBOT_SEEDS:-3}" \
-      --controls none --no-baseline --out "$OUT/ibot_attmask" --modes "none objective.mask_pattern=attention" "$@" ;;
+    $PY -m siftguide.study --jobs "$JOBS" "${IBOT[@]}" --controls none --no-baseline --out "$OUT/ibot_attmask" \
+      --modes "none objective.mask_pattern=attention" "$@" ;;
   report)
     if ls "$OUT"/ibot/*/*/s*/results.json "$OUT"/ibot_attmask/*/*/s*/results.json > /dev/null 2>&1; then
       mapfile -t runs < <($PY -c 'import sys; from pathlib import Path

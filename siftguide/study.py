@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the guidance=none runs")
     ap.add_argument("--out", default="logs/study", help="study directory (runs, study.json, report/)")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cpu_count / jobs threads)")
-    ap.add_argument("--metric", default=None, help="compare metric (default: val/acc, val/knn_acc for objective=mae)")
+    ap.add_argument("--metric", default=None,
+                    help="compare metric (default: val/acc; val/knn_acc for objective=mae|dino|ibot)")
     ap.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     ap.add_argument("--report-only", action="store_true", help="only write the report of the finished runs")
     ap.add_argument("--new", action="store_true",
@@ -347,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  [{state}] {r.directory(out)}: {' '.join(r.overrides)}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    metric = args.metric or ("val/knn_acc" if any("objective=mae" in o for o in args.overrides) else "val/acc")
+    unsupervised = ("objective=mae", "objective=dino", "objective=ibot", "experiment=dino_fm", "experiment=ibot_fm")
+    metric = args.metric or ("val/knn_acc" if any(o in unsupervised for o in args.overrides) else "val/acc")
     (out / "study.json").write_text(json.dumps({
         "argv": sys.argv[1:] if argv is None else argv, "overrides": args.overrides,
         "common_overrides": [*STUDY_OVERRIDES, *args.overrides], "metric": metric,

@@ -18,8 +18,9 @@ from tests.conftest import CONFIGS, compose_cfg
 from tests.helpers import write_folder
 
 CONF = Path(CONFIGS)
-MAE_ONLY = {("guidance", "masking"), ("guidance", "recon_weight")}  # modes of a reconstruction loss (a clear error
-                                                                   # with objective=supervised, tested in tests/guidance)
+# modes of another objective (a clear error with objective=supervised, tested in tests/guidance): what they need
+NEEDS = {("guidance", "masking"): ["objective=mae"], ("guidance", "recon_weight"): ["objective=mae"],
+         ("guidance", "attmask"): ["experiment=ibot_fm"]}
 FOLDER_OPTIONS = {("data", "image_folder"), ("experiment", "vit_s16_imagefolder"),
                   ("experiment", "mae_vit_s16_imagefolder")}
 
@@ -50,8 +51,7 @@ def test_option_composes_and_instantiates(group, option, folder, tmp_path):
     if on_folder:  # the image-folder presets: a 2-class folder, grey, tiny
         overrides += [f"data.root={folder}", "data.num_workers=0", "num_classes=2", "model.in_chans=1",
                       "data.batch_size=4", "transform=grey"]
-    if (group, option) in MAE_ONLY:
-        overrides.append("objective=mae")
+    overrides += NEEDS.get((group, option), [])
     if group in ("trainer", "experiment") and not torch.cuda.is_available():
         overrides.append("trainer.accelerator=cpu")  # the GPU presets, built on this CPU
     cfg = compose_cfg(tmp_path / "run", overrides, fashion_mnist=not on_folder)

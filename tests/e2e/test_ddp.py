@@ -45,3 +45,22 @@ def test_ddp_on_2_cpu_processes_matches_one_process(tiny_cfg, tmp_path):
     # one run directory: the child process wrote its log beside rank 0's, nothing elsewhere
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "train_ddp_process_1.log").is_file()
     assert len(list(run_dir.rglob("metrics.csv"))) == 1
+
+
+@pytest.mark.slow
+def test_ibot_trains_on_2_cpu_processes(tmp_path):
+    """objective=ibot with SIFT-ranked masks under DDP: the center updates and the kNN gather are collectives every
+    rank joins; the run finishes with finite losses and the teacher's metrics."""
+    from tests.objectives.test_ibot import IBOT
+
+    run_dir = tmp_path / "ibot_ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PL_GLOBAL_SEED": "0"}
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *IBOT, "guidance=attmask", "data.batch_size=8",
+           "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3",
+           "trainer.val_check_interval=3", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "finished" and results["global_step"] == 3
+    m = results["metrics"]
+    assert all(k in m and m[k] == m[k] for k in ("train/dino_loss", "train/ibot_loss", "val/knn_acc"))  # not NaN
