@@ -12,10 +12,10 @@
 #                                                   each against the mean map, the composed map with another image's
 #                                                   part (shuffled) and random; the baseline; $SEEDS seeds
 #   bash scripts/composition_study.sh ibot          iBOT (experiment=ibot_fm, translated, 300 steps, kNN on the teacher):
-#                                                   attmask with SIFT maps (AttMask-High; Hint) against random, mean
-#                                                   and shuffled maps, and iBOT's block masking (the baseline);
-#                                                   $IBOT_SEEDS seeds (3). ibot_attmask: the teacher's own attention
-#                                                   (AttMask), the same settings
+#                                                   attmask with SIFT maps (AttMask-High) against random, mean and
+#                                                   shuffled maps, and iBOT's block masking (the baseline); $IBOT_SEEDS
+#                                                   seeds (3). ibot_attmask: the teacher's own attention (AttMask);
+#                                                   ibot_hints: AttMask-Hint with SIFT maps; the same settings
 #   bash scripts/composition_study.sh report        the published tables: docs/results/composition/<part>/ (the
 #                                                   study's own report: table.md, curves.png, verdict.md, verdict.json,
 #                                                   recommended.yaml); runs still training are left out
@@ -42,11 +42,12 @@ scale() {
     *) echo "unknown size $1 (small | mid | large)" >&2; exit 2 ;;
   esac
 }
-IBOT=(experiment=ibot_fm data=fashion_mnist_translated logger=csv trainer.enable_progress_bar=false trainer.max_steps=300
-      trainer.val_check_interval=50 data.val_subset=1000 callbacks.knn.bank_size=2000 callbacks.knn.query_size=1000
-      --metric val/knn_acc --seeds "${IBOT_SEEDS:-3}")
+# iBOT sized for 2 CPU cores (a run is about 3.5 supervised steps' compute per step): batch 32, 300 steps
+IBOT=(experiment=ibot_fm data=fashion_mnist_translated logger=csv trainer.enable_progress_bar=false data.batch_size=32
+      trainer.max_steps=300 trainer.val_check_interval=50 data.val_subset=1000 callbacks.knn.bank_size=2000
+      callbacks.knn.query_size=1000 --metric val/knn_acc --seeds "${IBOT_SEEDS:-3}")
 study() { $PY -m siftguide.study --jobs "$JOBS" "${SUP[@]}" "$@"; }
-part=${1:?part: screen | confirm SIZE | ibot | ibot_attmask | report}; shift
+part=${1:?part: screen | confirm SIZE | ibot | ibot_attmask | ibot_hints | report}; shift
 case "$part" in
   screen)
     study "$(scale small)" --seeds 2 --controls none --out "$OUT/screen" --modes \
@@ -63,16 +64,19 @@ case "$part" in
       "prior $PRIOR $MAP" "[prior,token_drop] $PRIOR $DROP540 $MAP" "$@" ;;
   ibot)  # iBOT with SIFT-ranked masks against random, the mean map, another image's map and iBOT's block masks
     $PY -m siftguide.study --jobs "$JOBS" "${IBOT[@]}" --controls random,mean,shuffled --out "$OUT/ibot" \
-      --modes attmask "attmask guidance.attmask.hints=0.1" "$@" ;;
+      --modes attmask "$@" ;;
+  ibot_hints)  # AttMask-Hint with SIFT maps (a share of the top patches left visible)
+    $PY -m siftguide.study --jobs "$JOBS" "${IBOT[@]}" --controls none --no-baseline --out "$OUT/ibot_hints" \
+      --modes "attmask guidance.attmask.hints=0.1" "$@" ;;
   ibot_attmask)  # AttMask itself (the teacher's attention): unguided, so its own study (a second baseline-like arm)
     $PY -m siftguide.study --jobs "$JOBS" "${IBOT[@]}" --controls none --no-baseline --out "$OUT/ibot_attmask" \
       --modes "none objective.mask_pattern=attention" "$@" ;;
   report)
-    if ls "$OUT"/ibot/*/*/s*/results.json "$OUT"/ibot_attmask/*/*/s*/results.json > /dev/null 2>&1; then
+    if ls "$OUT"/ibot/*/*/s*/results.json > /dev/null 2>&1; then
       mapfile -t runs < <($PY -c 'import sys; from pathlib import Path
 from siftguide.analysis.study_report import is_finished
 sys.stdout.write("".join(f"{d}\n" for a in sys.argv[1:] for d in sorted(Path(a).glob("*/*/s*")) if is_finished(d)))' \
-        "$OUT/ibot" "$OUT/ibot_attmask")
+        "$OUT/ibot" "$OUT/ibot_attmask" "$OUT/ibot_hints")
       $PY -m siftguide.analysis.compare "${runs[@]}" --metric val/knn_acc --baseline mask_pattern=block --verdict \
         --out docs/results/composition/ibot_all | tail -n 3
     fi
