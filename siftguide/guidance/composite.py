@@ -94,21 +94,23 @@ class Guidance:
         found = self._one("weights_patches", relevance)
         return found[1].patch_weights(relevance, step) if found else None
 
-    def patch_mask(self, relevance: Tensor | None, step: int, counts: Tensor | None) -> Tensor | None:
-        """Training patch masks ``(B, P)`` bool from the patch-masking mode, or None."""
-        found = self._one("masks_patches", relevance) if counts is not None else None
-        return found[1].patch_mask(relevance, step, counts) if found else None
+    def patch_mask(self, relevance: Tensor | None, step: int, objective: nn.Module) -> Tensor | None:
+        """Training patch masks ``(B, P)`` bool from the patch-masking mode, as many per image as
+        ``objective.mask_counts`` draws (only when such a mode is active: no draw otherwise), or None."""
+        found = self._one("masks_patches", relevance)
+        if found is None:
+            return None
+        return found[1].patch_mask(relevance, step, objective.mask_counts(relevance.shape[0], relevance.device))
 
     def guided(self, relevance: Tensor | None, step: int, objective: nn.Module) -> Guided:
         """What the active modes hand ``objective`` for a training step (:class:`~siftguide.objectives.Guided`): the
         tokens to run (as many as ``objective.visible_count`` says, for a masked objective), per-patch weights and
-        patch masks (``objective.mask_counts`` per image). Empty where no mode acts or no relevance is given."""
+        patch masks. Empty where no mode acts or no relevance is given."""
         if relevance is None:
             return Guided()
-        n = relevance.flatten(1).shape
         weights = self.patch_weights(relevance, step)
-        return Guided(self.select_tokens(relevance, step, objective.visible_count(n[1])), *(weights or (None,)),
-                      patch_mask=self.patch_mask(relevance, step, objective.mask_counts(n[0], relevance.device)))
+        return Guided(self.select_tokens(relevance, step, objective.visible_count(relevance.flatten(1).shape[1])),
+                      *(weights or (None,)), patch_mask=self.patch_mask(relevance, step, objective))
 
     @contextlib.contextmanager
     def forward(self, relevance: Tensor | None, stage: str, step: int,
