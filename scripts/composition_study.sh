@@ -11,6 +11,11 @@
 #                                                   the baseline's compute) with $MAP (the screen's best composition),
 #                                                   each against the mean map, the composed map with another image's
 #                                                   part (shuffled) and random; the baseline; $SEEDS seeds
+#   bash scripts/composition_study.sh budget SIZE   token dropping with a per-image budget: `[prior,token_drop]` as in
+#                                                   confirm with guidance.token_drop.budget=entropy (the same mean keep;
+#                                                   the rows run 0.75 of the patches), $SEEDS seeds; compared, paired by
+#                                                   seed, with confirm's fixed-budget arm (the same runs otherwise):
+#                                                   the report part writes docs/results/composition/budget_SIZE/
 #   bash scripts/composition_study.sh ibot          iBOT (experiment=ibot_fm, translated, 300 steps, kNN on the teacher):
 #                                                   attmask with SIFT maps (AttMask-High) against random, mean and
 #                                                   shuffled maps, and iBOT's block masking (the baseline); $IBOT_SEEDS
@@ -47,7 +52,7 @@ IBOT=(experiment=ibot_fm data=fashion_mnist_translated logger=csv trainer.enable
       trainer.max_steps=300 trainer.val_check_interval=50 data.val_subset=1000 callbacks.knn.bank_size=2000
       callbacks.knn.query_size=1000 --metric val/knn_acc --seeds "${IBOT_SEEDS:-3}")
 study() { $PY -m siftguide.study --jobs "$JOBS" "${SUP[@]}" "$@"; }
-part=${1:?part: screen | confirm SIZE | ibot | ibot_attmask | ibot_hints | report}; shift
+part=${1:?part: screen | confirm SIZE | budget SIZE | ibot | ibot_attmask | ibot_hints | report}; shift
 case "$part" in
   screen)
     study "$(scale small)" --seeds 2 --controls none --out "$OUT/screen" --modes \
@@ -62,6 +67,10 @@ case "$part" in
     size=${1:?confirm needs a size: small | mid | large}; shift
     study "$(scale "$size")" --seeds "$SEEDS" --controls mean,shuffled,random --out "$OUT/$size" --modes \
       "prior $PRIOR $MAP" "[prior,token_drop] $PRIOR $DROP540 $MAP" "$@" ;;
+  budget)
+    size=${1:?budget needs a size: small | mid | large}; shift
+    study "$(scale "$size")" --seeds "$SEEDS" --controls none --no-baseline --out "$OUT/budget_$size" --modes \
+      "[prior,token_drop] $PRIOR $DROP540 $MAP guidance.token_drop.budget=entropy" "$@" ;;
   ibot)  # iBOT with SIFT-ranked masks against random, the mean map, another image's map and iBOT's block masks
     $PY -m siftguide.study --jobs "$JOBS" "${IBOT[@]}" --controls random,mean,shuffled --out "$OUT/ibot" \
       --modes attmask "$@" ;;
@@ -80,9 +89,17 @@ sys.stdout.write("".join(f"{d}\n" for a in sys.argv[1:] for d in sorted(Path(a).
       $PY -m siftguide.analysis.compare "${runs[@]}" --metric val/knn_acc --baseline mask_pattern=block --verdict \
         --out docs/results/composition/ibot_all | tail -n 3
     fi
+    for d in "$OUT"/budget_*/; do  # the per-image budget against confirm's fixed budget, paired by seed
+      [ -d "$d" ] || continue
+      size=${d%/}; size=${size##*budget_}
+      mapfile -t runs < <(ls -d "$d"*/sift/s* "$OUT/$size"/prior+token_drop*/sift/s* "$OUT/$size"/baseline/none/s* \
+        2> /dev/null)
+      $PY -m siftguide.analysis.compare "${runs[@]}" --verdict \
+        --out "docs/results/composition/budget_$size" | tail -n 3 || echo "budget_$size: no comparison yet"
+    done
     for d in "$OUT"/*/; do
       name=$(basename "$d")
-      [ -f "$d/study.json" ] || continue
+      [ -f "$d/study.json" ] && [ "${name#budget_}" = "$name" ] || continue
       $PY -m siftguide.analysis.study_report "$d" | tail -n 3 || { echo "$name: no report yet"; continue; }
       mkdir -p "docs/results/composition/$name"
       cp "$d/report/"{table.md,curves.png,verdict.md,verdict.json,recommended.yaml} "docs/results/composition/$name/"

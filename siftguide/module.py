@@ -117,8 +117,7 @@ class PretrainModule(L.LightningModule):
         loss = out.loss if extra is None else out.loss + extra
         values = {"task_loss": out.loss, **({} if extra is None else {"guidance_loss": extra}), **out.metrics,
                   **batch.get("relevance_stats", {}), **{f"guidance/{k}": v for k, v in logs.items() if v is not None}}
-        if guided.ids_keep is not None:
-            values["tokens_kept"] = guided.ids_keep.shape[1] / self.num_patches
+        values.update(guided.token_shares(self.num_patches))
         for k, v in values.items():
             self.log(f"train/{k}", v, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)

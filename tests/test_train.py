@@ -84,13 +84,16 @@ def test_control_targets_run(tiny_cfg, kind):
 
 
 def test_supervised_modes_combine_in_one_run(tiny_cfg):
+    # token dropping with a per-image budget: the mean keep stays 0.5, the blocks run 0.75 (budget_range 1.5x)
     cfg = tiny_cfg(["guidance=[attention,interrelation,background,prior,token_drop]", "relevance.cache=true",
-                    "relevance.cache_dir=null", "trainer.max_steps=3", "callbacks.knn=null"], name="combo")
+                    "relevance.cache_dir=null", "trainer.max_steps=3", "callbacks.knn=null",
+                    "guidance.token_drop.budget=entropy"], name="combo")
     train(cfg)
     m = metrics(Path(cfg.paths.output_dir))
     for name in ("attention", "interrelation", "background"):
         assert m[f"train/guidance/{name}_loss"].notna().sum() == 3
     assert (m["train/tokens_kept"].dropna() == 0.5).all() and m["train/guidance/prior_beta"].notna().sum() == 3
+    assert (m["train/tokens_run"].dropna() == 0.75).all() and m["train/tokens_run"].notna().sum() == 3
     assert m["val/acc"].notna().any()
 
 

@@ -7,7 +7,9 @@ keeps no step of its own):
 
 * :meth:`~GuidanceMode.select_tokens` ``(relevance, step, count) -> ids_keep (B, K) | None``: the patch tokens the
   encoder runs. Asked only of a mode with ``selects_tokens = True`` (at most one per run); ``count`` is the number
-  of visible tokens a masked objective runs (MAE), None where the mode chooses it (token dropping);
+  of visible tokens a masked objective runs (MAE), None where the mode chooses it (token dropping); with a
+  per-image budget :meth:`~GuidanceMode.keep_counts` ``(relevance, step) -> (B,) | None`` says how many of each
+  row's first tokens are kept (the rest pad a static shape);
 * :meth:`~GuidanceMode.patch_weights` ``(relevance, step) -> ((B, P), normalize) | None``: per-patch weights of the
   objective's reconstruction loss and how to normalise it (``weights_patches = True``);
 * :meth:`~GuidanceMode.patch_mask` ``(relevance, step, counts) -> (B, P) bool``: the patches a masked-prediction
@@ -97,8 +99,13 @@ class GuidanceMode:
 
     # ------------------------------------------------------------------------------------------ the step's hooks
     def select_tokens(self, relevance: Tensor, step: int, count: int | None = None) -> Tensor | None:
-        """``ids_keep (B, K)`` (sorted) patch tokens for this training step, or None (the objective's default).
-        ``count``: the visible tokens a masked objective runs, None where the mode chooses how many."""
+        """``ids_keep (B, K)`` (sorted; in rank order with a per-image budget, :meth:`keep_counts`) patch tokens for
+        this training step, or None (the objective's default). ``count``: the visible tokens a masked objective runs, None where the mode chooses how many."""
+        return None
+
+    def keep_counts(self, relevance: Tensor, step: int) -> Tensor | None:
+        """``(B,)``: how many of the first tokens of each :meth:`select_tokens` row the image keeps (a per-image
+        budget; the rest pad a static shape), or None: all of them."""
         return None
 
     def patch_weights(self, relevance: Tensor, step: int) -> tuple[Tensor, str] | None:

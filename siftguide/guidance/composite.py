@@ -109,8 +109,10 @@ class Guidance:
         if relevance is None:
             return Guided()
         weights = self.patch_weights(relevance, step)
-        return Guided(self.select_tokens(relevance, step, objective.visible_count(relevance.flatten(1).shape[1])),
-                      *(weights or (None,)), patch_mask=self.patch_mask(relevance, step, objective))
+        ids_keep = self.select_tokens(relevance, step, objective.visible_count(relevance.flatten(1).shape[1]))
+        found = self._one("selects_tokens", relevance) if ids_keep is not None else None
+        return Guided(ids_keep, *(weights or (None,)), patch_mask=self.patch_mask(relevance, step, objective),
+                      keep_counts=found[1].keep_counts(relevance, step) if found else None)
 
     @contextlib.contextmanager
     def forward(self, relevance: Tensor | None, stage: str, step: int,

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Objective", "ObjectiveOutput", "Guided", "encode", "weighted_patch_loss"]
+__all__ = ["Objective", "ObjectiveOutput", "Guided", "encode", "key_padding_bias", "pool_kept",
+           "weighted_patch_loss"]
 
 
 @dataclass
@@ -36,12 +37,26 @@ class Guided:
     ids_keep: ``(B, K)`` sorted patch indices the encoder runs (token dropping; a masked objective's visible
     tokens), None: the objective's own. patch_weights: ``(B, P)`` weights of a per-patch loss, None: unweighted.
     weight_norm: how the weighted loss is normalised (:func:`weighted_patch_loss`). patch_mask: ``(B, P)`` bool,
-    True where the student sees a mask token instead of the patch (iBOT), None: the objective's own masks."""
+    True where the student sees a mask token instead of the patch (iBOT), None: the objective's own masks.
+    keep_counts: ``(B,)`` with a per-image token budget: image ``i`` keeps the first ``keep_counts[i]`` tokens of
+    its ``ids_keep`` row, the rest pad the static shape and are masked out of attention (:func:`encode`); None:
+    every token of ``ids_keep`` is kept."""
 
     ids_keep: Tensor | None = None
     patch_weights: Tensor | None = None
     weight_norm: str = "mask"
     patch_mask: Tensor | None = None
+    keep_counts: Tensor | None = None
+
+    def token_shares(self, num_patches: int) -> dict[str, Tensor | float]:
+        """The logged shares of the ``num_patches`` patch tokens: ``tokens_kept`` (mean over the batch) and, with a
+        per-image budget, ``tokens_run`` (the row length the blocks run); empty when all tokens run."""
+        if self.ids_keep is None:
+            return {}
+        n_run = self.ids_keep.shape[1]
+        if self.keep_counts is None:
+            return {"tokens_kept": n_run / num_patches}
+        return {"tokens_kept": self.keep_counts.float().mean() / num_patches, "tokens_run": n_run / num_patches}
 
 
 @dataclass
@@ -57,20 +72,58 @@ class ObjectiveOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
-def encode(net: nn.Module, images: Tensor, ids_keep: Tensor | None = None, num_prefix: int | None = None) -> Tensor:
+def encode(net: nn.Module, images: Tensor, ids_keep: Tensor | None = None, num_prefix: int | None = None,
+           keep_counts: Tensor | None = None) -> Tensor:
     """A timm ViT's features on a subset of patch tokens: ``(B, prefix + V, D)``.
 
     timm's own ``patch_embed`` and ``_pos_embed`` (position embeddings + prefix tokens), then the patch tokens
     ``ids_keep (B, V)`` (prefix tokens always kept; all patches when None), ``norm_pre``, ``blocks``, ``norm``.
-    The caller chooses the tokens, so timm's own random ``patch_drop`` is not applied.
+    The caller chooses the tokens, so timm's own random ``patch_drop`` is not applied. With ``keep_counts (B,)``
+    only the first ``keep_counts[i]`` patch tokens of row ``i`` are attended to (an additive ``-inf`` key mask
+    through timm's ``attn_mask``): every kept token's output equals that of the sequence without the padding.
     """
     x = net._pos_embed(net.patch_embed(images))
-    if ids_keep is not None:
-        num_prefix = int(getattr(net, "num_prefix_tokens", 1)) if num_prefix is None else num_prefix
-        prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
-        patches = patches.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        x = torch.cat([prefix, patches], dim=1)
-    return net.norm(net.blocks(net.norm_pre(x)))
+    if ids_keep is None:
+        return net.norm(net.blocks(net.norm_pre(x)))
+    num_prefix = int(getattr(net, "num_prefix_tokens", 1)) if num_prefix is None else num_prefix
+    prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
+    patches = patches.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+    x = net.norm_pre(torch.cat([prefix, patches], dim=1))
+    if keep_counts is None:
+        return net.norm(net.blocks(x))
+    mask = key_padding_bias(keep_counts, ids_keep.shape[1], num_prefix, x.dtype)
+    for block in net.blocks:
+        x = block(x, attn_mask=mask)
+    return net.norm(x)
+
+
+def key_padding_bias(keep_counts: Tensor, n_tokens: int, num_prefix: int, dtype: torch.dtype) -> Tensor:
+    """``(B, 1, 1, prefix + n_tokens)`` additive attention mask: 0 for the prefix and the first ``keep_counts[i]``
+    patch tokens of row ``i``, ``-inf`` for the padding after them (no query attends to it)."""
+    valid = torch.arange(n_tokens, device=keep_counts.device) < keep_counts[:, None]
+    valid = torch.cat([valid.new_ones(valid.shape[0], num_prefix), valid], dim=1)
+    bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
+    return bias[:, None, None, :]
+
+
+def pool_kept(net: nn.Module, tokens: Tensor, keep_counts: Tensor, num_prefix: int) -> Tensor:
+    """``tokens`` ready for timm's ``forward_head`` when rows carry padding (``keep_counts``): with class-token
+    pooling unchanged; with mean pooling the padded patch tokens are zeroed and the kept ones rescaled so timm's mean
+    over all of them is the mean over the kept ones. Other poolings are refused."""
+    pool = getattr(net, "global_pool", "token")
+    if getattr(net, "attn_pool", None) is not None or pool not in ("token", "avg"):
+        raise ValueError(f"a per-image token budget needs a ViT pooled by its class token or the mean of its patch "
+                         f"tokens (global_pool 'token' or 'avg'), this one pools with {pool!r}; use "
+                         f"token_drop.budget=fixed")
+    if pool == "token":
+        return tokens
+    if getattr(net, "pool_include_prefix", False):
+        raise ValueError("a per-image token budget with mean pooling over the prefix tokens is not supported; use "
+                         "token_drop.budget=fixed")
+    n = tokens.shape[1] - num_prefix
+    valid = (torch.arange(n, device=tokens.device) < keep_counts[:, None]).to(tokens.dtype)
+    scale = (valid * n / keep_counts[:, None].to(tokens.dtype)).unsqueeze(-1)
+    return torch.cat([tokens[:, :num_prefix], tokens[:, num_prefix:] * scale], dim=1)
 
 
 def weighted_patch_loss(per_patch: Tensor, mask: Tensor, weights: Tensor | None = None,

@@ -4,14 +4,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Guided, Objective, ObjectiveOutput, encode
+from .base import Guided, Objective, ObjectiveOutput, encode, pool_kept
 
 
 class SupervisedObjective(Objective):
     """Cross-entropy on the model's logits; ``features`` are the pooled pre-logits (for kNN evaluation).
 
     With ``guided.ids_keep`` (token dropping) the blocks see only those patch tokens; timm's pooling (class token or
-    mean of the patch tokens) works on the shortened sequence.
+    mean of the patch tokens) works on the shortened sequence. With ``guided.keep_counts`` (a per-image budget) the
+    padding of each row is masked out of attention and of the mean pooling (:func:`~.base.pool_kept`).
     """
 
     needs_labels = True
@@ -25,8 +26,11 @@ class SupervisedObjective(Objective):
                 step: int = 0) -> ObjectiveOutput:
         self.check_stage(stage)
         keep = guided.ids_keep if guided is not None else None
-        tokens = net.forward_features(images) if keep is None else encode(net, images, keep,
-                                                                             getattr(self, "num_prefix", None))
+        counts = guided.keep_counts if keep is not None else None
+        num_prefix = getattr(self, "num_prefix", int(getattr(net, "num_prefix_tokens", 1)))
+        tokens = net.forward_features(images) if keep is None else encode(net, images, keep, num_prefix, counts)
+        if counts is not None:
+            tokens = pool_kept(net, tokens, counts, num_prefix)
         features = net.forward_head(tokens, pre_logits=True)
         logits = net.forward_head(tokens)  # pooling is cheap; the head may be a tuple (DeiT distilled)
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
