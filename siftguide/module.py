@@ -4,8 +4,8 @@ and the guidance modes, and owns the optimizer.
 Per batch (already on the device; docs/architecture.md draws it file by file):
 
 1. ``on_after_batch_transfer``: the views of :class:`~siftguide.data.DeviceTransform` (resize, kornia augmentation,
-   pixel matrices; multi-crop) and, when an active mode reads it at this stage, ``batch["relevance"]`` and
-   ``batch["relevance_stats"]`` from the :class:`~siftguide.relevance.RelevanceStage`, once;
+   pixel matrices; multi-crop, guided crops) and, when an active mode reads it at this stage, ``batch["relevance"]``
+   and ``batch["relevance_stats"]`` from the :class:`~siftguide.relevance.RelevanceStage`, once;
 2. ``training_step`` (optimizer step ``step`` passed to every guidance hook and the objective): what the modes hand
    the objective (tokens, patch weights and masks), its forward in the guidance context, loss = task loss + the
    loss modes' weighted terms; it returns ``{"loss", "task_loss", "guidance_terms"}``.
@@ -61,8 +61,7 @@ class PretrainModule(L.LightningModule):
         objective.setup(net)  # objectives with their own parameters (MAE decoder, probe) build them here
         guidance.check(objective)  # a mode the objective cannot serve: an error before training
         self.patch_size, self.num_patches = tuple(net.patch_embed.patch_size), int(net.patch_embed.num_patches)
-        self.optimizer_fn = optimizer
-        self.warmup_steps, self.min_lr_factor = warmup_steps, min_lr_factor
+        self.optimizer_fn, self.warmup_steps, self.min_lr_factor = optimizer, warmup_steps, min_lr_factor
 
     # ------------------------------------------------------------------ ranks
     def on_train_start(self) -> None:
@@ -94,11 +93,13 @@ class PretrainModule(L.LightningModule):
         stage, batch = self._stage(), dict(batch)
         if batch["image"].shape[0] == 0:  # every file of the batch was unreadable (image folders): nothing to do
             return batch
-        v = self.transform.views(batch["image"], train=stage == "train")  # (multi-crop: the global views, view-major)
+        kp, idx, rel = self.relevance.keypoints_of(batch), batch.get("index"), self.relevance  # guided crops: maps of
+        v = self.transform.views(batch["image"], stage == "train",  # the resized images (multi-crop: views view-major)
+                                 lambda x: rel(x, self.patch_size, idx, None, stage, kp)[0])
         batch["image"], batch["local_views"] = v.image, v.local
         if self.guidance.needs_relevance(stage):
             batch["relevance"], batch["relevance_stats"] = self.relevance(
-                v.image, self.patch_size, batch.get("index"), v.matrix, stage, self.relevance.keypoints_of(batch))
+                v.image, self.patch_size, idx, v.matrix, stage, kp)
         return batch
 
     # ------------------------------------------------------------------ steps

@@ -1,8 +1,8 @@
 """The set-up owner of the relevance stage: keypoint caches, the dataset-mean map, datasets that carry their
 keypoints, and the prefetcher.
 
-:class:`RelevanceSetup` runs once, when a fit (or a validation or test) starts and an active guidance mode reads the
-relevance: it calls :meth:`~siftguide.relevance.RelevanceStage.setup` with the datamodule's datasets and the data
+:class:`RelevanceSetup` runs once, when a fit (or a validation or test) starts and an active guidance mode (or the
+pipeline's guided crops, ``transform.guided_crops``) reads the relevance: it calls :meth:`~siftguide.relevance.RelevanceStage.setup` with the datamodule's datasets and the data
 pipeline's deterministic resize (``module.transform.resize``, so the images are resized in one place), wraps a
 dataset of files whose keypoints now live in an on-disk cache
 (:class:`~siftguide.relevance.folder_cache.WithKeypoints`: its batches carry their keypoints), and, where keypoints
@@ -25,6 +25,11 @@ __all__ = ["RelevanceSetup"]
 _SETS = {"train": "train_set", "val": "val_set"}
 
 
+def needs_relevance(module, stage: str) -> bool:
+    """Whether ``stage`` reads the relevance: an active guidance mode, or the data pipeline's guided crops."""
+    return module.guidance.needs_relevance(stage) or module.transform.needs_relevance(stage)
+
+
 class RelevanceSetup(L.Callback):
     """Sets up ``pl_module.relevance`` for the datamodule (see the module docstring)."""
 
@@ -32,7 +37,7 @@ class RelevanceSetup(L.Callback):
         self.done = False
 
     def setup_relevance(self, trainer: L.Trainer, module) -> None:
-        if self.done or not any(module.guidance.needs_relevance(s) for s in ("train", "val", "test")):
+        if self.done or not any(needs_relevance(module, s) for s in ("train", "val", "test")):
             return
         dm = trainer.datamodule
         datasets = {stage: getattr(dm, attr, None) for stage, attr in _SETS.items()}
@@ -51,7 +56,7 @@ class RelevanceSetup(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         self.setup_relevance(trainer, pl_module)
-        if pl_module.guidance.needs_relevance("train") and pl_module.relevance.prefetching(pl_module.device):
+        if needs_relevance(pl_module, "train") and pl_module.relevance.prefetching(pl_module.device):
             attach(trainer.datamodule, lambda loader: DevicePrefetcher(loader, self.prefetch(pl_module),
                                                                        pl_module.device))
 

@@ -3,14 +3,14 @@ augmentation applied (cached keypoints follow it); multi-crop views for self-dis
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DeviceTransform", "MultiCropTransform", "Views"]
+__all__ = ["DeviceTransform", "MultiCropTransform", "Views", "centre_boxes", "sample_centres"]
 
 
 @dataclass
@@ -74,8 +74,12 @@ class DeviceTransform(nn.Module):
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
 
-    def views(self, images: Tensor, train: bool) -> Views:
-        """The batch as :class:`Views`: one augmented view per image."""
+    def needs_relevance(self, stage: str) -> bool:
+        """Whether :meth:`views` at ``stage`` reads the images' relevance (guided crops)."""
+        return False
+
+    def views(self, images: Tensor, train: bool, relevance: Callable[[Tensor], Tensor] | None = None) -> Views:
+        """The batch as :class:`Views`: one augmented view per image (``relevance`` is not read)."""
         x, matrix = self(images, train, return_matrix=True)
         return Views(x, matrix)
 
@@ -87,19 +91,48 @@ def _crops(size: tuple[int, int], scale: Sequence[float], ratio: Sequence[float]
     return K.AugmentationSequential(*augs)
 
 
+def sample_centres(density: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """``(B, 2)`` points ``(x, y)`` in pixels (pixel centres at integers), one per image, drawn from ``density (B, Gh,
+    Gw)`` over the patch grid: a patch with probability proportional to its mass (uniform where a map is empty),
+    then a uniform point inside it. Tensor ops only (no host synchronisation)."""
+    b, gh, gw = density.shape
+    h, w = image_size
+    d = density.float().clamp_min(0).flatten(1)
+    d = d / d.sum(1, keepdim=True).clamp_min(1e-12) + 1e-6  # an empty map: uniform
+    patch = torch.multinomial(d, 1).squeeze(1)
+    u = torch.rand(b, 2, device=d.device)
+    return torch.stack([((patch % gw) + u[:, 0]) * (w / gw), ((patch // gw) + u[:, 1]) * (h / gh)], 1) - 0.5
+
+
+def centre_boxes(src: Tensor, centres: Tensor, image_size: tuple[int, int], move: Tensor) -> Tensor:
+    """Crop boxes ``src (B, 4, 2)`` (kornia's corners, ``(x, y)``, clockwise from the top left) moved, where ``move
+    (B,)`` is True, so that their centre is ``centres (B, 2)`` as nearly as the image allows (sizes unchanged)."""
+    h, w = image_size
+    top_left, size = src[:, 0], src[:, 2] - src[:, 0]
+    limit = torch.tensor([w - 1.0, h - 1.0], device=src.device, dtype=src.dtype) - size
+    moved = torch.minimum((centres.to(src.dtype) - size / 2).round().clamp_min(0), limit)
+    top_left = torch.where(move[:, None], moved, top_left)
+    return src - src[:, :1] + top_left[:, None]
+
+
 class MultiCropTransform(DeviceTransform):
     """Multi-crop views for self-distillation (DINO, Caron et al. 2021): in training, ``global_crops`` views of each
     image at the model's size (random resized crops of area share ``global_scale``, flipped) and ``local_crops``
     small views at ``local_size`` px (area share ``local_scale``); at evaluation, the resized image alone. Each
     global view keeps its pixel matrix, so cached keypoints follow it into the view.
 
+    Guided crops (``guided_crops = p > 0``): each crop of each image is, with probability ``p``, moved (size and
+    aspect kept) so that its centre is a point drawn from the image's relevance map (:func:`sample_centres`: keypoint-
+    dense regions for SIFT, another image's for ``relevance.kind=shuffled``); ``p = 0`` (the default) is the uniform
+    crops, the control. The pixel matrices follow the moved crops.
+
     Args (beyond :class:`DeviceTransform`'s): global_crops (>= 1), global_scale, local_crops (>= 0), local_size,
-    local_scale."""
+    local_scale, guided_crops (``p`` in [0, 1])."""
 
     def __init__(self, img_size: int | Sequence[int], mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
                  hflip: bool = True, crop_ratio: Sequence[float] = (0.75, 1.333), global_crops: int = 2,
                  global_scale: Sequence[float] = (0.4, 1.0), local_crops: int = 4, local_size: int = 32,
-                 local_scale: Sequence[float] = (0.05, 0.4)) -> None:
+                 local_scale: Sequence[float] = (0.05, 0.4), guided_crops: float = 0.0) -> None:
         super().__init__(img_size, mean, std, hflip=hflip, crop_scale=global_scale, crop_ratio=crop_ratio)
         if global_crops < 1 or local_crops < 0:
             raise ValueError(f"transform.global_crops must be >= 1 and transform.local_crops >= 0, got {global_crops} "
@@ -110,22 +143,51 @@ class MultiCropTransform(DeviceTransform):
                                  f"(the crop's share of the image area)")
         if local_size < 1:
             raise ValueError(f"transform.local_size must be >= 1 px, got {local_size}")
+        if not 0.0 <= guided_crops <= 1.0:
+            raise ValueError(f"transform.guided_crops must be a probability in [0, 1] (0: uniform crops), got "
+                             f"{guided_crops}")
+        self.guided_crops = float(guided_crops)
         self.global_crops, self.local_crops, self.local_size = global_crops, local_crops, int(local_size)
         self.local_augment = _crops((local_size, local_size), local_scale, crop_ratio, hflip) if local_crops else None
 
-    def views(self, images: Tensor, train: bool) -> Views:
+    def needs_relevance(self, stage: str) -> bool:
+        return stage == "train" and self.guided_crops > 0
+
+    def _crop(self, augment: K.AugmentationSequential, x: Tensor, centres: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One crop of every image and its pixel matrix; with ``centres``, moved there with probability ``p``."""
+        if centres is None:
+            out = augment(x)
+        else:
+            params = augment.forward_parameters(x.shape)
+            crop = params[0].data  # RandomResizedCrop's: src (B, 4, 2) boxes in the input image
+            move = torch.rand(x.shape[0], device=x.device) < self.guided_crops
+            crop["src"] = centre_boxes(crop["src"], centres, tuple(x.shape[-2:]), move.to(crop["src"].device))
+            out = augment(x, params=params)
+        return out.clamp_(0.0, 1.0), augment.transform_matrix
+
+    def views(self, images: Tensor, train: bool, relevance: Callable[[Tensor], Tensor] | None = None) -> Views:
+        """Training views; ``relevance(resized images) -> (B, Gh, Gw)`` maps (read only with guided crops)."""
         if not train:
             return Views(self.resize(images))
         x = self.resize(images)
+        density = None
+        if self.guided_crops > 0:
+            if relevance is None:
+                raise ValueError("transform.guided_crops > 0 needs the images' relevance: views(..., relevance=...)")
+            density = relevance(x)
         globals_, matrices = [], []
         for _ in range(self.global_crops):
-            globals_.append(self.augment(x).clamp_(0.0, 1.0))
-            matrices.append(self.augment.transform_matrix)
+            centres = None if density is None else sample_centres(density, tuple(x.shape[-2:]))
+            view, matrix = self._crop(self.augment, x, centres)
+            globals_.append(view)
+            matrices.append(matrix)
         local, local_matrix = None, None
         if self.local_crops:
             crops, mats = [], []
             for _ in range(self.local_crops):
-                crops.append(self.local_augment(x).clamp_(0.0, 1.0))
-                mats.append(self.local_augment.transform_matrix)
+                centres = None if density is None else sample_centres(density, tuple(x.shape[-2:]))
+                view, matrix = self._crop(self.local_augment, x, centres)
+                crops.append(view)
+                mats.append(matrix)
             local, local_matrix = self.normalize(torch.cat(crops)), torch.cat(mats)
         return Views(torch.cat(globals_), torch.cat(matrices), local, self.global_crops, local_matrix)

@@ -93,16 +93,21 @@ def test_the_guidance_mode_masks_the_most_relevant_patches(tiny_vit):
     assert torch.equal(seen[0], mask)
 
 
-def test_view_matrices_map_keypoints_into_global_and_local_crops():
-    """A blob drawn on the image: its keypoint mapped through a view's matrix lands on the blob in that view."""
+@pytest.mark.parametrize("guided", [0.0, 1.0])
+def test_view_matrices_map_keypoints_into_global_and_local_crops(guided):
+    """A blob drawn on the image: its keypoint mapped through a view's matrix lands on the blob in that view (also
+    when guided crops move the crops, here onto a map of the image's top-left quarter)."""
     torch.manual_seed(0)
     img = blob_image(64, center=(40.0, 24.0), sigma=3.0, batch=4)
     t = MultiCropTransform(64, hflip=True, global_scale=(0.5, 1.0), local_crops=2, local_size=32,
-                           local_scale=(0.3, 0.5))
-    v = t.views(img, train=True)
+                           local_scale=(0.3, 0.5), guided_crops=guided)
+    quarter = torch.zeros(4, 8, 8)
+    quarter[:, :4, :4] = 1.0
+    v = t.views(img, True, relevance=lambda x: quarter)
     kp = detect_keypoints(t.resize(img), max_keypoints=1)
     for views, matrix, size in ((v.image, v.matrix, 64), (v.local * t.std + t.mean, v.local_matrix, 32)):
         mapped = transform_keypoints(kp.repeat(views.shape[0] // 4), matrix, (size, size))
+        assert mapped.valid[:, 0].sum() >= 2, size  # the check below is not vacuous
         for i in range(views.shape[0]):
             if not mapped.valid[i, 0]:
                 continue  # cropped out of this view
@@ -131,6 +136,16 @@ IBOT = ["experiment=ibot_fm", "transform.local_size=16", "objective.out_dim=64",
         "objective.bottleneck_dim=16", "data.batch_size=16", "callbacks.knn.bank_size=32",
         "callbacks.knn.query_size=32", "trainer.max_steps=4", "trainer.val_check_interval=2",
         "callbacks.attention_divergence.batches=1"]
+
+
+def test_guided_crops_alone_set_up_the_relevance_and_train(tiny_cfg):
+    """transform.guided_crops with iBOT's own block masks: no guidance mode reads the relevance, the crops do (the
+    keypoint cache is built for them)."""
+    cfg = tiny_cfg([*IBOT, "transform.guided_crops=0.5", "relevance.cache=true", "relevance.cache_dir=null",
+                    "trainer.max_steps=2"], name="crops")
+    train(cfg)
+    m = pd.read_csv(Path(cfg.paths.output_dir) / "metrics.csv")
+    assert m["train/ibot_loss"].notna().sum() == 2 and m["val/knn_acc"].notna().any()
 
 
 def test_a_tiny_ibot_run_with_sift_masks_trains_and_resumes_exactly(tiny_cfg, monkeypatch):
