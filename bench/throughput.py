@@ -5,10 +5,10 @@
 Builds the real objects from the composed Hydra config (``configs/train.yaml`` + overrides) and runs optimizer
 steps by hand (device pipeline, relevance, forward, backward, AdamW step), interleaving the variants
 baseline / attention guidance on the fly / every supervised mode with the keypoint cache (attention,
-interrelation, background, prior, token_drop, and token_drop's random control) (/ on the fly with the
-``torch.compile``'d detector, ``--compile``; compiled during the warm-up steps) so that machine drift hits all
-alike. Prints the
-median step time, images/s, the guided/baseline throughput ratios, and memory: bytes of tensors saved for
+interrelation, background, prior, token_drop, token_drop's random control, token_drop with a per-image budget)
+(/ on the fly with the ``torch.compile``'d detector, ``--compile``; compiled during the warm-up steps) so that
+machine drift hits all alike (``--ssl``: DINO, iBOT, iBOT with SIFT masks, the teacher's attention, guided crops).
+Prints the median step time, images/s, the guided/baseline throughput ratios, and memory: bytes of tensors saved for
 backward (the activation memory, exact on any device) and, on CUDA, the peak allocated memory. With OpenCV
 installed it also times OpenCV's C++ SIFT on one augmented batch: the on-the-fly ratio a detector as fast as
 OpenCV's would give, a bound for this machine.
@@ -81,6 +81,7 @@ def main() -> None:
         "prior": ["guidance=prior", C],
         "token_drop": ["guidance=token_drop", C],
         "token_drop_rand": ["guidance=token_drop", "relevance.kind=random", "relevance.cache=false"],
+        "token_drop_budget": ["guidance=token_drop", "guidance.token_drop.budget=entropy", C],  # rows of 0.75 P
     }
     if args.modes:
         variants = {k: v for k, v in variants.items() if k in ("baseline", "guided", "guided+cache", *args.modes)}
@@ -89,7 +90,8 @@ def main() -> None:
     if args.ssl:
         variants.update({"dino": ["experiment=dino_fm"], "ibot": ["experiment=ibot_fm"],
                          "ibot+sift": ["experiment=ibot_fm", "guidance=attmask", C],
-                         "ibot+attention": ["experiment=ibot_fm", "objective.mask_pattern=attention"]})
+                         "ibot+attention": ["experiment=ibot_fm", "objective.mask_pattern=attention"],
+                         "ibot+crops": ["experiment=ibot_fm", "transform.guided_crops=0.5", C]})
     built = {k: make_module(args.overrides + v, dev) for k, v in variants.items()}
     cfg = built["baseline"][0]
     from hydra.utils import instantiate
