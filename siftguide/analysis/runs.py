@@ -7,6 +7,7 @@ A run directory holds ``metrics.csv`` and its resolved config (``config.yaml`` o
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,15 +136,57 @@ def _with_modes(config: dict) -> dict:
     return {**config, "guidance.modes": modes} if modes else config
 
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
+_UNKNOWN = object()
+
+
+@functools.lru_cache(maxsize=None)
+def declared_default(key: str):
+    """The value this package's config files give ``key`` (``guidance.token_drop.budget`` -> ``token_drop.budget`` in
+    the option files of ``conf/guidance/``, or the key in ``train.yaml``), or ``_UNKNOWN`` when none gives a plain value
+    or they disagree: what a run made before the key existed used, if the key only added an option."""
+    root, _, rest = key.partition(".")
+    group = CONF / root
+    sources = [(f, rest) for f in sorted(group.glob("*.yaml"))] if group.is_dir() and rest else []
+    found = {}
+    for f, path in [*sources, (CONF / "train.yaml", key)]:
+        node = yaml.safe_load(f.read_text()) or {}
+        for part in path.split("."):
+            node = node.get(part, _UNKNOWN) if isinstance(node, dict) else _UNKNOWN
+        if node is not _UNKNOWN and not (isinstance(node, str) and "${" in node):
+            node = tuple(node) if isinstance(node, list) else node  # as flattened run configs hold lists
+            found[repr(node)] = node
+    return next(iter(found.values())) if len(found) == 1 else _UNKNOWN
+
+
+def _has_parent(config: dict, key: str) -> bool:
+    """Whether the run's config holds the node ``key`` belongs to (another key under the same parent)."""
+    parent = key.rpartition(".")[0] + "."
+    return parent != "." and any(k.startswith(parent) for k in config)
+
+
+def _value(config: dict, key: str):
+    """``config[key]``; for a key the run's config lacks although it holds the key's node (made before the option
+    existed), the declared default; else None."""
+    if key in config:
+        return config[key]
+    default = declared_default(key) if _has_parent(config, key) else _UNKNOWN
+    return None if default is _UNKNOWN else default
+
+
 def varying_keys(runs: list[Run]) -> list[str]:
-    """Config keys (seeds, paths, logging excluded) on which the runs that have the key disagree."""
+    """Config keys (seeds, paths, logging excluded) on which the runs disagree. A run that lacks a key but holds its
+    node (made before the option existed) counts with the key's declared default (:func:`declared_default`); runs
+    without the node (another mode), or keys with no declared default, are left out of the comparison."""
     keys = sorted({k for r in runs for k in r.config})
     varying = []
     for k in keys:
         if k.startswith(IGNORED_PREFIXES):
             continue
         # guidance.modes is derived (``_with_modes``): a run without it uses no mode, which is a value of its own
-        values = {repr(r.config.get(k)) for r in runs if k in r.config or k == "guidance.modes"}
+        known = declared_default(k) is not _UNKNOWN
+        values = {repr(_value(r.config, k)) for r in runs
+                  if k in r.config or k == "guidance.modes" or (known and _has_parent(r.config, k))}
         if len(values) > 1:
             varying.append(k)
     return varying
@@ -154,13 +197,14 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
 
     The dict keys are the full descriptions (``guidance.target.kind=sift, guidance.weight=1``); ``group_labels``
     gives each group its short label. A key that only some runs have (an option added after older runs were
-    made) differs only if the runs that have it disagree: runs made before the option existed are grouped with
-    runs that use its default.
+    made) counts with its declared default in the runs without it: runs made before the option existed are grouped
+    with runs that use the default, never with runs that set another value.
     """
     varying = varying_keys(runs)
     groups: dict[str, list[Run]] = {}
     for r in runs:
-        label = ", ".join(f"{k}={_fmt(r.config.get(k))}" for k in varying) or "all runs"
+        label = ", ".join(f"{k}={_fmt(_value(r.config, k) if k != 'guidance.modes' else r.config.get(k))}"
+                          for k in varying) or "all runs"
         groups.setdefault(label, []).append(r)
     return dict(sorted(groups.items(), key=lambda kv: _sort_key(kv[1][0])))
 

@@ -139,3 +139,19 @@ def test_modes_as_config_nodes_group_label_and_mark_the_baseline(tmp_path):
 def test_baseline_markers(tmp_path, extra, baseline):
     make_run(tmp_path, "r", 1.0, 0, [0.5, 0.6, 0.7, 0.8], extra=extra)
     assert is_baseline(load_runs([tmp_path])[0]) == baseline
+
+
+def test_runs_made_before_an_option_existed_group_with_its_default_only(tmp_path):
+    """Old runs lack ``guidance.token_drop.budget``: they group with new runs at the declared default (fixed), never
+    with new runs that set another value (entropy)."""
+    old = {"_target_": "siftguide.guidance.TokenDrop", "keep_ratio": 0.5}
+    made = {"old": old, "fixed": {**old, "budget": "fixed"}, "entropy": {**old, "budget": "entropy"}}
+    for name, node in made.items():
+        d = tmp_path / name
+        d.mkdir()
+        pd.DataFrame({"step": [100, 200], "val/acc": [0.5, 0.6]}).to_csv(d / "metrics.csv", index=False)
+        (d / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "guidance": {"weight": 1.0, "token_drop": node},
+                                                       "relevance": {"kind": "sift"}}))
+    groups = group_runs(load_runs([tmp_path]))
+    assert sorted(sorted(r.path.name for r in g) for g in groups.values()) == [["entropy"], ["fixed", "old"]]
+    assert any("budget=entropy" in g for g in groups) and any("budget=fixed" in g for g in groups)
