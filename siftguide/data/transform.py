@@ -165,6 +165,17 @@ class MultiCropTransform(DeviceTransform):
             out = augment(x, params=params)
         return out.clamp_(0.0, 1.0), augment.transform_matrix
 
+    def _crops(self, augment: K.AugmentationSequential, x: Tensor, n: int,
+                density: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``n`` crops of every image, view-major ``(n * B, ...)``, and their pixel matrices ``(n * B, 3, 3)``."""
+        views, matrices = [], []
+        for _ in range(n):
+            centres = None if density is None else sample_centres(density, tuple(x.shape[-2:]))
+            view, matrix = self._crop(augment, x, centres)
+            views.append(view)
+            matrices.append(matrix)
+        return torch.cat(views), torch.cat(matrices)
+
     def views(self, images: Tensor, train: bool, relevance: Callable[[Tensor], Tensor] | None = None) -> Views:
         """Training views; ``relevance(resized images) -> (B, Gh, Gw)`` maps (read only with guided crops)."""
         if not train:
@@ -175,19 +186,9 @@ class MultiCropTransform(DeviceTransform):
             if relevance is None:
                 raise ValueError("transform.guided_crops > 0 needs the images' relevance: views(..., relevance=...)")
             density = relevance(x)
-        globals_, matrices = [], []
-        for _ in range(self.global_crops):
-            centres = None if density is None else sample_centres(density, tuple(x.shape[-2:]))
-            view, matrix = self._crop(self.augment, x, centres)
-            globals_.append(view)
-            matrices.append(matrix)
+        image, matrix = self._crops(self.augment, x, self.global_crops, density)
         local, local_matrix = None, None
         if self.local_crops:
-            crops, mats = [], []
-            for _ in range(self.local_crops):
-                centres = None if density is None else sample_centres(density, tuple(x.shape[-2:]))
-                view, matrix = self._crop(self.local_augment, x, centres)
-                crops.append(view)
-                mats.append(matrix)
-            local, local_matrix = self.normalize(torch.cat(crops)), torch.cat(mats)
-        return Views(torch.cat(globals_), torch.cat(matrices), local, self.global_crops, local_matrix)
+            local, local_matrix = self._crops(self.local_augment, x, self.local_crops, density)
+            local = self.normalize(local)
+        return Views(image, matrix, local, self.global_crops, local_matrix)
