@@ -2,7 +2,8 @@
 keypoints, and the prefetcher.
 
 :class:`RelevanceSetup` runs once, when a fit (or a validation or test) starts and an active guidance mode (or the
-pipeline's guided crops, ``transform.guided_crops``) reads the relevance: it calls :meth:`~siftguide.relevance.RelevanceStage.setup` with the datamodule's datasets and the data
+pipeline's guided crops, ``transform.guided_crops``) reads the relevance: it calls
+:meth:`~siftguide.relevance.RelevanceStage.setup` with the datamodule's datasets and the data
 pipeline's deterministic resize (``module.transform.resize``, so the images are resized in one place), wraps a
 dataset of files whose keypoints now live in an on-disk cache
 (:class:`~siftguide.relevance.folder_cache.WithKeypoints`: its batches carry their keypoints), and, where keypoints

@@ -159,6 +159,9 @@ class MultiCropTransform(DeviceTransform):
             out = augment(x)
         else:
             params = augment.forward_parameters(x.shape)
+            if not params[0].name.startswith("RandomResizedCrop"):
+                raise TypeError(f"guided crops move a RandomResizedCrop's boxes; this pipeline starts with "
+                                f"{params[0].name}")
             crop = params[0].data  # RandomResizedCrop's: src (B, 4, 2) boxes in the input image
             move = torch.rand(x.shape[0], device=x.device) < self.guided_crops
             crop["src"] = centre_boxes(crop["src"], centres, tuple(x.shape[-2:]), move.to(crop["src"].device))
