@@ -203,8 +203,7 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     varying = varying_keys(runs)
     groups: dict[str, list[Run]] = {}
     for r in runs:
-        label = ", ".join(f"{k}={_fmt(_value(r.config, k) if k != 'guidance.modes' else r.config.get(k))}"
-                          for k in varying) or "all runs"
+        label = ", ".join(f"{k}={_fmt(_value(r.config, k))}" for k in varying) or "all runs"
         groups.setdefault(label, []).append(r)
     return dict(sorted(groups.items(), key=lambda kv: _sort_key(kv[1][0])))
 

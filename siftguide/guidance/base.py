@@ -100,7 +100,8 @@ class GuidanceMode:
     # ------------------------------------------------------------------------------------------ the step's hooks
     def select_tokens(self, relevance: Tensor, step: int, count: int | None = None) -> Tensor | None:
         """``ids_keep (B, K)`` (sorted; in rank order with a per-image budget, :meth:`keep_counts`) patch tokens for
-        this training step, or None (the objective's default). ``count``: the visible tokens a masked objective runs, None where the mode chooses how many."""
+        this training step, or None (the objective's default). ``count``: the visible tokens a masked objective
+        runs, None where the mode chooses how many."""
         return None
 
     def keep_counts(self, relevance: Tensor, step: int) -> Tensor | None:

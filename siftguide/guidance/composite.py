@@ -109,10 +109,12 @@ class Guidance:
         if relevance is None:
             return Guided()
         weights = self.patch_weights(relevance, step)
-        ids_keep = self.select_tokens(relevance, step, objective.visible_count(relevance.flatten(1).shape[1]))
-        found = self._one("selects_tokens", relevance) if ids_keep is not None else None
+        found = self._one("selects_tokens", relevance)
+        selector = found[1] if found else None
+        ids_keep = None if selector is None else selector.select_tokens(
+            relevance, step, objective.visible_count(relevance.flatten(1).shape[1]))
         return Guided(ids_keep, *(weights or (None,)), patch_mask=self.patch_mask(relevance, step, objective),
-                      keep_counts=found[1].keep_counts(relevance, step) if found else None)
+                      keep_counts=None if ids_keep is None else selector.keep_counts(relevance, step))
 
     @contextlib.contextmanager
     def forward(self, relevance: Tensor | None, stage: str, step: int,

@@ -88,9 +88,8 @@ def allocate_budget(weights: Tensor, n_mean: int, n_min: int, n_max: int) -> Ten
     rest = w_sorted.flip(0).cumsum(0).flip(0)  # rest[j]: the weight of the images not capped when j are
     j = torch.arange(b, device=w.device, dtype=w.dtype)
     t = (spare - j * (n_max - n_min)) / rest
-    upper = t_cap  # t must not reach the next image's cap
-    lower = torch.cat([t_cap.new_zeros(1), t_cap[:-1]])
-    ok = (t <= upper * (1 + 1e-6)) & (t >= lower * (1 - 1e-6))
+    lower = torch.cat([t_cap.new_zeros(1), t_cap[:-1]])  # t reaches the j capped images' caps, not the next one's
+    ok = (t <= t_cap * (1 + 1e-6)) & (t >= lower * (1 - 1e-6))
     t = t[ok.float().argmax()]  # the first consistent j (one always is: n_mean <= n_max)
     alloc = torch.minimum(torch.full_like(w, float(n_max)), n_min + t * w)
     counts = alloc.floor()
