@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from pathlib import Path
 
@@ -28,25 +29,37 @@ def _cpu_share(seconds: float = 1.0) -> float:
     return (time.process_time() - c0) / (time.perf_counter() - w0)
 
 
+def _window(metrics_csv: Path, from_step: int = 30) -> tuple[float, float]:
+    """(cost, wall-clock) seconds of the training steps after ``from_step``: the first steps (allocations, lazy
+    set-up) vary from run to run and are left out."""
+    rows = pd.read_csv(metrics_csv)[["step", "train/cost_s", "train/elapsed_s"]].dropna()
+    first, last = rows[rows["step"] >= from_step].iloc[0], rows.iloc[-1]
+    return (last["train/cost_s"] - first["train/cost_s"], last["train/elapsed_s"] - first["train/elapsed_s"])
+
+
 def test_cost_is_the_same_beside_a_cpu_hog_while_wall_clock_is_not(tiny_cfg):
-    """Two runs of one config, the second beside two busy processes (on 2 cores: the cores are shared): their
-    train/cost_s agree within 20 % while their training wall-clock does not. The reference run needs the cores to
-    itself: on a machine already busy (other jobs), the test is skipped rather than compared against a loaded
+    """Three runs of one config, the middle one beside busy processes, two per core this process may use (so the
+    training thread gets about a third of a core): the middle run's train/cost_s stays within 30 % of the mean of the
+    two runs alone (seen here: 1.11-1.16x, shared caches cost a little), while its wall-clock grows by more than 1.5x
+    (2.3-2.5x seen here on 2 cores; with one hog per core only 1.24-1.36x, too close to the cost's own run-to-run spread,
+    once 0.82x in CI over the whole run). The reference runs need the cores
+    to themselves: on a machine already busy (other jobs), the test is skipped rather than compared against a loaded
     reference."""
     share = _cpu_share()
     if share < 0.8:
         pytest.skip(f"the machine is busy (this process got {share:.0%} of a core for a second): no quiet reference")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one compute thread: no OpenMP spin-waiting to count as compute
+    n_hogs = 2 * len(os.sched_getaffinity(0))
     try:
         common = ["trainer.max_steps=150", "trainer.val_check_interval=150", "callbacks.knn=null",
                   "callbacks.attention_divergence.batches=0", "guidance=prior"]
         metrics = {}
-        for name in ("alone", "beside_hog"):
+        for name in ("alone", "beside_hogs", "alone_again"):
             cfg = tiny_cfg(common, name=name)
             stop, hogs = mp.Event(), []
-            if name == "beside_hog":
-                hogs = [mp.Process(target=_hog, args=(stop,), daemon=True) for _ in range(2)]
+            if name == "beside_hogs":
+                hogs = [mp.Process(target=_hog, args=(stop,), daemon=True) for _ in range(n_hogs)]
                 for h in hogs:
                     h.start()
                 time.sleep(0.5)
@@ -56,12 +69,13 @@ def test_cost_is_the_same_beside_a_cpu_hog_while_wall_clock_is_not(tiny_cfg):
                 stop.set()
                 for h in hogs:
                     h.join(timeout=10)
-            m = pd.read_csv(Path(cfg.paths.output_dir) / "metrics.csv")
-            metrics[name] = (m["train/cost_s"].dropna().iloc[-1], m["train/elapsed_s"].dropna().iloc[-1])
+            metrics[name] = _window(Path(cfg.paths.output_dir) / "metrics.csv")
     finally:
         torch.set_num_threads(threads)
-    (cost_a, wall_a), (cost_b, wall_b) = metrics["alone"], metrics["beside_hog"]
-    print(f"cost {cost_a:.2f} -> {cost_b:.2f} s ({cost_b / cost_a:.2f}x), wall-clock {wall_a:.2f} -> {wall_b:.2f} s "
-          f"({wall_b / wall_a:.2f}x)")
-    assert abs(cost_b / cost_a - 1) < 0.2, metrics
-    assert wall_b / wall_a > 1.3, metrics  # the hog stretched wall-clock; the cost did not follow
+    cost_a = (metrics["alone"][0] + metrics["alone_again"][0]) / 2
+    wall_a = (metrics["alone"][1] + metrics["alone_again"][1]) / 2
+    cost_b, wall_b = metrics["beside_hogs"]
+    print(f"{n_hogs} hogs: cost {cost_a:.2f} -> {cost_b:.2f} s ({cost_b / cost_a:.2f}x), wall-clock {wall_a:.2f} -> "
+          f"{wall_b:.2f} s ({wall_b / wall_a:.2f}x)")
+    assert abs(cost_b / cost_a - 1) < 0.3, metrics
+    assert wall_b / wall_a > 1.5, metrics  # the hogs stretched wall-clock; the cost did not follow
