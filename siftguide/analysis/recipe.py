@@ -13,7 +13,9 @@ guide with the SIFT map (``kind: sift``), those that
 and recommends the one with the lowest cost ratio (steps ratio without cost data). ``status`` says which case
 holds: ``recommended``; ``untested`` (a setting beats the baseline but the study ran no wrong-map control for it:
 it may not be SIFT's doing); ``baseline`` (no setting beat its controls: train without guidance); or ``incomplete``
-(the verdict says ``complete: false``: some planned runs did not finish, and no advice is given). With
+(the verdict says ``complete: false``: some planned runs did not finish, and no advice is given); or
+``not_learning`` (the verdict says ``baseline_improved: false``: the baseline's curve ends no better than it starts,
+so no speed-up can be read, and no advice is given). With
 ``baseline``, ``fastest`` names the setting (any map, a wrong-map control included) that beat the baseline at the
 lowest cost, when one did: a user who only wants speed may take it, knowing the gain is not the per-image SIFT
 map's.
@@ -96,7 +98,7 @@ def _evidence(g: dict, margin: dict | None, v: dict) -> dict:
 
 def recommend(verdict: dict) -> dict:
     """The recommendation from a verdict dict (``verdict.json``), see the module docstring. Returns ``status``
-    (recommended | untested | baseline), ``statement`` (plain words), ``data``, ``metric``, ``target``,
+    (recommended | untested | baseline | incomplete | not_learning), ``statement`` (plain words), ``data``, ``metric``, ``target``,
     ``setting`` (group label), ``overrides`` (the setting's own, None when the verdict does not carry them),
     ``evidence`` (cost and steps ratio, final, seeds, paired CIs against the baseline, the margin over the best
     control), ``command`` (``python train.py <common overrides> <the setting's overrides>``, no seed) and
@@ -135,6 +137,13 @@ def recommend(verdict: dict) -> dict:
         out.update(status="incomplete", statement=(
             f"The study is incomplete: {len(missing)} of its planned runs did not finish ({listed}). No advice until "
             f"they do: run the study's command again (finished runs are skipped, cut runs continue)."))
+        return out
+    if verdict.get("baseline_improved") is False:
+        out.update(status="not_learning", statement=(
+            f"The baseline did not improve on {metric} over its run (its curve ends no better than at its first "
+            f"validation): the runs learned nothing measurable at this length, so no setting can be said to reach "
+            f"the baseline sooner. No advice: train longer (trainer.max_steps) or check the objective's settings, "
+            f"then rerun the study."))
         return out
     if winners or untested:
         g, margin = min(winners or untested, key=key)

@@ -183,6 +183,11 @@ def verdict(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, targ
             out[0] += (" Time to target is measured on the cost axis (`val/cost_s`: the compute of the training "
                        "steps, which contention cannot bend); wall-clock only where the runs' conditions were equal.")
 
+    if base is not None and _not_improved(t.loc[base]):
+        out.append(f"**The baseline did not learn on `{metric}`**: its seed-averaged curve ends no better than at "
+                   f"its first validation. A target taken from its final value is met at the first validation, so "
+                   f"the steps and cost ratios below say nothing about speed; only the final values and AUCs compare. "
+                   f"Train longer, or check the objective's settings, before reading a speed-up here.")
     for g in (t.index if base is not None else []):
         if g == base:
             continue
@@ -233,6 +238,16 @@ def verdict(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, targ
             if c[axis] is not None:
                 out.append(_criterion_text(c[axis], lab, target, ci_text))
     return "\n\n".join(out) + "\n"
+
+
+def _improved(row) -> bool | None:
+    """The row's ``improved`` as a bool; None when unknown (one validation, or a table without the column)."""
+    v = row.get("improved")
+    return bool(v) if isinstance(v, (bool, np.bool_)) else None
+
+
+def _not_improved(row) -> bool:
+    return _improved(row) is False
 
 
 def _criterion_text(c: dict, lab: dict, target: float, ci_text) -> str:
@@ -286,7 +301,9 @@ def verdict_data(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str,
                  n_resamples: int = 10_000, bootstrap_seed: int = 0) -> dict:
     """The verdict in machine-readable form (``verdict.json``; nan written as null).
 
-    Keys: ``metric``, ``higher_is_better``, ``target``, ``ci``, ``n_resamples``, ``baseline`` (label or None),
+    Keys: ``metric``, ``higher_is_better``, ``target``, ``baseline_improved`` (the baseline's curve ends better than
+    its first validation: see :func:`~siftguide.analysis.stats.improved`; False: no speed claim holds; None: unknown
+    or no baseline), ``ci``, ``n_resamples``, ``baseline`` (label or None),
     ``wall_tolerance``; ``groups``: one dict per group with ``label``, ``description``, ``kind`` (the relevance map:
     ``sift``, a wrong-map control, or "" for the baseline), ``is_baseline``, ``runs`` (directories), ``seeds``,
     ``final_mean``/``final_std``, ``auc``, ``steps_to_target``, ``cost_to_target_s``, ``steps_ratio``,
@@ -332,5 +349,6 @@ def verdict_data(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str,
             axes[axis] = a
         comps.append({"sift": lab[c["sift"]], "controls": [lab[h] for h in c["controls"]], "final": f, **axes})
     return _json_value({"metric": metric, "higher_is_better": higher_is_better, "target": target,
+                        "baseline_improved": _improved(t.loc[base]) if base is not None else None,
                         "ci": ci, "n_resamples": n_resamples, "baseline": lab[base] if base is not None else None,
                         "wall_tolerance": WALL_TOLERANCE, "groups": out_groups, "controls": comps})

@@ -14,7 +14,7 @@ import pandas as pd
 
 from .runs import Run, group_labels, is_baseline, matched_controls
 
-__all__ = ["reach", "mean_curve", "auc", "paired_differences", "bootstrap_ci", "contention", "wall_clock_reliable",
+__all__ = ["reach", "mean_curve", "improved", "auc", "paired_differences", "bootstrap_ci", "contention", "wall_clock_reliable",
            "wall_flag", "summarize", "control_comparisons", "seed_table", "WALL_TOLERANCE"]
 
 # wall-clock figures are shown only when every run's contention factor (wall-clock / cost) is within this relative
@@ -50,6 +50,20 @@ def mean_curve(runs: list[Run], metric: str) -> pd.DataFrame:
         raise ValueError(f"runs {[str(r.path) for r in runs]} share no validation step for {metric}")
     return pd.DataFrame({"step": steps, **{col: [np.mean([c.loc[s, col] for c in curves]) for s in steps]
                                            for col in ("time", "cost", "value")}})
+
+
+def improved(curve: pd.DataFrame, higher_is_better: bool) -> bool | None:
+    """Whether a validation curve ends better than its first validation (None with fewer than two points). A
+    baseline that did not improve learned nothing measurable on the metric in its run: a target set from its final
+    value is then met at the first validation by every group, and speed ratios say nothing.
+
+    >>> improved(pd.DataFrame({"step": [50, 100, 300], "value": [0.33, 0.32, 0.30]}), higher_is_better=True)
+    False
+    """
+    v = curve["value"].to_numpy(float)
+    if len(v) < 2 or np.isnan(v[[0, -1]]).any():
+        return None
+    return bool(v[-1] > v[0]) if higher_is_better else bool(v[-1] < v[0])
 
 
 def auc(curve: pd.DataFrame) -> float:
@@ -212,7 +226,8 @@ def summarize(groups: dict[str, list[Run]], metric: str, target: float | None = 
     ``auc`` (seed-averaged curve), ``auc_seed_mean/std``, ``steps_to_target``, ``cost_to_target_s``,
     ``time_to_target_s``, ``seeds_reached``, ``seed_steps_min/max``, ``total_time_s``, ``total_cost_s``,
     ``contention`` (mean of the runs' wall/cost factors) with ``contention_min/max``, ``wall_reliable`` (see
-    ``wall_clock_reliable``: True, False, None = no cost data); with a baseline also ``steps_ratio``,
+    ``wall_clock_reliable``: True, False, None = no cost data), ``improved`` (see :func:`improved`: the seed-averaged
+    curve ends better than it starts; None with one validation); with a baseline also ``steps_ratio``,
     ``cost_ratio``, ``time_ratio`` (raw: read it only where ``wall_reliable`` is True), ``final_delta``, ``pairs``,
     ``unpaired``, ``steps_censored`` and, for X in final, auc, steps, cost, ``d_X`` (mean paired difference),
     ``d_X_lo``, ``d_X_hi`` (bootstrap CI). Returns (table, target used, baseline group or None, notes).
@@ -262,6 +277,7 @@ def summarize(groups: dict[str, list[Run]], metric: str, target: float | None = 
             "cost_to_target_s": cost, "total_cost_s": float(np.mean([r.curve(metric)["cost"].iloc[-1] for r in rs])),
             "contention": float(factors.mean()), "contention_min": float(factors.min()),
             "contention_max": float(factors.max()), "wall_reliable": reliable[g],
+            "improved": improved(mc, higher_is_better),
         }
         if base is not None and g != base:
             p = paired_differences(rs, groups[base], metric, target, higher_is_better)
@@ -275,6 +291,11 @@ def summarize(groups: dict[str, list[Run]], metric: str, target: float | None = 
         rows.append(row)
         if target is not None and math.isnan(step):
             notes.append(f"'{g}': its mean curve never reaches the target {target:.4f}")
+        if g == base and row["improved"] is False:
+            first, last = mc.iloc[0], mc.iloc[-1]
+            notes.append(f"the baseline '{g}' did not improve on {metric} over its run ({first['value']:.4f} at step "
+                         f"{first['step']:.0f}, {last['value']:.4f} at step {last['step']:.0f}): no speed ratio means "
+                         f"anything (see the verdict)")
     table = pd.DataFrame(rows)
     table["wall_reliable"] = pd.Series([reliable[g] for g in table["group"]], index=table.index, dtype=object)
     if base is not None:

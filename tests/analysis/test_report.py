@@ -129,3 +129,32 @@ def test_verdict_json_is_machine_readable(tmp_path):
     c = data["controls"][0]
     assert c["controls"] == ["rolled w=1", "shuffled w=1"] and c["final"]["more_than_2std"] is True
     assert c["final"]["control"] == "shuffled w=1" and set(c["final"]["paired"]) >= {"mean", "lo", "hi"}
+
+
+def test_a_baseline_that_did_not_learn_is_called_out_and_gets_no_speed_claim(tmp_path):
+    # the kNN accuracy of a short self-supervised run: every group falls from its first validation (as iBOT's did at
+    # 300 CPU steps), so the target (the baseline's final) is met at the first validation by all of them
+    for s, e in enumerate([0.0, 0.004, -0.004]):
+        make_run(tmp_path / "runs", f"b{s}", 0.0, s, np.array([0.33, 0.32, 0.31, 0.30]) + e, cost_per_step=0.5)
+        make_run(tmp_path / "runs", f"s{s}", 1.0, s, np.array([0.33, 0.32, 0.315, 0.305]) + e, cost_per_step=0.5)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "runs"), "--out", str(out), "--verdict"]) == 0
+    text = (out / "verdict.md").read_text()
+    assert "The baseline did not learn on `val/acc`" in text and "ratios below say nothing about speed" in text
+    data = json.loads((out / "verdict.json").read_text())
+    assert data["baseline_improved"] is False
+    guided = next(x for x in data["groups"] if not x["is_baseline"])
+    assert guided["steps_ratio"] == 1.0  # what the warning is about: both meet the target at step 100
+
+    from siftguide.analysis.recipe import recommend
+
+    rec = recommend(data)
+    assert rec["status"] == "not_learning" and rec["command"] is None and "No advice" in rec["statement"]
+
+
+def test_a_learning_baseline_carries_no_warning(tmp_path):
+    study_runs(tmp_path / "runs")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "runs"), "--out", str(out), "--verdict"]) == 0
+    assert json.loads((out / "verdict.json").read_text())["baseline_improved"] is True
+    assert "did not learn" not in (out / "verdict.md").read_text()
