@@ -98,10 +98,10 @@ def _evidence(g: dict, margin: dict | None, v: dict) -> dict:
 
 def recommend(verdict: dict) -> dict:
     """The recommendation from a verdict dict (``verdict.json``), see the module docstring. Returns ``status``
-    (recommended | untested | baseline | incomplete | not_learning), ``statement`` (plain words), ``data``, ``metric``, ``target``,
-    ``setting`` (group label), ``overrides`` (the setting's own, None when the verdict does not carry them),
-    ``evidence`` (cost and steps ratio, final, seeds, paired CIs against the baseline, the margin over the best
-    control), ``command`` (``python train.py <common overrides> <the setting's overrides>``, no seed) and
+    (recommended | untested | baseline | incomplete | not_learning), ``statement`` (plain words), ``data``,
+    ``metric``, ``target``, ``setting`` (group label), ``overrides`` (the setting's own, None when the verdict does
+    not carry them), ``evidence`` (cost and steps ratio, final, seeds, paired CIs against the baseline, the margin
+    over the best control), ``command`` (``python train.py <common overrides> <the setting's overrides>``, no seed) and
     ``considered`` (every SIFT group with the outcome of both criteria)."""
     groups = verdict.get("groups", [])
     base = next((g for g in groups if g.get("is_baseline")), None)
@@ -140,10 +140,10 @@ def recommend(verdict: dict) -> dict:
         return out
     if verdict.get("baseline_improved") is False:
         out.update(status="not_learning", statement=(
-            f"The baseline did not improve on {metric} over its run (its curve ends no better than at its first "
-            f"validation): the runs learned nothing measurable at this length, so no setting can be said to reach "
-            f"the baseline sooner. No advice: train longer (trainer.max_steps) or check the objective's settings, "
-            f"then rerun the study."))
+            f"The baseline did not improve on {metric} after its first validation (its curve ends no better than it "
+            f"starts): every setting meets the target, the baseline's final value, at once, so none can be said to "
+            f"reach it sooner. No advice: train longer (trainer.max_steps), validate earlier or check the "
+            f"objective's settings, then rerun the study."))
         return out
     if winners or untested:
         g, margin = min(winners or untested, key=key)

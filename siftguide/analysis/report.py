@@ -183,11 +183,12 @@ def verdict(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, targ
             out[0] += (" Time to target is measured on the cost axis (`val/cost_s`: the compute of the training "
                        "steps, which contention cannot bend); wall-clock only where the runs' conditions were equal.")
 
-    if base is not None and _not_improved(t.loc[base]):
-        out.append(f"**The baseline did not learn on `{metric}`**: its seed-averaged curve ends no better than at "
-                   f"its first validation. A target taken from its final value is met at the first validation, so "
-                   f"the steps and cost ratios below say nothing about speed; only the final values and AUCs compare. "
-                   f"Train longer, or check the objective's settings, before reading a speed-up here.")
+    if base is not None and _improved(t.loc[base]) is False:
+        out.append(f"**The baseline did not learn on `{metric}`** after its first validation: its seed-averaged curve "
+                   f"ends no better than it starts (it learned nothing measurable in the run, or all of it before the "
+                   f"first validation). A target taken from its final value is met at the first validation, so the "
+                   f"steps and cost ratios below say nothing about speed; only the final values and AUCs compare. "
+                   f"Train longer, validate earlier or check the objective's settings before reading a speed-up here.")
     for g in (t.index if base is not None else []):
         if g == base:
             continue
@@ -244,10 +245,6 @@ def _improved(row) -> bool | None:
     """The row's ``improved`` as a bool; None when unknown (one validation, or a table without the column)."""
     v = row.get("improved")
     return bool(v) if isinstance(v, (bool, np.bool_)) else None
-
-
-def _not_improved(row) -> bool:
-    return _improved(row) is False
 
 
 def _criterion_text(c: dict, lab: dict, target: float, ci_text) -> str:

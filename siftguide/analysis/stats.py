@@ -14,8 +14,8 @@ import pandas as pd
 
 from .runs import Run, group_labels, is_baseline, matched_controls
 
-__all__ = ["reach", "mean_curve", "improved", "auc", "paired_differences", "bootstrap_ci", "contention", "wall_clock_reliable",
-           "wall_flag", "summarize", "control_comparisons", "seed_table", "WALL_TOLERANCE"]
+__all__ = ["reach", "mean_curve", "improved", "auc", "paired_differences", "bootstrap_ci", "contention",
+           "wall_clock_reliable", "wall_flag", "summarize", "control_comparisons", "seed_table", "WALL_TOLERANCE"]
 
 # wall-clock figures are shown only when every run's contention factor (wall-clock / cost) is within this relative
 # distance of the baseline runs' median factor (see the module docstring, "Time axes")
