@@ -141,8 +141,8 @@ def recommend(verdict: dict) -> dict:
     if verdict.get("baseline_improved") is False:
         out.update(status="not_learning", statement=(
             f"The baseline did not improve on {metric} after its first validation (its curve ends no better than it "
-            f"starts): every setting meets the target, the baseline's final value, at once, so none can be said to "
-            f"reach it sooner. No advice: train longer (trainer.max_steps), validate earlier or check the "
+            f"starts): it meets its own target, its final value, at its first validation, so no ratio against it "
+            f"measures speed. No advice: train longer (trainer.max_steps), validate earlier or check the "
             f"objective's settings, then rerun the study."))
         return out
     if winners or untested:

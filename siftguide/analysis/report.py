@@ -186,7 +186,7 @@ def verdict(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, targ
     if base is not None and _improved(t.loc[base]) is False:
         out.append(f"**The baseline did not learn on `{metric}`** after its first validation: its seed-averaged curve "
                    f"ends no better than it starts (it learned nothing measurable in the run, or all of it before the "
-                   f"first validation). A target taken from its final value is met at the first validation, so the "
+                   f"first validation). It meets a target taken from its final value at its first validation, so the "
                    f"steps and cost ratios below say nothing about speed; only the final values and AUCs compare. "
                    f"Train longer, validate earlier or check the objective's settings before reading a speed-up here.")
     for g in (t.index if base is not None else []):

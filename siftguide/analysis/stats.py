@@ -55,7 +55,9 @@ def mean_curve(runs: list[Run], metric: str) -> pd.DataFrame:
 def improved(curve: pd.DataFrame, higher_is_better: bool) -> bool | None:
     """Whether a validation curve ends better than its first validation (None with fewer than two points). A
     baseline that did not improve learned nothing measurable on the metric in its run: a target set from its final
-    value is then met at the first validation by every group, and speed ratios say nothing.
+    value is then met by the baseline at its first validation, and speed ratios against it say nothing. A tie counts
+    as not improved (a metric saturated from the first validation: validate earlier); a flat, noisy curve that ends a
+    hair above its start counts as improved (no noise tolerance: the seed spread and the controls judge that).
 
     >>> improved(pd.DataFrame({"step": [50, 100, 300], "value": [0.33, 0.32, 0.30]}), higher_is_better=True)
     False

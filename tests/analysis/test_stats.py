@@ -261,3 +261,19 @@ def test_a_seed_that_never_reaches_counts_at_its_total_cost(tmp_path):
     groups = group_runs(load_runs([tmp_path]))
     p = paired_differences(groups["guidance.weight=1.0"], groups["guidance.weight=0.0"], "val/acc", 0.8)
     assert p["cost"] == pytest.approx([120 - 200]) and p["steps_censored"] == 1
+
+
+@pytest.mark.parametrize("values, higher_is_better, expected", [
+    ([0.30, 0.35, 0.40], True, True),     # accuracy rises
+    ([0.33, 0.32, 0.30], True, False),    # accuracy falls (iBOT's kNN at 300 CPU steps)
+    ([0.50, 0.60, 0.50], True, False),    # a tie: nothing gained after the first validation
+    ([2.0, 1.5, 1.2], False, True),       # a loss falls
+    ([1.2, 1.5, 1.3], False, False),      # a loss ends above its start
+    ([0.4], True, None),                  # one validation: unknown
+    ([float("nan"), 0.5], True, None),    # no value at one end: unknown
+])
+def test_improved_compares_the_last_validation_with_the_first(values, higher_is_better, expected):
+    from siftguide.analysis.stats import improved
+
+    curve = pd.DataFrame({"step": [50 * (i + 1) for i in range(len(values))], "value": values})
+    assert improved(curve, higher_is_better) is expected

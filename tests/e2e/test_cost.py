@@ -1,6 +1,7 @@
 """The cost axis: ``train/cost_s`` measures the compute of the training steps, not the machine's load."""
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import time
@@ -29,11 +30,26 @@ def _cpu_share(seconds: float = 1.0) -> float:
     return (time.process_time() - c0) / (time.perf_counter() - w0)
 
 
+def _usable_cores() -> int:
+    """Cores this process may use: its CPU affinity (all cores where the OS has none), capped by a cgroup v2 CPU
+    quota when one is set (a container limited to 2 CPUs on a large host)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
 def _window(metrics_csv: Path, from_step: int = 30) -> tuple[float, float]:
     """(cost, wall-clock) seconds of the training steps after ``from_step``: the first steps (allocations, lazy
     set-up) vary from run to run and are left out."""
     rows = pd.read_csv(metrics_csv)[["step", "train/cost_s", "train/elapsed_s"]].dropna()
-    first, last = rows[rows["step"] >= from_step].iloc[0], rows.iloc[-1]
+    window = rows[rows["step"] >= from_step]
+    assert len(window) >= 2, f"fewer than two logged steps after step {from_step} in {metrics_csv}"
+    first, last = window.iloc[0], window.iloc[-1]
     return (last["train/cost_s"] - first["train/cost_s"], last["train/elapsed_s"] - first["train/elapsed_s"])
 
 
@@ -50,7 +66,7 @@ def test_cost_is_the_same_beside_a_cpu_hog_while_wall_clock_is_not(tiny_cfg):
         pytest.skip(f"the machine is busy (this process got {share:.0%} of a core for a second): no quiet reference")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one compute thread: no OpenMP spin-waiting to count as compute
-    n_hogs = 2 * len(os.sched_getaffinity(0))
+    n_hogs = 2 * _usable_cores()
     try:
         common = ["trainer.max_steps=150", "trainer.val_check_interval=150", "callbacks.knn=null",
                   "callbacks.attention_divergence.batches=0", "guidance=prior"]
@@ -69,6 +85,9 @@ def test_cost_is_the_same_beside_a_cpu_hog_while_wall_clock_is_not(tiny_cfg):
                 stop.set()
                 for h in hogs:
                     h.join(timeout=10)
+                    if h.is_alive():  # never let a hog run on into the next reference run
+                        h.terminate()
+                        h.join()
             metrics[name] = _window(Path(cfg.paths.output_dir) / "metrics.csv")
     finally:
         torch.set_num_threads(threads)
