@@ -42,7 +42,9 @@ Runs made before ``val/cost_s`` was logged have no cost data: their groups are r
 no wall-clock, since their conditions cannot be checked), with a note. The table keeps the raw wall-clock figures
 in ``table.csv`` beside a ``wall_reliable`` column (True, False, or empty when unknown).
 
-The target defaults to the baseline group's mean final value. Writes ``curves.png`` (metric against steps, against
+The target defaults to the baseline group's mean final value. A baseline whose seed-averaged curve ends no better
+than its first validation meets that target at once: the table's ``improved`` column says False for it, and the
+verdict opens with a warning that no ratio measures speed (``baseline_improved: false`` in ``verdict.json``). Writes ``curves.png`` (metric against steps, against
 cost, and against wall-clock when it is reliable for every group; mean line, min-max band over seeds),
 ``table.md`` and ``table.csv`` into ``--out``, and with ``--verdict`` a plain-text summary per group
 (``verdict.md``) and the same in machine-readable form (``verdict.json``, see ``verdict_data``). Needs no wandb
