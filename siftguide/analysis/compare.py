@@ -38,6 +38,12 @@ runs' conditions were equal, decided as follows:
   (``wall_clock_reliable``). Otherwise the table shows "unreliable" instead of the number, the verdict quotes no
   wall-clock ratio (it says it was left out and why) and ``curves.png`` has no wall-clock panel.
 
+The cost follows the work only while the machine's speed holds. A run's *compute per step* is ``val/cost_s /
+val/step`` at its last validation (``step_cost``); the runs of one setting do the same work per step, so when theirs
+differ by more than 10 % (``DRIFT_TOLERANCE``; ``cost_drift`` = max / min - 1 in the table) the machine ran slower for
+some of them, which the contention factor cannot see (wall-clock slowed too). The table then notes the drift, and the
+verdict's cost criterion and the recipe say that its seed std carries it; steps to target are not bent by it.
+
 Runs made before ``val/cost_s`` was logged have no cost data: their groups are reported on steps only (no cost,
 no wall-clock, since their conditions cannot be checked), with a note. The table keeps the raw wall-clock figures
 in ``table.csv`` beside a ``wall_reliable`` column (True, False, or empty when unknown).

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import yaml
 
+from .stats import DRIFT_TOLERANCE
+
 __all__ = ["recommend", "recommendation_yaml", "write_headline", "headline", "main"]
 
 BASELINE_OVERRIDES = ["guidance=none"]
@@ -107,7 +109,7 @@ def recommend(verdict: dict) -> dict:
     base = next((g for g in groups if g.get("is_baseline")), None)
     controls = {c["sift"]: c for c in verdict.get("controls", [])}
     common = verdict.get("common_overrides")
-    considered, winners, untested = [], [], []
+    considered, winners, untested, margins = [], [], [], {}
     for g in groups:
         if g.get("is_baseline") or g.get("kind") != "sift":
             continue
@@ -116,6 +118,7 @@ def recommend(verdict: dict) -> dict:
         vs_controls = "untested" if margin is None else ("beats" if margin["beats_by_2std"] else "fails")
         if g.get("incomplete"):  # some of its planned runs (its controls, its seeds) did not finish: no judgement
             vs_controls = "incomplete"
+        margins[g["label"]] = margin
         considered.append({"setting": g["label"], "beats_baseline": beats, "why": why, "against_controls": vs_controls,
                            "cost_ratio": g.get("cost_ratio"), "steps_ratio": g.get("steps_ratio")})
         if beats and vs_controls == "beats":
@@ -177,6 +180,11 @@ def recommend(verdict: dict) -> dict:
         else:
             why = "no setting with the SIFT map beat the baseline"
         statement = f"No setting beat its controls ({why}): use the baseline (guidance=none)."
+        drifted = _drifted_failures(failed, margins, groups)
+        if drifted:
+            statement += (f" Read the cost criterion with care: the compute per step of {drifted} drifted by more "
+                          f"than {DRIFT_TOLERANCE:.0%} between runs (the machine ran slower for some of them), and "
+                          "that drift is in the seed std; see the table's note and the steps to target.")
         fastest = _fastest(groups, verdict)
         if fastest is not None:
             statement += (f" For speed alone, `{fastest['setting']}` (relevance.kind={fastest['kind']}) beat the "
@@ -185,6 +193,18 @@ def recommend(verdict: dict) -> dict:
         out.update(statement=statement, setting=base["label"] if base else "baseline", overrides=BASELINE_OVERRIDES,
                    command=_command(common, BASELINE_OVERRIDES), fastest=fastest)
     return out
+
+
+def _drifted_failures(failed: list[str], margins: dict, groups: list[dict]) -> str:
+    """The settings (a failed SIFT setting or its cheapest control, judged on cost) whose runs' compute per step
+    drifted (``cost_drift`` in the verdict), as text; "" when none did."""
+    drift = {g["label"]: _num(g.get("cost_drift")) for g in groups}
+    names = []
+    for f in failed:
+        m = margins.get(f) or {}
+        if m.get("axis") == "cost":
+            names += [x for x in (f, m.get("control")) if drift.get(x, math.nan) > DRIFT_TOLERANCE and x not in names]
+    return ", ".join(f"`{x}`" for x in names)
 
 
 def _fastest(groups: list[dict], verdict: dict) -> dict | None:

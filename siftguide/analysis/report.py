@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .runs import Run, is_baseline, map_kind
-from .stats import WALL_TOLERANCE, contention, control_comparisons, wall_flag
+from .stats import DRIFT_TOLERANCE, WALL_TOLERANCE, contention, control_comparisons, step_cost, wall_flag
 
 __all__ = ["to_markdown", "verdict", "verdict_data"]
 
@@ -69,7 +69,25 @@ def _time_notes(table: pd.DataFrame) -> list[str]:
             f"(wall-clock / cost at its last validation) is more than {WALL_TOLERANCE:.0%} from the baseline runs' "
             "median, so wall-clock measured the machine's load, not the method; compare on cost. Factors: "
             + ", ".join(factors) + ".")
+    drifted = _drifted(table)
+    if drifted:
+        notes.append(
+            "Cost drift in " + ", ".join(f"`{x}` {_range_text(lo, hi, '{:.3f}')} s" for x, lo, hi in drifted)
+            + f": the compute per step of one setting's runs differs by more than {DRIFT_TOLERANCE:.0%}, so the "
+            "machine ran slower for some of them (another tenant on the host's cores, a clock change; wall-clock "
+            "slowed too, so the contention factor cannot see it). Per-seed costs and their spread carry the drift, "
+            "which makes the 2-seed-std cost criterion harder to meet; steps to target are not bent by it, and "
+            "paired cost differences hold where a seed's runs trained at about the same time.")
     return notes
+
+
+def _drifted(table: pd.DataFrame, groups=None) -> list[tuple[str, float, float]]:
+    """(label, min, max compute per step) of the groups, or of ``groups`` (keys) only, whose cost drifted."""
+    if "cost_drift" not in table:
+        return []
+    t = table.set_index("group")
+    return [(str(t.loc[g, "label"]) if "label" in t else g, t.loc[g, "step_cost_min"], t.loc[g, "step_cost_max"])
+            for g in t.index if (groups is None or g in groups) and t.loc[g, "cost_drift"] > DRIFT_TOLERANCE]
 
 
 def to_markdown(table: pd.DataFrame, metric: str, target: float | None, base: str | None, ci: float = 0.95,
@@ -238,6 +256,11 @@ def verdict(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, targ
         for axis in ("steps", "cost"):
             if c[axis] is not None:
                 out.append(_criterion_text(c[axis], lab, target, ci_text))
+                drifted = _drifted(table, (c[axis]["sift"], c[axis]["control"])) if axis == "cost" else []
+                if drifted and not c[axis]["reached_by_neither"]:
+                    out[-1] += (" The compute per step drifted between runs (" + ", ".join(
+                        f"`{x}` {_range_text(lo, hi, '{:.3f}')} s" for x, lo, hi in drifted) + "; see the table's "
+                        "note): the seed std includes the machine's drift; the steps above are not bent by it.")
     return "\n\n".join(out) + "\n"
 
 
@@ -304,7 +327,8 @@ def verdict_data(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str,
     ``wall_tolerance``; ``groups``: one dict per group with ``label``, ``description``, ``kind`` (the relevance map:
     ``sift``, a wrong-map control, or "" for the baseline), ``is_baseline``, ``runs`` (directories), ``seeds``,
     ``final_mean``/``final_std``, ``auc``, ``steps_to_target``, ``cost_to_target_s``, ``steps_ratio``,
-    ``cost_ratio``, ``wall_reliable``, ``contention`` (per run), ``time_to_target_s``/``time_ratio`` (null unless
+    ``cost_ratio``, ``wall_reliable``, ``contention`` and ``step_cost`` (per run; see
+    :func:`~siftguide.analysis.stats.step_cost`), ``cost_drift``, ``time_to_target_s``/``time_ratio`` (null unless
     ``wall_reliable``) and ``paired`` (to the baseline: ``pairs``, ``steps_censored`` and for final, auc, steps,
     cost an interval ``mean``/``lo``/``hi``/``excludes_zero``, final also ``better``: the CI excludes 0 in the
     better direction); ``controls``: :func:`control_comparisons` with labels for group keys and intervals as dicts.
@@ -323,6 +347,7 @@ def verdict_data(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str,
              **{k: r.get(k, math.nan) for k in ("final_mean", "final_std", "auc", "steps_to_target",
                                                 "cost_to_target_s", "steps_ratio", "cost_ratio", "total_cost_s")},
              "wall_reliable": reliable, "contention": [contention(x, metric) for x in rs],
+             "step_cost": [step_cost(x, metric) for x in rs], "cost_drift": r.get("cost_drift", math.nan),
              "time_to_target_s": r["time_to_target_s"] if reliable else math.nan,
              "time_ratio": r.get("time_ratio", math.nan) if reliable else math.nan}
         if base is not None and g != base:

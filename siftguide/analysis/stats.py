@@ -15,11 +15,15 @@ import pandas as pd
 from .runs import Run, group_labels, is_baseline, matched_controls
 
 __all__ = ["reach", "mean_curve", "improved", "auc", "paired_differences", "bootstrap_ci", "contention",
-           "wall_clock_reliable", "wall_flag", "summarize", "control_comparisons", "seed_table", "WALL_TOLERANCE"]
+           "step_cost", "drift", "wall_clock_reliable", "wall_flag", "summarize", "control_comparisons", "seed_table",
+           "WALL_TOLERANCE", "DRIFT_TOLERANCE"]
 
 # wall-clock figures are shown only when every run's contention factor (wall-clock / cost) is within this relative
 # distance of the baseline runs' median factor (see the module docstring, "Time axes")
 WALL_TOLERANCE = 0.10
+# the runs of one setting do the same work per step: when their compute per step differs by more than this share,
+# the machine's speed changed between them and per-seed costs carry that drift (see ``step_cost``)
+DRIFT_TOLERANCE = 0.10
 
 AXIS_COLUMN = {"steps": 2, "cost": 4}  # the per-seed column of each time axis in seed_table
 
@@ -162,6 +166,27 @@ def contention(run: Run, metric: str) -> float:
     return float(last["time"] / last["cost"])
 
 
+def step_cost(run: Run, metric: str) -> float:
+    """A run's compute per training step: ``val/cost_s / val/step`` at its last validation with both logged; nan
+    without cost data. The runs of one setting do the same work per step, so their step costs agree unless the
+    machine itself ran slower for some of them (another tenant on the host's cores, a clock change): a drift that the
+    contention factor cannot see, since wall-clock and cost slow down together."""
+    c = run.curve(metric)
+    ok = np.isfinite(c["step"]) & np.isfinite(c["cost"]) & (c["cost"] > 0) & (c["step"] > 0)
+    if not ok.any():
+        return math.nan
+    last = c[ok].iloc[-1]
+    return float(last["cost"] / last["step"])
+
+
+def drift(step_costs) -> float:
+    """How far the runs' compute per step (:func:`step_cost`) spreads: max / min - 1 (0: equal; nan without cost
+    data for every run)."""
+    f = np.asarray(step_costs, float)
+    f = f[np.isfinite(f)]
+    return float(f.max() / f.min() - 1) if len(f) else math.nan
+
+
 def wall_clock_reliable(groups: dict[str, list[Run]], metric: str, base: str | None,
                         tolerance: float = WALL_TOLERANCE) -> dict[str, bool | None]:
     """Per group: whether its wall-clock figures can be compared with the baseline's (module docstring, "Time
@@ -227,10 +252,12 @@ def summarize(groups: dict[str, list[Run]], metric: str, target: float | None = 
     ``trainer.max_steps=500``). Columns: ``group`` (full description), ``label``, ``seeds``, ``final_mean/std``,
     ``auc`` (seed-averaged curve), ``auc_seed_mean/std``, ``steps_to_target``, ``cost_to_target_s``,
     ``time_to_target_s``, ``seeds_reached``, ``seed_steps_min/max``, ``total_time_s``, ``total_cost_s``,
-    ``contention`` (mean of the runs' wall/cost factors) with ``contention_min/max``, ``wall_reliable`` (see
-    ``wall_clock_reliable``: True, False, None = no cost data), ``improved`` (see :func:`improved`: the seed-averaged
-    curve ends better than it starts; None with one validation); with a baseline also ``steps_ratio``,
-    ``cost_ratio``, ``time_ratio`` (raw: read it only where ``wall_reliable`` is True), ``final_delta``, ``pairs``,
+    ``contention`` (mean of the runs' wall/cost factors) with ``contention_min/max``, ``step_cost_min/max`` and
+    ``cost_drift`` (the runs' compute per step, :func:`step_cost`, and its spread, :func:`drift`),
+    ``wall_reliable`` (see ``wall_clock_reliable``: True, False, None = no cost data), ``improved`` (see
+    :func:`improved`: the seed-averaged curve ends better than it starts; None with one validation); with a baseline
+    also ``steps_ratio``, ``cost_ratio``, ``time_ratio`` (raw: read it only where ``wall_reliable`` is True),
+    ``final_delta``, ``pairs``,
     ``unpaired``, ``steps_censored`` and, for X in final, auc, steps, cost, ``d_X`` (mean paired difference),
     ``d_X_lo``, ``d_X_hi`` (bootstrap CI). Returns (table, target used, baseline group or None, notes).
     """
@@ -268,6 +295,7 @@ def summarize(groups: dict[str, list[Run]], metric: str, target: float | None = 
         hit = seeds[~np.isnan(seeds)]
         aucs = np.array([auc(r.curve(metric)) for r in rs])
         factors = np.array([contention(r, metric) for r in rs])
+        per_step = np.array([step_cost(r, metric) for r in rs])
         row = {
             "group": g, "label": labels[g], "seeds": len(rs), "final_mean": finals[g].mean(),
             "final_std": _sample_std(finals[g]), "auc": auc(mc), "auc_seed_mean": aucs.mean(),
@@ -279,6 +307,9 @@ def summarize(groups: dict[str, list[Run]], metric: str, target: float | None = 
             "cost_to_target_s": cost, "total_cost_s": float(np.mean([r.curve(metric)["cost"].iloc[-1] for r in rs])),
             "contention": float(factors.mean()), "contention_min": float(factors.min()),
             "contention_max": float(factors.max()), "wall_reliable": reliable[g],
+            "step_cost_min": float(np.nanmin(per_step)) if np.isfinite(per_step).any() else math.nan,
+            "step_cost_max": float(np.nanmax(per_step)) if np.isfinite(per_step).any() else math.nan,
+            "cost_drift": drift(per_step),
             "improved": improved(mc, higher_is_better),
         }
         if base is not None and g != base:

@@ -158,3 +158,30 @@ def test_a_learning_baseline_carries_no_warning(tmp_path):
     assert main([str(tmp_path / "runs"), "--out", str(out), "--verdict"]) == 0
     assert json.loads((out / "verdict.json").read_text())["baseline_improved"] is True
     assert "did not learn" not in (out / "verdict.md").read_text()
+
+
+def test_cost_drift_between_runs_of_one_setting_is_flagged(tmp_path):
+    # study_runs' curves with cost data; seed 2 ran on a machine 1.6x slower (every setting: wall-clock and compute
+    # slow down together, so the contention factor stays 2.0 and cannot see it)
+    for s, e in enumerate([0.0, 0.01, -0.01]):
+        slow = 1.6 if s == 2 else 1.0
+        for name, kind, w, vals in (("b", "sift", 0.0, [0.5, 0.6, 0.7, 0.8]),
+                                    ("s", "sift", 1.0, [0.6, 0.75, 0.82, 0.86]),
+                                    ("sh", "shuffled", 1.0, [0.52, 0.62, 0.72, 0.81])):
+            make_run(tmp_path, f"{name}{s}", w, s, np.array(vals) + e, kind=kind, cost_per_step=0.5 * slow,
+                     sec_per_step=1.0 * slow)
+    out = tmp_path / "out"
+    assert main([str(tmp_path), "--out", str(out), "--verdict"]) == 0
+    md = (out / "table.md").read_text()
+    assert "Cost drift in `baseline` 0.500..0.800 s, `shuffled w=1` 0.500..0.800 s, `sift w=1` 0.500..0.800 s" in md
+    assert "unreliable" not in md  # the contention factors agree
+    cost = next(p for p in (out / "verdict.md").read_text().split("\n\n") if p.startswith("Cost to target"))
+    assert "The compute per step drifted between runs (`shuffled w=1` 0.500..0.800 s, `sift w=1` 0.500..0.800 s" in cost
+    data = json.loads((out / "verdict.json").read_text())
+    sift = next(g for g in data["groups"] if g["label"] == "sift w=1")
+    assert sift["step_cost"] == pytest.approx([0.5, 0.5, 0.8]) and sift["cost_drift"] == pytest.approx(0.6)
+    # equal machines: no note, no caveat
+    cost_study_runs(tmp_path / "equal", 0.5)
+    assert main([str(tmp_path / "equal"), "--out", str(out), "--verdict"]) == 0
+    assert "drift" not in (out / "table.md").read_text() and "drift" not in (out / "verdict.md").read_text()
+    assert json.loads((out / "verdict.json").read_text())["groups"][0]["cost_drift"] == pytest.approx(0.0)
