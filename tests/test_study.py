@@ -300,6 +300,10 @@ def test_the_recipe_names_a_cost_drift_behind_a_failed_cost_criterion(tmp_path):
     assert c["steps"]["beats_by_2std"] and not c["cost"]["beats_by_2std"]
     assert {g["label"]: round(g["cost_drift"], 6) for g in verdict["groups"]} == {
         "baseline": 2.0, "sift prior w=1": 2.0, "shuffled prior w=1": 2.0}
+    from siftguide.analysis.recipe import write_headline
+
+    h = write_headline(tmp_path / "report" / "verdict.json", tmp_path / "headline.json")
+    assert h["status"] == "baseline" and h["cost_drift"] == ["sift prior w=1", "shuffled prior w=1"]
     # the same runs on a steady machine: recommended, and no caveat
     steady = {k: (v[0], 0.5) for k, v in settings.items()}
     assert _fake_study(tmp_path / "steady", steady, modes=("prior",)) == 0

@@ -181,8 +181,10 @@ def recommend(verdict: dict) -> dict:
             why = "no setting with the SIFT map beat the baseline"
         statement = f"No setting beat its controls ({why}): use the baseline (guidance=none)."
         drifted = _drifted_failures(failed, margins, groups)
+        out["cost_drift"] = drifted
         if drifted:
-            statement += (f" Read the cost criterion with care: the compute per step of {drifted} drifted by more "
+            statement += (f" Read the cost criterion with care: the compute per step of "
+                          f"{', '.join(f'`{x}`' for x in drifted)} drifted by more "
                           f"than {DRIFT_TOLERANCE:.0%} between runs (the machine ran slower for some of them), and "
                           "that drift is in the seed std; see the table's note and the steps to target.")
         fastest = _fastest(groups, verdict)
@@ -195,16 +197,16 @@ def recommend(verdict: dict) -> dict:
     return out
 
 
-def _drifted_failures(failed: list[str], margins: dict, groups: list[dict]) -> str:
+def _drifted_failures(failed: list[str], margins: dict, groups: list[dict]) -> list[str]:
     """The settings (a failed SIFT setting or its cheapest control, judged on cost) whose runs' compute per step
-    drifted (``cost_drift`` in the verdict), as text; "" when none did."""
+    drifted (``cost_drift`` in the verdict); empty when none did."""
     drift = {g["label"]: _num(g.get("cost_drift")) for g in groups}
     names = []
     for f in failed:
         m = margins.get(f) or {}
         if m.get("axis") == "cost":
             names += [x for x in (f, m.get("control")) if drift.get(x, math.nan) > DRIFT_TOLERANCE and x not in names]
-    return ", ".join(f"`{x}`" for x in names)
+    return names
 
 
 def _fastest(groups: list[dict], verdict: dict) -> dict | None:
@@ -241,7 +243,8 @@ def headline(rec: dict) -> dict:
     """The headline fields of a recommendation: data, setting, cost_ratio, steps_ratio, seeds,
     beats_best_control_by_2std, command (and status). The baseline recommendation has ratios 1.0; when a setting
     was faster than the baseline without beating its controls, ``fastest`` names it (setting, map kind, ratios,
-    seeds, command): faster, but not because of each image's own SIFT map."""
+    seeds, command): faster, but not because of each image's own SIFT map. ``cost_drift`` lists the settings whose
+    failed cost criterion carries a drift of the machine's speed (:func:`recommend`'s statement says more)."""
     ev = rec.get("evidence") or {}
     margin = ev.get("best_control") or {}
     base = rec["status"] == "baseline"
@@ -255,6 +258,8 @@ def headline(rec: dict) -> dict:
         out["fastest"] = {"setting": fast["setting"], "kind": fast.get("kind"), "cost_ratio": fev.get("cost_ratio"),
                           "steps_ratio": fev.get("steps_ratio"), "seeds": fev.get("n_seeds"),
                           "sift_specific": False, "command": fast.get("command")}
+    if rec.get("cost_drift"):  # the cost criterion failed where the machine's speed drifted: see the statement
+        out["cost_drift"] = rec["cost_drift"]
     return out
 
 
