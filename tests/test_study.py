@@ -357,7 +357,6 @@ def test_a_partial_study_says_so_and_gives_no_advice(tmp_path, capsys):
     out = tmp_path / "partial"
     for r in study.plan(["prior"], [0, 1, 2], "main"):
         reach, cost = settings[(r.mode, r.kind)]
-        cost = cost[r.seed] if isinstance(cost, tuple) else cost  # a tuple: a machine whose speed drifted
         _fake_finished_run(r.directory(out), r.seed, r.mode, r.kind, reach[r.seed], cost)
     killed = out / "prior" / "shuffled" / "s2"
     (killed / "results.json").unlink()  # killed before it finished

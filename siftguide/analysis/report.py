@@ -72,12 +72,11 @@ def _time_notes(table: pd.DataFrame) -> list[str]:
     drifted = _drifted(table)
     if drifted:
         notes.append(
-            "Cost drift in " + ", ".join(f"`{x}` {_range_text(lo, hi, '{:.3f}')} s" for x, lo, hi in drifted)
-            + f": the compute per step of one setting's runs differs by more than {DRIFT_TOLERANCE:.0%}, so the "
-            "machine ran slower for some of them (another tenant on the host's cores, a clock change; wall-clock "
-            "slowed too, so the contention factor cannot see it). Per-seed costs and their spread carry the drift, "
-            "which makes the 2-seed-std cost criterion harder to meet; steps to target are not bent by it, and "
-            "paired cost differences hold where a seed's runs trained at about the same time.")
+            f"Cost drift in {_drift_text(drifted)}: the compute per step of one setting's runs differs by more than "
+            f"{DRIFT_TOLERANCE:.0%}, so the machine ran slower for some of them (another tenant on the host's cores, "
+            "a clock change; wall-clock slowed too, so the contention factor cannot see it). Per-seed costs and their "
+            "spread carry the drift, which makes the 2-seed-std cost criterion harder to meet; steps to target are "
+            "not bent by it, and paired cost differences hold where a seed's runs trained at about the same time.")
     return notes
 
 
@@ -88,6 +87,11 @@ def _drifted(table: pd.DataFrame, groups=None) -> list[tuple[str, float, float]]
     t = table.set_index("group")
     return [(str(t.loc[g, "label"]) if "label" in t else g, t.loc[g, "step_cost_min"], t.loc[g, "step_cost_max"])
             for g in t.index if (groups is None or g in groups) and t.loc[g, "cost_drift"] > DRIFT_TOLERANCE]
+
+
+def _drift_text(drifted: list[tuple[str, float, float]]) -> str:
+    """The groups of :func:`_drifted` with their range of compute per step."""
+    return ", ".join(f"`{x}` {_range_text(lo, hi, '{:.3f}')} s" for x, lo, hi in drifted)
 
 
 def to_markdown(table: pd.DataFrame, metric: str, target: float | None, base: str | None, ci: float = 0.95,
@@ -258,9 +262,9 @@ def verdict(table: pd.DataFrame, groups: dict[str, list[Run]], metric: str, targ
                 out.append(_criterion_text(c[axis], lab, target, ci_text))
                 drifted = _drifted(table, (c[axis]["sift"], c[axis]["control"])) if axis == "cost" else []
                 if drifted and not c[axis]["reached_by_neither"]:
-                    out[-1] += (" The compute per step drifted between runs (" + ", ".join(
-                        f"`{x}` {_range_text(lo, hi, '{:.3f}')} s" for x, lo, hi in drifted) + "; see the table's "
-                        "note): the seed std includes the machine's drift; the steps above are not bent by it.")
+                    out[-1] += (f" The compute per step drifted between runs ({_drift_text(drifted)}; see the "
+                                "table's note): the seed std includes the machine's drift; the steps above are not "
+                                "bent by it.")
     return "\n\n".join(out) + "\n"
 
 

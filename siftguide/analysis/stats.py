@@ -158,12 +158,17 @@ def contention(run: Run, metric: str) -> float:
     """A run's contention factor: wall-clock / cost (``val/elapsed_s / val/cost_s``) at its last validation with
     both logged; nan without cost data. Runs under equal conditions have equal factors; a run that shared its
     cores or GPU has a larger one (its wall-clock ran longer for the same compute)."""
+    return _last_ratio(run, metric, "time", "cost")
+
+
+def _last_ratio(run: Run, metric: str, num: str, den: str) -> float:
+    """``num / den`` of the run's curve at its last validation with both logged and ``den > 0``; nan without one."""
     c = run.curve(metric)
-    ok = np.isfinite(c["time"]) & np.isfinite(c["cost"]) & (c["cost"] > 0)
+    ok = np.isfinite(c[num]) & np.isfinite(c[den]) & (c[den] > 0)
     if not ok.any():
         return math.nan
     last = c[ok].iloc[-1]
-    return float(last["time"] / last["cost"])
+    return float(last[num] / last[den])
 
 
 def step_cost(run: Run, metric: str) -> float:
@@ -171,12 +176,7 @@ def step_cost(run: Run, metric: str) -> float:
     without cost data. The runs of one setting do the same work per step, so their step costs agree unless the
     machine itself ran slower for some of them (another tenant on the host's cores, a clock change): a drift that the
     contention factor cannot see, since wall-clock and cost slow down together."""
-    c = run.curve(metric)
-    ok = np.isfinite(c["step"]) & np.isfinite(c["cost"]) & (c["cost"] > 0) & (c["step"] > 0)
-    if not ok.any():
-        return math.nan
-    last = c[ok].iloc[-1]
-    return float(last["cost"] / last["step"])
+    return _last_ratio(run, metric, "cost", "step")
 
 
 def drift(step_costs) -> float:
